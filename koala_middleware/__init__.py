@@ -1,0 +1,23 @@
+"""Koala server-side tracking as WSGI and ASGI middleware.
+
+Add the middleware to your app; in every handler, ``request.koala`` (Flask),
+``request.state.koala`` / ``get_tracker`` (FastAPI, Starlette) or ``current_tracker()``
+is the visitor's :class:`Tracker`. What it records is sent to Koala after the response.
+"""
+
+from ._client import KoalaClient
+from ._delivery import DeliveryError, Stats
+from ._protocol import Batch
+from ._tracker import AccountRecorder, Tracker, current_tracker
+from ._version import __version__
+
+__all__ = [
+    "AccountRecorder",
+    "Batch",
+    "DeliveryError",
+    "KoalaClient",
+    "Stats",
+    "Tracker",
+    "__version__",
+    "current_tracker",
+]

@@ -1,0 +1,187 @@
+"""The process-wide client: configuration, the sender, and the lifecycle around it.
+
+Make one per process (the middlewares make one for you when you pass options instead).
+Without a public key it runs in dry-run mode: nothing leaves the process and every batch
+it would have sent is logged at INFO on the ``koala_middleware`` logger.
+"""
+
+from __future__ import annotations
+
+import atexit
+import collections
+import dataclasses
+import logging
+import os
+import re
+import threading
+import weakref
+from collections.abc import Mapping
+from typing import Any
+
+import httpx
+
+from ._delivery import BackgroundSender, DeliverySettings, ErrorHook, Stats, SyncSender
+from ._protocol import Batch
+from ._tracker import Tracker
+from ._validate import check_email, check_id
+from ._version import __version__
+
+logger = logging.getLogger("koala_middleware")
+
+DEFAULT_API_URL = "https://api2.getkoala.com"
+LOG_DRY_RUN = "koala_middleware: dry run (no KOALA_PUBLIC_KEY), would POST %s %s"
+LOG_DRY_RUN_ON = "koala_middleware: no public key configured; running in dry-run mode, nothing is sent"
+
+_KEY = re.compile(r"^[A-Za-z0-9_\-]{1,200}$")
+_DELIVERY_OPTIONS = {f.name for f in dataclasses.fields(DeliverySettings)} - {"base_url"}
+CLIENT_OPTIONS = frozenset(
+    _DELIVERY_OPTIONS | {"sync", "on_error", "send_ip", "shutdown_timeout", "user_agent", "dry_run"}
+)
+
+
+class KoalaClient:
+    """Sends what trackers record to Koala, in the background, without blocking callers.
+
+    :param public_key: your Koala workspace's public key; falls back to ``KOALA_PUBLIC_KEY``.
+        With neither, the client runs in dry-run mode (logs, sends nothing).
+    :param api_url: falls back to ``KOALA_API_URL``, then ``https://api2.getkoala.com``.
+    :param timeout: seconds for each HTTP call to Koala.
+    :param max_queue_batches: / ``max_queue_bytes``: the queue's bounds; past them new
+        batches are dropped (counted in :attr:`stats`), never blocking a request.
+    :param max_in_flight: how many batches are posted at once.
+    :param max_retries: / ``backoff_base`` / ``max_backoff``: retry policy for network
+        errors, 408, 429 and 5xx.
+    :param sync: send each batch before the hand-over returns (serverless, scripts).
+    :param on_error: ``on_error(batch, error)``, called for every batch given up.
+    :param send_ip: send the visitor's IP (how Koala matches visitors to companies).
+    :param shutdown_timeout: seconds :meth:`shutdown` (and interpreter exit) may wait.
+    :param transport: an httpx transport, for tests (``httpx.MockTransport``).
+    """
+
+    def __init__(self, public_key: str | None = None, api_url: str | None = None, **options: Any) -> None:
+        unknown = set(options) - CLIENT_OPTIONS
+        if unknown:
+            raise TypeError(
+                f"unknown KoalaClient option(s) {sorted(unknown)}; valid options: {sorted(CLIENT_OPTIONS)}"
+            )
+        public_key = public_key or os.environ.get("KOALA_PUBLIC_KEY") or None
+        if public_key is not None and not _KEY.match(public_key):
+            raise ValueError(
+                "public_key must be your Koala workspace's public key (letters, digits, '-' and '_'); "
+                "find it in Koala under Settings > Workspace"
+            )
+        api_url = (api_url or os.environ.get("KOALA_API_URL") or DEFAULT_API_URL).rstrip("/")
+        if not api_url.startswith(("http://", "https://")):
+            raise ValueError(f"api_url must start with http:// or https://, got {api_url!r}")
+        self.public_key = public_key
+        self.api_url = api_url
+        self.send_ip: bool = options.pop("send_ip", True)
+        self.shutdown_timeout: float = float(options.pop("shutdown_timeout", 5.0))
+        self.user_agent: str = options.pop("user_agent", f"koala-middleware/{__version__}")
+        dry_run = options.pop("dry_run", None)
+        self.dry_run: bool = public_key is None if dry_run is None else bool(dry_run)
+        sync = bool(options.pop("sync", False))
+        on_error: ErrorHook | None = options.pop("on_error", None)
+        if on_error is not None and not callable(on_error):
+            raise TypeError("on_error must be a callable on_error(batch, error)")
+        settings = DeliverySettings(base_url=f"{api_url}/web/projects/{public_key}", **options)
+        self._sender: BackgroundSender | SyncSender = (
+            SyncSender(settings, on_error) if sync else BackgroundSender(settings, on_error)
+        )
+        #: In dry-run mode, the last batches that would have been sent (newest last).
+        self.dry_run_batches: collections.deque[Batch] = collections.deque(maxlen=100)
+        self._dry_run_lock = threading.Lock()
+        if self.dry_run:
+            logger.info(LOG_DRY_RUN_ON)
+        _live_clients.add(self)
+
+    def __repr__(self) -> str:
+        mode = "dry-run" if self.dry_run else "sync" if isinstance(self._sender, SyncSender) else "background"
+        return f"<KoalaClient {self.api_url} key={self.public_key!r} {mode}>"
+
+    @property
+    def sync(self) -> bool:
+        return isinstance(self._sender, SyncSender)
+
+    def tracker(
+        self, profile_id: str | None = None, email: str | None = None, user_agent: str | None = None
+    ) -> Tracker:
+        """A tracker for code outside a web request; ``with`` it to send on exit."""
+        if profile_id is None and email is None:
+            raise ValueError(
+                "tracker() needs a profile_id (the visitor's ko_id) or an email: Koala ties every "
+                "batch to one person"
+            )
+        if profile_id is not None:
+            check_id(profile_id, "profile_id")
+        if email is not None:
+            email = check_email(email)
+        if user_agent is not None:
+            check_id(user_agent, "user_agent")
+        return Tracker(self, profile_id, email, user_agent=user_agent)
+
+    def send_tracker(self, tracker: Tracker) -> None:
+        """Hand a tracker's records over as batches (non-blocking unless ``sync``)."""
+        batches = tracker.batches()
+        tracker._reset()
+        for batch in batches:
+            self.send(batch)
+
+    def send(self, batch: Batch) -> None:
+        if self.dry_run:
+            self._sender.counters.add("dry_run")
+            with self._dry_run_lock:
+                self.dry_run_batches.append(batch)
+            logger.info(LOG_DRY_RUN, batch.path, batch.body.decode())
+            return
+        self._sender.submit(batch)
+
+    def flush(self, timeout: float = 5.0) -> bool:
+        """Wait until everything handed over so far is delivered or given up.
+
+        Returns False if ``timeout`` seconds passed first; never waits longer.
+        """
+        return self._sender.flush(timeout)
+
+    def shutdown(self, timeout: float | None = None) -> bool:
+        """Flush (within ``timeout``, default ``shutdown_timeout``), then stop the sender."""
+        _live_clients.discard(self)
+        return self._sender.shutdown(self.shutdown_timeout if timeout is None else timeout)
+
+    @property
+    def stats(self) -> Stats:
+        """A snapshot of the delivery counters (delivered, retried, dropped by reason...)."""
+        return self._sender.counters.snapshot(self._sender.pending())
+
+    def _drop_items(self, count: int, reason: str) -> None:
+        self._sender.counters.dropped(reason, 0, count)
+
+    def _web_tracker(self, profile_id: str | None, user_agent: str | None, ip: str | None, enabled: bool) -> Tracker:
+        """The middlewares' tracker: inputs come from the request, already checked."""
+        return Tracker(self, profile_id, None, user_agent=user_agent, ip=ip, enabled=enabled)
+
+
+_live_clients: weakref.WeakSet[KoalaClient] = weakref.WeakSet()
+
+
+@atexit.register
+def _shutdown_at_exit() -> None:
+    for client in list(_live_clients):
+        try:
+            client.shutdown()
+        except Exception:  # never turn interpreter exit into a traceback
+            logger.exception("koala_middleware: shutdown at exit failed")
+
+
+def client_from_options(client: KoalaClient | None, options: Mapping[str, Any]) -> KoalaClient:
+    """The middlewares' ``client=None, **options`` rule: use the client, or make one."""
+    if client is not None:
+        if options:
+            raise TypeError(
+                f"pass client options {sorted(options)} to KoalaClient(...), not alongside client="
+            )
+        return client
+    return KoalaClient(**options)
+
+
+

@@ -1,0 +1,270 @@
+"""Rules for the ``ko_id`` visitor cookie, shared by the WSGI and ASGI middlewares.
+
+Koala's browser pixel identifies a visitor by the ``ko_id`` cookie. Setting it
+from the server makes the id survive browsers that cap the lifetime of cookies
+written by JavaScript, so the cookie must look exactly like the pixel's: readable
+from JavaScript (never HttpOnly), ``Path=/`` and scoped to the registrable domain
+("eTLD+1") so every subdomain of the site shares one visitor.
+
+Everything here runs on every request, and the Cookie and Host headers are
+client-controlled: parsing never raises, rejected values are never echoed, and
+per-host work is memoised in bounded caches.
+"""
+
+from __future__ import annotations
+
+import functools
+import ipaddress
+import logging
+import re
+import threading
+import uuid
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from publicsuffixlist import PublicSuffixList
+
+logger = logging.getLogger("koala_middleware")
+
+MAX_AGE_CAPPED_MESSAGE = "Cookie max_age capped at %d seconds (400 days), the most browsers keep a cookie"
+SHARED_CACHE_SKIP_MESSAGE = (
+    "Not setting the visitor cookie on a response a shared cache may store "
+    "(Cache-Control public or s-maxage without private or no-store); logged once"
+)
+
+#: Browsers clamp cookie lifetimes to 400 days (RFC 6265bis), so asking for more is pointless.
+MAX_AGE_LIMIT = 400 * 24 * 3600
+
+_CACHE_SIZE = 1024  # Host headers are client-controlled: keep every per-host cache bounded.
+_MAX_HOST_INPUT = 300  # longer than any valid name with a port; also keeps cache keys small
+# RFC 6265 cookie-name: an RFC 7230 token.
+_TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
+_UUID4 = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}")
+# Letters, digits, hyphen and underscore (browsers accept ``_``); no empty labels.
+_HOSTNAME = re.compile(r"(?:[a-z0-9_-]{1,63}\.)*[a-z0-9_-]{1,63}")
+_NUMERIC_LABEL = re.compile(r"[0-9]+|0x[0-9a-f]*")
+# A Cache-Control directive name, skipping its value (a quoted-string may hold commas).
+_DIRECTIVE = re.compile(r'([^\s,="]+)[ \t]*(?:=[ \t]*(?:"(?:[^"\\]|\\.)*"|[^,]*))?')
+_SAMESITE = {"lax": "Lax", "strict": "Strict", "none": "None"}
+
+
+@dataclass(frozen=True, slots=True)
+class CookieSettings:
+    """How the visitor cookie is scoped; validated once so the hot path can trust it."""
+
+    name: str = "ko_id"
+    domain: str | None = None
+    allowed_hosts: tuple[str, ...] | None = None
+    max_age: int = 365 * 24 * 3600
+    secure: bool | None = None
+    samesite: str = "lax"
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.name, str) or not _TOKEN.fullmatch(self.name):
+            raise ValueError(
+                "CookieSettings.name must be a non-empty cookie name of ASCII letters, digits "
+                "and !#$%&'*+.^_`|~- (no spaces, '=', ';', ',' or quotes); the pixel uses 'ko_id'"
+            )
+        if self.name.lower().startswith(("__secure-", "__host-")):
+            raise ValueError(
+                "CookieSettings.name must not start with __Secure- or __Host-: browsers would "
+                "drop the cookie whenever it is set without Secure or with a Domain"
+            )
+        if self.domain is not None:
+            object.__setattr__(self, "domain", _setting_host("domain", self.domain))
+        if self.allowed_hosts is not None:
+            if isinstance(self.allowed_hosts, (str, bytes)):
+                raise TypeError("CookieSettings.allowed_hosts must be a list or tuple of host names, not one string")
+            hosts = tuple(_setting_host("allowed_hosts", h) for h in self.allowed_hosts)
+            object.__setattr__(self, "allowed_hosts", hosts)
+        if isinstance(self.max_age, bool) or not isinstance(self.max_age, int):
+            raise TypeError("CookieSettings.max_age must be an int number of seconds")
+        if self.max_age <= 0:
+            raise ValueError("CookieSettings.max_age must be a positive number of seconds (a lifetime, not a deletion)")
+        if self.max_age > MAX_AGE_LIMIT:
+            logger.debug(MAX_AGE_CAPPED_MESSAGE, MAX_AGE_LIMIT)
+            object.__setattr__(self, "max_age", MAX_AGE_LIMIT)
+        if self.secure is not None and not isinstance(self.secure, bool):
+            raise TypeError("CookieSettings.secure must be True, False or None (None: Secure on https requests)")
+        samesite = self.samesite.lower() if isinstance(self.samesite, str) else None
+        if samesite not in _SAMESITE:
+            raise ValueError("CookieSettings.samesite must be 'lax', 'strict' or 'none'")
+        if samesite == "none" and self.secure is False:
+            raise ValueError("CookieSettings.samesite='none' requires Secure: leave secure as None or set it True")
+        object.__setattr__(self, "samesite", samesite)
+
+
+def _setting_host(option: str, value: object) -> str:
+    """Normalise a configured host name, refusing anything a Domain attribute cannot hold."""
+    if not isinstance(value, str):
+        raise TypeError(f"CookieSettings.{option} must be a host name string such as 'example.com'")
+    host = normalize_host(value.strip().lstrip("."))
+    if host is None or ":" in value or ":" in host:
+        raise ValueError(f"CookieSettings.{option} must be a host name such as 'example.com', without scheme or port")
+    return host
+
+
+def new_visitor_id() -> str:
+    """A fresh id in the format the pixel generates."""
+    return str(uuid.uuid4())
+
+
+def is_valid_visitor_id(value: str) -> bool:
+    """Only ids we could have issued are trusted; anything else is replaced, never echoed."""
+    return isinstance(value, str) and len(value) == 36 and _UUID4.fullmatch(value) is not None
+
+
+def read_visitor_id(cookie_headers: Iterable[str], name: str = "ko_id") -> str | None:
+    """The first valid visitor id among all ``name`` cookies of all Cookie headers.
+
+    Several headers (HTTP/2) and duplicate cookies (same name, other Path or
+    Domain) are common. Commas also separate cookies, because servers such as
+    gunicorn join repeated Cookie headers with ``,``.
+    """
+    if isinstance(cookie_headers, str):
+        cookie_headers = (cookie_headers,)
+    for header in cookie_headers:
+        if not isinstance(header, str) or name not in header:
+            continue
+        if "," in header:
+            header = header.replace(",", ";")
+        for part in header.split(";"):
+            if name not in part:
+                continue
+            key, _, value = part.partition("=")
+            if key.strip(" \t") != name:
+                continue
+            value = value.strip(" \t")
+            if len(value) == 38 and value[0] == '"' and value[-1] == '"':
+                value = value[1:-1]
+            if is_valid_visitor_id(value):
+                return value
+    return None
+
+
+def normalize_host(host: str) -> str | None:
+    """The bare, lower-case, ASCII host name of a Host header or server name, or None if invalid."""
+    if not isinstance(host, str) or len(host) > _MAX_HOST_INPUT:
+        return None
+    return _normalize_host(host)
+
+
+@functools.lru_cache(maxsize=_CACHE_SIZE)
+def _normalize_host(host: str) -> str | None:
+    host = host.strip(" \t")
+    if host.startswith("["):
+        address, _, rest = host[1:].partition("]")
+        return _ipv6(address) if not rest or (rest[0] == ":" and _is_port(rest[1:])) else None
+    if host.count(":") > 1:
+        return _ipv6(host)  # a bare IPv6 address, as in some server names
+    host, _, port = host.partition(":")
+    if not _is_port(port):
+        return None
+    if host.endswith("."):
+        host = host[:-1]
+    host = host.lower()
+    if not host.isascii():
+        try:
+            host = host.encode("idna").decode("ascii").lower()
+        except (UnicodeError, ValueError):
+            return None
+    if len(host) > 253 or not _HOSTNAME.fullmatch(host):
+        return None
+    return host
+
+
+def _is_port(port: str) -> bool:
+    return not port or (port.isascii() and port.isdigit())  # an empty port is allowed by RFC 3986
+
+
+def _ipv6(address: str) -> str | None:
+    try:
+        return ipaddress.IPv6Address(address).compressed
+    except ValueError:
+        return None
+
+
+_psl: PublicSuffixList | None = None
+_psl_lock = threading.Lock()
+
+
+def _public_suffix_list() -> PublicSuffixList:
+    """Parse the bundled list once, on first use: it costs tens of milliseconds."""
+    global _psl
+    if _psl is None:
+        with _psl_lock:
+            if _psl is None:
+                _psl = PublicSuffixList()
+    return _psl
+
+
+@functools.lru_cache(maxsize=_CACHE_SIZE)
+def top_domain(host: str) -> str | None:
+    """The registrable domain a cookie may be scoped to, or None for a host-only cookie."""
+    if not isinstance(host, str) or len(host) > 253 or not _HOSTNAME.fullmatch(host) or "." not in host:
+        return None  # IPv6 (has ':'), localhost, single-label and malformed names
+    if _NUMERIC_LABEL.fullmatch(host.rpartition(".")[2]):
+        return None  # browsers parse a host ending in a number as an IPv4 address
+    return _public_suffix_list().privatesuffix(host)
+
+
+def _is_under(host: str, domain: str) -> bool:
+    return host == domain or host.endswith("." + domain)
+
+
+def cookie_domain(host: str | None, settings: CookieSettings) -> str | None:
+    """The Domain attribute for a request to ``host``; None means a host-only cookie."""
+    if host is None:
+        return None
+    normalized = normalize_host(host)
+    if normalized is None:
+        return None
+    if settings.domain is not None:
+        # A browser rejects a cookie whose Domain does not cover the request host.
+        return settings.domain if _is_under(normalized, settings.domain) else None
+    if settings.allowed_hosts is not None and not any(_is_under(normalized, h) for h in settings.allowed_hosts):
+        return None
+    return top_domain(normalized)
+
+
+@functools.lru_cache(maxsize=_CACHE_SIZE)
+def _cookie_attributes(host: str | None, https: bool, settings: CookieSettings) -> str:
+    domain = cookie_domain(host, settings)
+    attributes = f"; Domain={domain}" if domain else ""
+    attributes += f"; Path=/; Max-Age={settings.max_age}; SameSite={_SAMESITE[settings.samesite]}"
+    if settings.secure or (settings.secure is None and https) or settings.samesite == "none":
+        attributes += "; Secure"
+    return attributes
+
+
+def set_cookie_header(visitor_id: str, host: str | None, https: bool, settings: CookieSettings) -> str:
+    """The Set-Cookie header value; never HttpOnly because the pixel reads the cookie."""
+    if not is_valid_visitor_id(visitor_id):
+        raise ValueError("visitor_id must be a canonical UUID v4 string from new_visitor_id()")
+    if not isinstance(host, str) or len(host) > _MAX_HOST_INPUT:
+        host = None
+    return settings.name + "=" + visitor_id + _cookie_attributes(host, bool(https), settings)
+
+
+_logged_shared_cache_skip = False
+
+
+def may_set_cookie(status: int, cache_control: str | None) -> bool:
+    """Whether a Set-Cookie may be added without a shared cache replaying it to other visitors."""
+    global _logged_shared_cache_skip
+    if status == 304:
+        return False  # a 304 only refreshes a stored response; its cookie would go nowhere useful
+    if not cache_control:
+        return True
+    lowered = cache_control.lower()
+    if "public" not in lowered and "s-maxage" not in lowered:
+        return True
+    directives = set(_DIRECTIVE.findall(lowered))
+    if "private" in directives or "no-store" in directives:
+        return True
+    if "public" not in directives and "s-maxage" not in directives:
+        return True
+    if not _logged_shared_cache_skip:
+        _logged_shared_cache_skip = True
+        logger.debug(SHARED_CACHE_SKIP_MESSAGE)
+    return False

@@ -1,0 +1,51 @@
+"""A framework-neutral view of the incoming request: only what Koala's rules need.
+
+Both middlewares fill one of these from their protocol (``environ`` or ``scope``); every
+rule after that (cookie, privacy, tracker) reads this, so it is written once for both.
+Everything here comes from the network and is untrusted.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class RequestInfo:
+    """What the cookie, privacy and tracker rules see of a request.
+
+    Passed to your ``should_track(info)`` callback. ``raw`` is the WSGI ``environ`` or the
+    ASGI ``scope``, for decisions that need more (read it, do not change it).
+    """
+
+    __slots__ = ("method", "scheme", "host", "path", "cookie_headers", "user_agent", "ip", "gpc", "raw")
+
+    def __init__(
+        self,
+        *,
+        method: str,
+        scheme: str,
+        host: str | None,
+        path: str,
+        cookie_headers: list[str],
+        user_agent: str | None,
+        ip: str | None,
+        gpc: bool,
+        raw: Any,
+    ) -> None:
+        self.method = method
+        self.scheme = scheme
+        self.host = host
+        self.path = path
+        self.cookie_headers = cookie_headers
+        self.user_agent = user_agent
+        self.ip = ip
+        #: The visitor's browser sent ``Sec-GPC: 1`` (Global Privacy Control).
+        self.gpc = gpc
+        self.raw = raw
+
+    @property
+    def https(self) -> bool:
+        return self.scheme in ("https", "wss")
+
+    def __repr__(self) -> str:
+        return f"<RequestInfo {self.method} {self.scheme}://{self.host}{self.path}>"

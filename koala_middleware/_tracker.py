@@ -1,0 +1,245 @@
+"""What a handler records about one visitor, and about the accounts it touches.
+
+A ``Tracker`` only records: it validates each call where it is made, keeps the encoded items,
+and turns them into batches when its owner (a middleware, or the ``with`` block of
+``KoalaClient.tracker()``) hands it over. It never does I/O.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import datetime
+import uuid
+from collections.abc import Iterator, Mapping
+from typing import TYPE_CHECKING, Any
+
+from . import _protocol
+from ._validate import (
+    check_domain,
+    check_email,
+    check_id,
+    check_name,
+    encode_mapping,
+    format_sent_at,
+)
+
+if TYPE_CHECKING:
+    from ._client import KoalaClient
+
+MAX_ITEMS_PER_TRACKER = 10_000
+
+_current: contextvars.ContextVar[Tracker | None] = contextvars.ContextVar(
+    "koala_tracker", default=None
+)
+
+
+def current_tracker() -> Tracker | None:
+    """The tracker of the request being handled, or ``None`` outside one.
+
+    For code deep in a call stack that has no request object. Works in sync handlers that
+    FastAPI runs in its thread pool, since those inherit the request's context.
+    """
+    return _current.get()
+
+
+class _Recorder:
+    __slots__ = ("_events", "_event_ids", "_identifies")
+
+    def __init__(self) -> None:
+        self._events: list[str] = []
+        self._event_ids: list[str] = []
+        self._identifies: list[str] = []
+
+    def _record_event(
+        self,
+        event: str,
+        properties: Mapping[str, Any] | None,
+        message_id: str | None,
+        sent_at: datetime.datetime | None,
+    ) -> str:
+        check_name(event)
+        properties_json = encode_mapping(properties, "properties")
+        message_id = str(uuid.uuid4()) if message_id is None else check_id(message_id, "message_id")
+        item = _protocol.event_item(message_id, event, properties_json, format_sent_at(sent_at))
+        if self._room():
+            self._events.append(item)
+            self._event_ids.append(message_id)
+        return message_id
+
+    def _room(self) -> bool:
+        raise NotImplementedError
+
+    def _has_items(self) -> bool:
+        return bool(self._events or self._identifies)
+
+
+class AccountRecorder(_Recorder):
+    """Records traits and events of one account (company), sent to ``/accounts/batch``."""
+
+    __slots__ = ("domain", "_tracker")
+
+    def __init__(self, tracker: Tracker, domain: str) -> None:
+        super().__init__()
+        self._tracker = tracker
+        self.domain = domain
+
+    def _room(self) -> bool:
+        return self._tracker._room()
+
+    def identify(self, traits: Mapping[str, Any] | None = None, *, group_id: str | None = None) -> None:
+        """Record account traits; ``group_id`` separates tenants/workspaces of one company."""
+        if group_id is not None:
+            check_id(group_id, "group_id")
+            traits = {**(traits or {}), "group_id": group_id}
+        item = _protocol.account_identify_item(encode_mapping(traits, "traits"))
+        if self._room():
+            self._identifies.append(item)
+
+    def track(
+        self,
+        event: str,
+        properties: Mapping[str, Any] | None = None,
+        *,
+        message_id: str | None = None,
+        sent_at: datetime.datetime | None = None,
+    ) -> str:
+        """Record an account event; returns its ``message_id``."""
+        return self._record_event(event, properties, message_id, sent_at)
+
+    def _batches(self, user_agent: str) -> Iterator[_protocol.Batch]:
+        return _protocol.account_batches(
+            domain=self.domain,
+            events=self._events,
+            event_ids=self._event_ids,
+            identifies=self._identifies,
+            user_agent=user_agent,
+        )
+
+
+class Tracker(_Recorder):
+    """Everything recorded about one person (``profile_id`` and/or ``email``).
+
+    In a web request the middleware makes it: ``profile_id`` is the visitor's ``ko_id``
+    cookie and the batch carries the visitor's User-Agent and IP. Elsewhere, use
+    ``with client.tracker(email=...) as tracker:``, which sends on exit.
+    """
+
+    __slots__ = ("profile_id", "email", "user_agent", "ip", "enabled", "_accounts", "_client", "_count")
+
+    def __init__(
+        self,
+        client: KoalaClient,
+        profile_id: str | None = None,
+        email: str | None = None,
+        *,
+        user_agent: str | None = None,
+        ip: str | None = None,
+        enabled: bool = True,
+    ) -> None:
+        super().__init__()
+        self._client = client
+        self.profile_id = profile_id
+        self.email = email
+        self.user_agent = user_agent
+        self.ip = ip
+        #: False when the visitor opted out (GPC, consent): calls are validated, then ignored.
+        self.enabled = enabled
+        self._accounts: dict[str, AccountRecorder] = {}
+        self._count = 0
+
+    def __repr__(self) -> str:
+        return f"<Tracker profile_id={self.profile_id!r} enabled={self.enabled}>"
+
+    def identify(self, email: str | None = None, traits: Mapping[str, Any] | None = None) -> None:
+        """Tie this visitor to ``email`` (and/or record person traits)."""
+        if email is not None:
+            email = check_email(email)
+            traits = {**(traits or {}), "email": email}
+        elif self.email is not None and traits is not None and "email" not in traits:
+            traits = {**traits, "email": self.email}
+        item = _protocol.visitor_identify_item(encode_mapping(traits, "traits"), format_sent_at(None))
+        if self._room():
+            if email is not None:
+                self.email = email
+            self._identifies.append(item)
+
+    def track(
+        self,
+        event: str,
+        properties: Mapping[str, Any] | None = None,
+        *,
+        message_id: str | None = None,
+        sent_at: datetime.datetime | None = None,
+    ) -> str:
+        """Record an event; returns its ``message_id`` (a UUID unless you pass one)."""
+        return self._record_event(event, properties, message_id, sent_at)
+
+    def account(
+        self, domain: str, traits: Mapping[str, Any] | None = None, *, group_id: str | None = None
+    ) -> AccountRecorder:
+        """Record traits of the account at ``domain``; returns a recorder for its events."""
+        domain = check_domain(domain)
+        recorder = self._accounts.get(domain)
+        if recorder is None:
+            recorder = self._accounts[domain] = AccountRecorder(self, domain)
+        if traits is not None or group_id is not None:
+            recorder.identify(traits, group_id=group_id)
+        return recorder
+
+    def _room(self) -> bool:
+        """Count an item in; False (and counted as dropped) when it must not be kept."""
+        if not self.enabled:
+            return False
+        if self._count >= MAX_ITEMS_PER_TRACKER:
+            self._client._drop_items(1, "tracker_full")
+            return False
+        self._count += 1
+        return True
+
+    def batches(self) -> list[_protocol.Batch]:
+        """The requests this tracker's records make (empty when nothing was recorded)."""
+        if not self._count:
+            return []
+        user_agent = self.user_agent or self._client.user_agent
+        result: list[_protocol.Batch] = []
+        if self._has_items():
+            result.extend(
+                _protocol.visitor_batches(
+                    profile_id=self.profile_id,
+                    email=self.email,
+                    ip=self.ip if self._client.send_ip else None,
+                    events=self._events,
+                    event_ids=self._event_ids,
+                    identifies=self._identifies,
+                    user_agent=user_agent,
+                )
+            )
+        for recorder in self._accounts.values():
+            if recorder._has_items():
+                result.extend(recorder._batches(user_agent))
+        return result
+
+    def send(self) -> None:
+        """Hand what was recorded to the client (non-blocking) and start afresh."""
+        self._client.send_tracker(self)
+
+    def _reset(self) -> None:
+        self._events = []
+        self._event_ids = []
+        self._identifies = []
+        self._accounts = {}
+        self._count = 0
+
+    def __enter__(self) -> Tracker:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.send()
+
+
+def bind(tracker: Tracker | None) -> contextvars.Token[Tracker | None]:
+    return _current.set(tracker)
+
+
+def unbind(token: contextvars.Token[Tracker | None]) -> None:
+    _current.reset(token)

@@ -1,0 +1,152 @@
+"""Call-site checks for what a developer hands the tracker.
+
+A mistake in a handler should fail loudly *where it was made*, with a message that says
+how to fix it, rather than surface minutes later as a 400 from Koala in a background thread.
+Values are encoded to JSON here, once, so the batch later is assembled from ready fragments
+and a caller mutating its dict after ``track()`` cannot change what is sent.
+"""
+
+from __future__ import annotations
+
+import datetime
+import decimal
+import json
+import math
+import re
+import uuid
+from collections.abc import Mapping
+from typing import Any
+
+MAX_NAME_LENGTH = 255
+MAX_ITEM_BYTES = 32 * 1024
+MAX_ID_LENGTH = 255
+
+_EMAIL = re.compile(r"^[^@\s]+@[^@\s]+\.[^@\s.]{2,}$")
+_DOMAIN = re.compile(r"^(?=.{1,253}$)([a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?\.)+[a-z0-9-]{2,63}$")
+
+
+def _default(value: Any) -> Any:
+    if isinstance(value, datetime.datetime):
+        if value.tzinfo is None:
+            value = value.replace(tzinfo=datetime.timezone.utc)
+        return value.isoformat()
+    if isinstance(value, datetime.date):
+        return value.isoformat()
+    if isinstance(value, uuid.UUID):
+        return str(value)
+    if isinstance(value, decimal.Decimal):
+        if not value.is_finite():
+            raise ValueError("Decimal NaN/Infinity is not valid JSON")
+        return int(value) if value == value.to_integral_value() else float(value)
+    if isinstance(value, (set, frozenset)):
+        return list(value)
+    raise TypeError(type(value).__name__)
+
+
+_encoder = json.JSONEncoder(separators=(",", ":"), allow_nan=False, default=_default)
+dumps = _encoder.encode
+
+
+def _find_bad_value(value: Any, path: str) -> tuple[str, str] | None:
+    """Walk ``value`` to name the first part JSON cannot carry (only run after a failure)."""
+    if isinstance(value, Mapping):
+        for key, item in value.items():
+            if not isinstance(key, str):
+                return f"{path}[{key!r}]", f"a key of type {type(key).__name__} (keys must be str)"
+            found = _find_bad_value(item, f"{path}[{key!r}]")
+            if found:
+                return found
+        return None
+    if isinstance(value, (list, tuple, set, frozenset)):
+        for index, item in enumerate(value):
+            found = _find_bad_value(item, f"{path}[{index}]")
+            if found:
+                return found
+        return None
+    if isinstance(value, float) and not math.isfinite(value):
+        return path, f"the float {value!r} (not valid JSON)"
+    if isinstance(value, decimal.Decimal) and not value.is_finite():
+        return path, f"the Decimal {value} (not valid JSON)"
+    if value is None or isinstance(
+        value, (str, int, float, bool, datetime.date, uuid.UUID, decimal.Decimal)
+    ):
+        return None
+    return path, f"a value of type {type(value).__name__}"
+
+
+def encode_mapping(value: Mapping[str, Any] | None, what: str) -> str:
+    """Encode ``properties``/``traits`` to JSON, or raise naming the offending key."""
+    if value is None:
+        return "{}"
+    if not isinstance(value, Mapping):
+        raise TypeError(f"{what} must be a dict, got {type(value).__name__}; pass e.g. {what}={{'plan': 'pro'}}")
+    try:
+        encoded = dumps(value)
+    except (TypeError, ValueError) as exc:
+        found = _find_bad_value(value, what)
+        where, problem = found if found else (what, str(exc))
+        raise TypeError(
+            f"{where} is {problem}, which cannot be sent as JSON; convert it to a str, number, "
+            "bool, list or dict (datetime, date, UUID and Decimal are converted for you)"
+        ) from None
+    if len(encoded) > MAX_ITEM_BYTES:
+        raise ValueError(
+            f"{what} is {len(encoded)} bytes as JSON, over the {MAX_ITEM_BYTES}-byte limit; "
+            "send fewer or shorter values"
+        )
+    return encoded
+
+
+def check_name(event: object, what: str = "event") -> str:
+    if not isinstance(event, str):
+        raise TypeError(f"{what} name must be a str, got {type(event).__name__}; e.g. track('Signed Up')")
+    if not event.strip():
+        raise ValueError(f"{what} name must not be empty; e.g. track('Signed Up')")
+    if len(event) > MAX_NAME_LENGTH:
+        raise ValueError(f"{what} name is {len(event)} characters, over the limit of {MAX_NAME_LENGTH}")
+    return event
+
+
+def check_email(email: object) -> str:
+    if not isinstance(email, str):
+        raise TypeError(f"email must be a str, got {type(email).__name__}")
+    email = email.strip()
+    if len(email) > 254 or not _EMAIL.match(email):
+        raise ValueError(
+            "email does not look like an email address (expected name@example.com); "
+            "pass the user's address, or leave email out and identify by profile_id"
+        )
+    return email
+
+
+def check_id(value: object, what: str) -> str:
+    if not isinstance(value, str):
+        raise TypeError(f"{what} must be a str, got {type(value).__name__}")
+    if not value or len(value) > MAX_ID_LENGTH or not value.isprintable():
+        raise ValueError(f"{what} must be 1 to {MAX_ID_LENGTH} printable characters")
+    return value
+
+
+def check_domain(domain: object) -> str:
+    if not isinstance(domain, str):
+        raise TypeError(f"account domain must be a str, got {type(domain).__name__}; e.g. account('acme.com')")
+    normal = domain.strip().lower().rstrip(".")
+    if not _DOMAIN.match(normal):
+        raise ValueError(
+            f"account domain {domain[:100]!r} is not a bare domain name; pass e.g. 'acme.com' "
+            "(no scheme, path, port or email)"
+        )
+    return normal
+
+
+def format_sent_at(when: datetime.datetime | None) -> str:
+    """ISO 8601 in UTC with milliseconds and ``Z``, the form Koala documents."""
+    if when is None:
+        when = datetime.datetime.now(datetime.timezone.utc)
+    elif not isinstance(when, datetime.datetime):
+        raise TypeError(f"sent_at must be a datetime, got {type(when).__name__}")
+    elif when.tzinfo is None:
+        when = when.replace(tzinfo=datetime.timezone.utc)
+    else:
+        when = when.astimezone(datetime.timezone.utc)
+    return f"{when:%Y-%m-%dT%H:%M:%S}.{when.microsecond // 1000:03d}Z"

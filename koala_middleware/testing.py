@@ -1,0 +1,230 @@
+"""A real local HTTP server standing in for Koala, for your tests and ours.
+
+``Collector`` listens on loopback, records every request (method, path, headers, body) and
+answers like Koala would, or slowly, or with errors, or not at all, so delivery can be
+tested against real sockets instead of mocks::
+
+    from koala_middleware import KoalaClient
+    from koala_middleware.testing import Collector
+
+    with Collector() as koala:
+        client = KoalaClient("pk_test", api_url=koala.url)
+        with client.tracker(email="ada@example.com") as t:
+            t.track("Signed Up")
+        client.flush()
+        assert koala.events()[0]["event"] == "Signed Up"
+
+It needs nothing beyond the standard library (an asyncio server in a daemon thread).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+__all__ = ["Collector", "Received"]
+
+_REASONS = {200: "OK", 202: "Accepted", 400: "Bad Request", 404: "Not Found", 408: "Request Timeout",
+            429: "Too Many Requests", 500: "Internal Server Error", 502: "Bad Gateway",
+            503: "Service Unavailable", 504: "Gateway Timeout"}
+
+
+@dataclass
+class Received:
+    """One request the collector received, and the status it answered (None: no answer)."""
+
+    method: str
+    path: str
+    headers: dict[str, str]
+    body: bytes
+    status: int | None = None
+    at: float = field(default_factory=time.monotonic)
+
+    def json(self) -> Any:
+        return json.loads(self.body)
+
+    @property
+    def accepted(self) -> bool:
+        return self.status is not None and 200 <= self.status < 300
+
+
+Responder = Callable[[Received], "int | tuple[int, dict[str, str]]"]
+
+
+class Collector:
+    """A Koala stand-in on ``127.0.0.1``; use as a context manager or call start()/stop().
+
+    :param delay: seconds to wait before answering each request (concurrently, not in turn).
+    :param status: the status to answer (default 200), or ``respond(received) -> status`` /
+        ``(status, headers)`` for per-request behaviour.
+    :param public_key: the project key that URLs are expected to carry (informational).
+    """
+
+    def __init__(self, delay: float = 0.0, status: int | Responder = 200, public_key: str = "pk_test") -> None:
+        self.delay = delay
+        self.status = status
+        self.public_key = public_key
+        self.hang = False  # when True, read requests but never answer them
+        self.received: list[Received] = []
+        self._fail_next: list[int] = []
+        self._lock = threading.Lock()
+        self._changed = threading.Condition(self._lock)
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._server: asyncio.base_events.Server | None = None
+        self._writers: set[asyncio.StreamWriter] = set()
+        self._thread: threading.Thread | None = None
+        self.port = 0
+
+    # -- lifecycle ------------------------------------------------------------------------
+
+    @property
+    def url(self) -> str:
+        """The ``api_url`` to give ``KoalaClient``."""
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self) -> Collector:
+        ready = threading.Event()
+        self._thread = threading.Thread(target=self._run, args=(ready,), name="koala-collector", daemon=True)
+        self._thread.start()
+        if not ready.wait(10):
+            raise RuntimeError("the collector did not start within 10 s")
+        return self
+
+    def stop(self) -> None:
+        if self._loop is not None:
+            asyncio.run_coroutine_threadsafe(self._close(stop=True), self._loop).result(10)
+            assert self._thread is not None
+            self._thread.join(10)
+            self._loop = None
+
+    def __enter__(self) -> Collector:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def down(self) -> None:
+        """Stop listening and drop open connections: clients get connection errors."""
+        assert self._loop is not None
+        asyncio.run_coroutine_threadsafe(self._close(stop=False), self._loop).result(10)
+
+    def up(self) -> None:
+        """Listen again on the same port after :meth:`down`."""
+        assert self._loop is not None
+        asyncio.run_coroutine_threadsafe(self._listen(), self._loop).result(10)
+
+    def fail_next(self, count: int, status: int = 503) -> None:
+        """Answer the next ``count`` requests with ``status``."""
+        with self._lock:
+            self._fail_next.extend([status] * count)
+
+    # -- what arrived -----------------------------------------------------------------------
+
+    def requests(self, path_suffix: str = "", accepted_only: bool = True) -> list[Received]:
+        with self._lock:
+            return [
+                r for r in self.received
+                if r.path.endswith(path_suffix) and (r.accepted or not accepted_only)
+            ]
+
+    def batches(self, path_suffix: str = "/batch") -> list[dict[str, Any]]:
+        """Bodies of accepted visitor batches (``/accounts/batch`` with that suffix)."""
+        suffix_ok = (lambda p: p.endswith(path_suffix) and not p.endswith("/accounts/batch")) \
+            if path_suffix == "/batch" else (lambda p: p.endswith(path_suffix))
+        return [r.json() for r in self.requests() if suffix_ok(r.path)]
+
+    def events(self, path_suffix: str = "/batch") -> list[dict[str, Any]]:
+        return [e for body in self.batches(path_suffix) for e in body.get("events", [])]
+
+    def wait_for(self, count: int, timeout: float = 10.0, accepted_only: bool = True) -> bool:
+        """Wait until ``count`` requests (accepted ones by default) have arrived."""
+        deadline = time.monotonic() + timeout
+        with self._changed:
+            while len([r for r in self.received if r.accepted or not accepted_only]) < count:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    return False
+                self._changed.wait(remaining)
+        return True
+
+    def clear(self) -> None:
+        with self._lock:
+            self.received.clear()
+
+    # -- the server ---------------------------------------------------------------------
+
+    def _run(self, ready: threading.Event) -> None:
+        loop = asyncio.new_event_loop()
+        self._loop = loop
+        loop.run_until_complete(self._listen())
+        ready.set()
+        loop.run_forever()
+        loop.close()
+
+    async def _listen(self) -> None:
+        self._server = await asyncio.start_server(self._serve, "127.0.0.1", self.port, backlog=1024)
+        self.port = self._server.sockets[0].getsockname()[1]
+
+    async def _close(self, stop: bool) -> None:
+        if self._server is not None:
+            self._server.close()
+            self._server = None
+        for writer in list(self._writers):
+            writer.transport.abort()
+        if stop:
+            tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            asyncio.get_running_loop().call_soon(asyncio.get_running_loop().stop)
+
+    def _answer(self, received: Received) -> tuple[int, dict[str, str]]:
+        with self._lock:
+            if self._fail_next:
+                return self._fail_next.pop(0), {}
+        result = self.status(received) if callable(self.status) else self.status
+        return result if isinstance(result, tuple) else (result, {})
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self._writers.add(writer)
+        try:
+            while True:
+                try:
+                    head = await reader.readuntil(b"\r\n\r\n")
+                except (asyncio.IncompleteReadError, ConnectionError):
+                    return
+                lines = head.decode("latin-1").split("\r\n")
+                method, path, _ = lines[0].split(" ", 2)
+                headers = {}
+                for line in lines[1:]:
+                    if ":" in line:
+                        name, value = line.split(":", 1)
+                        headers[name.strip().lower()] = value.strip()
+                body = await reader.readexactly(int(headers.get("content-length", "0")))
+                received = Received(method, path, headers, body)
+                with self._changed:
+                    self.received.append(received)
+                if self.hang:
+                    await asyncio.Event().wait()
+                if self.delay:
+                    await asyncio.sleep(self.delay)
+                status, extra = self._answer(received)
+                with self._changed:
+                    received.status = status
+                    self._changed.notify_all()
+                payload = b'{"ok":true}' if status < 300 else b'{"error":"stand-in failure"}'
+                out = [f"HTTP/1.1 {status} {_REASONS.get(status, 'Status')}", f"Content-Length: {len(payload)}",
+                       "Content-Type: application/json"]
+                out += [f"{k}: {v}" for k, v in extra.items()]
+                writer.write(("\r\n".join(out) + "\r\n\r\n").encode() + payload)
+                await writer.drain()
+        except (ConnectionError, asyncio.IncompleteReadError, asyncio.CancelledError):
+            return
+        finally:
+            self._writers.discard(writer)
+            writer.close()

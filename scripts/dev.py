@@ -1,0 +1,71 @@
+#!/usr/bin/env python3
+"""Set up a virtual environment and run the demo or the tests: the README's quick start.
+
+    python3 scripts/dev.py demo    # the Flask example, offline, showing what it would send
+    python3 scripts/dev.py test    # the whole test suite (extra args go to pytest)
+    python3 scripts/dev.py bench   # the benchmarks in bench/
+
+Needs only Python 3 and pip. The venv is .venv/ in the repository. For the browser test it
+installs Debian's chromium when it can (root with apt-get); otherwise that test skips.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import venv
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+VENV = ROOT / ".venv"
+PYTHON = VENV / ("Scripts/python.exe" if os.name == "nt" else "bin/python")
+
+
+def run(*args: str | os.PathLike[str], check: bool = True) -> int:
+    print("+", " ".join(str(a) for a in args), flush=True)
+    return subprocess.run([str(a) for a in args], cwd=ROOT, check=check).returncode
+
+
+def setup(extra: str) -> None:
+    if not PYTHON.exists():
+        venv.create(VENV, with_pip=True)
+    run(PYTHON, "-m", "pip", "install", "--quiet", "--disable-pip-version-check", "-e", f".[{extra}]")
+
+
+def install_chromium() -> None:
+    """Best effort: the end-to-end browser test skips (saying why) without it."""
+    if shutil.which("chromium") or os.environ.get("KOALA_SKIP_CHROMIUM_INSTALL"):
+        return
+    if not shutil.which("apt-get") or os.geteuid() != 0:
+        print("chromium not installed and cannot install it here: the browser test will skip")
+        return
+    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+    for cmd in (["apt-get", "update", "-qq"], ["apt-get", "install", "-y", "-qq", "chromium"]):
+        try:
+            subprocess.run(cmd, check=True, env=env, timeout=900, stdout=subprocess.DEVNULL)
+        except (subprocess.SubprocessError, OSError) as exc:
+            print(f"could not install chromium ({exc}): the browser test will skip")
+            return
+
+
+def main(argv: list[str]) -> int:
+    command, rest = (argv[0], argv[1:]) if argv else ("test", [])
+    if command == "demo":
+        setup("flask")
+        return run(PYTHON, "examples/flask_app/app.py", *rest, check=False)
+    if command == "test":
+        setup("test")
+        install_chromium()
+        code = run(PYTHON, "-m", "pytest", *rest, check=False)
+        return 0 if code == 5 and rest else code
+    if command == "bench":
+        setup("bench")
+        return run(PYTHON, "bench/run.py", *rest, check=False)
+    print(__doc__)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,75 @@
+"""Start real servers (uvicorn, gunicorn, ...) on loopback for end-to-end tests."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+BIN = Path(sys.executable).parent
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def wait_for_port(port: int, proc: subprocess.Popen[bytes], timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            out = proc.stdout.read().decode(errors="replace") if proc.stdout else ""
+            raise RuntimeError(f"server exited with {proc.returncode} before listening:\n{out}")
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
+                return
+        except OSError:
+            time.sleep(0.05)
+    raise RuntimeError(f"server did not listen on {port} within {timeout}s")
+
+
+class Server:
+    def __init__(self, proc: subprocess.Popen[bytes], port: int) -> None:
+        self.proc = proc
+        self.port = port
+        self.url = f"http://127.0.0.1:{port}"
+        self.output = ""
+
+    def terminate(self, timeout: float = 20.0) -> int:
+        """SIGTERM, wait for exit, keep the output; returns the exit code."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        try:
+            out, _ = self.proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            out, _ = self.proc.communicate()
+        self.output += out.decode(errors="replace") if out else ""
+        return self.proc.returncode
+
+
+@contextmanager
+def serve(args: list[str], port: int, env: Mapping[str, str] | None = None) -> Iterator[Server]:
+    """Run ``args`` (e.g. ``["uvicorn", "mod:app", "--port", str(port)]``) until the block ends.
+
+    The first word is looked up next to the running Python (the venv's ``bin``).
+    """
+    exe = str(BIN / args[0]) if (BIN / args[0]).exists() else args[0]
+    full_env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests")]), **(env or {})}
+    proc = subprocess.Popen(
+        [exe, *args[1:]], cwd=ROOT, env=full_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+    )
+    server = Server(proc, port)
+    try:
+        wait_for_port(port, proc)
+        yield server
+    finally:
+        server.terminate()
