@@ -1,14 +1,13 @@
 """Rules for the ``ko_id`` visitor cookie, shared by the WSGI and ASGI middlewares.
 
-Koala's browser pixel identifies a visitor by the ``ko_id`` cookie. Setting it
-from the server makes the id survive browsers that cap the lifetime of cookies
-written by JavaScript, so the cookie must look exactly like the pixel's: readable
-from JavaScript (never HttpOnly), ``Path=/`` and scoped to the registrable domain
-("eTLD+1") so every subdomain of the site shares one visitor.
+Koala's browser pixel identifies a visitor by the ``ko_id`` cookie, so the
+middlewares read and set that same cookie: readable from JavaScript (never
+HttpOnly), ``Path=/`` and scoped to the registrable domain ("eTLD+1") so that
+every subdomain of a site shares one visitor id.
 
-Everything here runs on every request, and the Cookie and Host headers are
-client-controlled: parsing never raises, rejected values are never echoed, and
-per-host work is memoised in bounded caches.
+This runs on every request and the Cookie and Host headers are client-controlled:
+parsing never raises, rejected values are never echoed, and per-host work is
+memoised in bounded caches.
 """
 
 from __future__ import annotations
@@ -27,14 +26,9 @@ from publicsuffixlist import PublicSuffixList
 logger = logging.getLogger("koala_middleware")
 
 MAX_AGE_CAPPED_MESSAGE = "Cookie max_age capped at %d seconds (400 days), the most browsers keep a cookie"
-SHARED_CACHE_SKIP_MESSAGE = (
-    "Not setting the visitor cookie on a response a shared cache may store "
-    "(Cache-Control public or s-maxage without private or no-store); logged once"
-)
+SHARED_CACHE_SKIP_MESSAGE = "Visitor cookie not set on responses a shared cache may store (logged once)"
 
-#: Browsers clamp cookie lifetimes to 400 days (RFC 6265bis), so asking for more is pointless.
-MAX_AGE_LIMIT = 400 * 24 * 3600
-
+MAX_AGE_LIMIT = 400 * 24 * 3600  # browsers clamp cookie lifetimes to 400 days (RFC 6265bis)
 _CACHE_SIZE = 1024  # Host headers are client-controlled: keep every per-host cache bounded.
 _MAX_HOST_INPUT = 300  # longer than any valid name with a port; also keeps cache keys small
 # RFC 6265 cookie-name: an RFC 7230 token.
@@ -61,15 +55,10 @@ class CookieSettings:
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not _TOKEN.fullmatch(self.name):
-            raise ValueError(
-                "CookieSettings.name must be a non-empty cookie name of ASCII letters, digits "
-                "and !#$%&'*+.^_`|~- (no spaces, '=', ';', ',' or quotes); the pixel uses 'ko_id'"
-            )
+            raise ValueError("CookieSettings.name may only hold ASCII letters, digits and !#$%&'*+.^_`|~-")
         if self.name.lower().startswith(("__secure-", "__host-")):
-            raise ValueError(
-                "CookieSettings.name must not start with __Secure- or __Host-: browsers would "
-                "drop the cookie whenever it is set without Secure or with a Domain"
-            )
+            # Browsers drop such cookies when set without Secure or with a Domain.
+            raise ValueError("CookieSettings.name must not start with __Secure- or __Host-; use a plain name")
         if self.domain is not None:
             object.__setattr__(self, "domain", _setting_host("domain", self.domain))
         if self.allowed_hosts is not None:
@@ -99,7 +88,7 @@ def _setting_host(option: str, value: object) -> str:
     if not isinstance(value, str):
         raise TypeError(f"CookieSettings.{option} must be a host name string such as 'example.com'")
     host = normalize_host(value.strip().lstrip("."))
-    if host is None or ":" in value or ":" in host:
+    if host is None or ":" in value:
         raise ValueError(f"CookieSettings.{option} must be a host name such as 'example.com', without scheme or port")
     return host
 
@@ -154,27 +143,23 @@ def _normalize_host(host: str) -> str | None:
     host = host.strip(" \t")
     if host.startswith("["):
         address, _, rest = host[1:].partition("]")
-        return _ipv6(address) if not rest or (rest[0] == ":" and _is_port(rest[1:])) else None
+        return _ipv6(address) if rest[:1] in ("", ":") and _is_port(rest[1:]) else None
     if host.count(":") > 1:
         return _ipv6(host)  # a bare IPv6 address, as in some server names
     host, _, port = host.partition(":")
     if not _is_port(port):
         return None
-    if host.endswith("."):
-        host = host[:-1]
-    host = host.lower()
+    host = (host[:-1] if host.endswith(".") else host).lower()
     if not host.isascii():
         try:
             host = host.encode("idna").decode("ascii").lower()
         except (UnicodeError, ValueError):
             return None
-    if len(host) > 253 or not _HOSTNAME.fullmatch(host):
-        return None
-    return host
+    return host if len(host) <= 253 and _HOSTNAME.fullmatch(host) else None
 
 
 def _is_port(port: str) -> bool:
-    return not port or (port.isascii() and port.isdigit())  # an empty port is allowed by RFC 3986
+    return not port or (port.isascii() and port.isdigit())  # RFC 3986 allows an empty port
 
 
 def _ipv6(address: str) -> str | None:
@@ -201,8 +186,8 @@ def _public_suffix_list() -> PublicSuffixList:
 @functools.lru_cache(maxsize=_CACHE_SIZE)
 def top_domain(host: str) -> str | None:
     """The registrable domain a cookie may be scoped to, or None for a host-only cookie."""
-    if not isinstance(host, str) or len(host) > 253 or not _HOSTNAME.fullmatch(host) or "." not in host:
-        return None  # IPv6 (has ':'), localhost, single-label and malformed names
+    if not isinstance(host, str) or len(host) > 253 or not _HOSTNAME.fullmatch(host):
+        return None  # IPv6 addresses (':') and malformed names
     if _NUMERIC_LABEL.fullmatch(host.rpartition(".")[2]):
         return None  # browsers parse a host ending in a number as an IPv4 address
     return _public_suffix_list().privatesuffix(host)
@@ -214,9 +199,7 @@ def _is_under(host: str, domain: str) -> bool:
 
 def cookie_domain(host: str | None, settings: CookieSettings) -> str | None:
     """The Domain attribute for a request to ``host``; None means a host-only cookie."""
-    if host is None:
-        return None
-    normalized = normalize_host(host)
+    normalized = normalize_host(host) if host is not None else None
     if normalized is None:
         return None
     if settings.domain is not None:
@@ -260,9 +243,7 @@ def may_set_cookie(status: int, cache_control: str | None) -> bool:
     if "public" not in lowered and "s-maxage" not in lowered:
         return True
     directives = set(_DIRECTIVE.findall(lowered))
-    if "private" in directives or "no-store" in directives:
-        return True
-    if "public" not in directives and "s-maxage" not in directives:
+    if "private" in directives or "no-store" in directives or directives.isdisjoint(("public", "s-maxage")):
         return True
     if not _logged_shared_cache_skip:
         _logged_shared_cache_skip = True

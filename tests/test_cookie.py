@@ -154,6 +154,8 @@ def test_new_visitor_id_is_valid_and_fresh():
         (VID, True),
         (VID2, True),
         (VID.upper(), False),
+        (VID[:8].upper() + VID[8:], False),
+        (VID[:24] + VID[24:].upper(), False),
         (VID[:14] + "1" + VID[15:], False),  # version 1
         (VID[:19] + "c" + VID[20:], False),  # variant nibble outside 89ab
         (VID[:-1], False),
@@ -337,6 +339,15 @@ def test_set_cookie_header(host, https, settings, expected):
     assert set_cookie_header(VID, host, https, settings) == expected
     assert set_cookie_header(VID, host, https, settings) == expected  # served from the cache
     assert "httponly" not in expected.lower() and "expires" not in expected.lower()
+
+
+def test_set_cookie_header_keeps_odd_hosts_out_of_the_cache():
+    _cookie._cookie_attributes.cache_clear()
+    for i in range(5):  # client-controlled, oversized Host headers must not pile up as cache keys
+        assert set_cookie_header(VID, f"{i}.example.com" + "a" * 1000, False, DEFAULT) == f"ko_id={VID}{ATTRS}"
+    assert set_cookie_header(VID, b"example.com", False, DEFAULT) == f"ko_id={VID}{ATTRS}"  # type: ignore[arg-type]
+    assert set_cookie_header(VID, ["example.com"], False, DEFAULT) == f"ko_id={VID}{ATTRS}"  # type: ignore[arg-type]
+    assert _cookie._cookie_attributes.cache_info().currsize == 1
 
 
 @pytest.mark.parametrize("bad", ["forged\r\nSet-Cookie: admin=1", VID.upper(), "x" * 36, VID + " "])
