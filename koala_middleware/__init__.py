@@ -10,12 +10,16 @@ from ._delivery import DeliveryError, Stats
 from ._protocol import Batch
 from ._tracker import AccountRecorder, Tracker, current_tracker
 from ._version import __version__
+from .asgi import KoalaASGIMiddleware
+from .wsgi import KoalaWSGIMiddleware
 
 __all__ = [
     "AccountRecorder",
     "Batch",
     "DeliveryError",
+    "KoalaASGIMiddleware",
     "KoalaClient",
+    "KoalaWSGIMiddleware",
     "Stats",
     "Tracker",
     "__version__",

@@ -37,6 +37,8 @@ _DELIVERY_OPTIONS = {f.name for f in dataclasses.fields(DeliverySettings)} - {"b
 CLIENT_OPTIONS = frozenset(
     _DELIVERY_OPTIONS | {"sync", "on_error", "send_ip", "shutdown_timeout", "user_agent", "dry_run"}
 )
+#: Everything ``KoalaClient(...)`` accepts by name, for the middlewares' ``**options``.
+CLIENT_ARGUMENTS = CLIENT_OPTIONS | {"public_key", "api_url"}
 
 
 class KoalaClient:

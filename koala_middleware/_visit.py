@@ -13,7 +13,7 @@ from contextvars import Token
 from dataclasses import dataclass, fields
 from typing import Any
 
-from ._client import CLIENT_OPTIONS, KoalaClient, client_from_options
+from ._client import CLIENT_ARGUMENTS, KoalaClient, client_from_options
 from ._cookie import (
     CookieSettings,
     may_set_cookie,
@@ -67,11 +67,11 @@ class MiddlewareSettings:
 
 def configure(client: KoalaClient | None, options: Mapping[str, Any]) -> tuple[KoalaClient, MiddlewareSettings]:
     """Split ``**options`` between the client and the middleware, rejecting unknown ones."""
-    unknown = set(options) - MIDDLEWARE_OPTIONS - CLIENT_OPTIONS
+    unknown = set(options) - MIDDLEWARE_OPTIONS - CLIENT_ARGUMENTS
     if unknown:
         raise TypeError(
             f"unknown option(s) {sorted(unknown)}; middleware options: {sorted(MIDDLEWARE_OPTIONS)}, "
-            f"client options: {sorted(CLIENT_OPTIONS)}"
+            f"client options: {sorted(CLIENT_ARGUMENTS)}"
         )
     cookie = CookieSettings(**{_COOKIE_OPTIONS[k]: v for k, v in options.items() if k in _COOKIE_OPTIONS})
     settings = MiddlewareSettings(
@@ -80,7 +80,7 @@ def configure(client: KoalaClient | None, options: Mapping[str, Any]) -> tuple[K
         should_track=options.get("should_track"),
         respect_gpc=options.get("respect_gpc", True),
     )
-    client_options = {k: v for k, v in options.items() if k in CLIENT_OPTIONS}
+    client_options = {k: v for k, v in options.items() if k in CLIENT_ARGUMENTS}
     return client_from_options(client, client_options), settings
 
 
