@@ -18,8 +18,6 @@ import weakref
 from collections.abc import Mapping
 from typing import Any
 
-import httpx
-
 from ._delivery import BackgroundSender, DeliverySettings, ErrorHook, Stats, SyncSender
 from ._protocol import Batch
 from ._tracker import Tracker
@@ -29,8 +27,9 @@ from ._version import __version__
 logger = logging.getLogger("koala_middleware")
 
 DEFAULT_API_URL = "https://api2.getkoala.com"
-LOG_DRY_RUN = "koala_middleware: dry run (no KOALA_PUBLIC_KEY), would POST %s %s"
-LOG_DRY_RUN_ON = "koala_middleware: no public key configured; running in dry-run mode, nothing is sent"
+LOG_DRY_RUN = "dry run (no KOALA_PUBLIC_KEY), would POST %s %s"
+LOG_DRY_RUN_ON = "no public key configured; running in dry-run mode, nothing is sent"
+LOG_EXIT_FAILED = "shutdown at interpreter exit failed"
 
 _KEY = re.compile(r"^[A-Za-z0-9_\-]{1,200}$")
 _DELIVERY_OPTIONS = {f.name for f in dataclasses.fields(DeliverySettings)} - {"base_url"}
@@ -172,7 +171,7 @@ def _shutdown_at_exit() -> None:
         try:
             client.shutdown()
         except Exception:  # never turn interpreter exit into a traceback
-            logger.exception("koala_middleware: shutdown at exit failed")
+            logger.exception(LOG_EXIT_FAILED)
 
 
 def client_from_options(client: KoalaClient | None, options: Mapping[str, Any]) -> KoalaClient:
