@@ -3,16 +3,18 @@
 Wrap the app; each request gets a :class:`~koala_middleware.Tracker` in
 ``environ["koala.tracker"]`` (and ``current_tracker()``), and what it recorded is handed to
 the client when the server closes the response (PEP 3333), i.e. after the body went out.
+The response iterable is passed on as it is iterated, so streaming responses still stream.
 
-The visitor IP is ``REMOTE_ADDR``. Behind a proxy, fix it first with the app's own proxy
-handling (e.g. werkzeug's ``ProxyFix`` *inside* this middleware's view of the environ, i.e.
-``KoalaWSGIMiddleware(ProxyFix(app))`` is wrong, ``ProxyFix(KoalaWSGIMiddleware(app))`` is
-right); a raw ``X-Forwarded-For`` is client-controlled and never trusted here.
+The visitor IP is ``REMOTE_ADDR``, and the cookie's domain and ``Secure`` flag follow
+``HTTP_HOST`` and ``wsgi.url_scheme``. Behind a proxy, have the app's own proxy handling
+fix those *before* this middleware reads them: ``ProxyFix(KoalaWSGIMiddleware(app))`` is
+right, ``KoalaWSGIMiddleware(ProxyFix(app))`` sees the proxy's address. A raw
+``X-Forwarded-For`` is client-controlled and never read here.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 from typing import TYPE_CHECKING, Any
 
 from ._client import KoalaClient
@@ -24,14 +26,20 @@ if TYPE_CHECKING:
 
 ENVIRON_KEY = "koala.tracker"
 
+__all__ = ["ENVIRON_KEY", "KoalaWSGIMiddleware", "request_info"]
+
 
 def request_info(environ: WSGIEnvironment) -> RequestInfo:
     cookie = environ.get("HTTP_COOKIE")
+    path = environ.get("PATH_INFO") or "/"
+    if not path.isascii():
+        # PEP 3333 hands the raw path bytes over as latin-1; ASGI gives decoded text.
+        path = path.encode("latin-1").decode("utf-8", "replace")
     return RequestInfo(
         method=environ.get("REQUEST_METHOD", "GET"),
         scheme=environ.get("wsgi.url_scheme", "http"),
         host=environ.get("HTTP_HOST") or environ.get("SERVER_NAME"),
-        path=environ.get("PATH_INFO", "") or "/",
+        path=path,
         cookie_headers=[cookie] if cookie else [],
         user_agent=environ.get("HTTP_USER_AGENT") or None,
         ip=environ.get("REMOTE_ADDR") or None,
@@ -41,24 +49,41 @@ def request_info(environ: WSGIEnvironment) -> RequestInfo:
 
 
 class _ClosingIterable:
-    """The app's response iterable, unchanged but for a ``close()`` that finishes the visit."""
+    """The app's response iterable, unchanged but for a ``close()`` that finishes the visit.
+
+    Iterating is delegated (so chunks go out as the app yields them); ``close()`` closes
+    the app's iterable first, as PEP 3333 requires of middleware, then hands the tracker
+    over, even if the app's ``close()`` raised.
+    """
 
     __slots__ = ("_iterable", "_visit")
 
     def __init__(self, iterable: Iterable[bytes], visit: Visit) -> None:
         self._iterable = iterable
-        self._visit = visit
+        self._visit: Visit | None = visit
 
     def __iter__(self) -> Iterator[bytes]:
         return iter(self._iterable)
 
     def close(self) -> None:
+        visit, self._visit = self._visit, None
+        if visit is None:  # some servers close twice
+            return
         try:
             close = getattr(self._iterable, "close", None)
             if close is not None:
                 close()
         finally:
-            self._visit.finish()
+            visit.finish()
+
+
+class _SizedClosingIterable(_ClosingIterable):
+    """Keeps ``len()``: PEP 3333 servers may use it to send a Content-Length."""
+
+    __slots__ = ()
+
+    def __len__(self) -> int:
+        return len(self._iterable)  # type: ignore[arg-type]
 
 
 class KoalaWSGIMiddleware:
@@ -81,18 +106,22 @@ class KoalaWSGIMiddleware:
         visit = self.visits.start(request_info(environ))
         environ[ENVIRON_KEY] = visit.tracker
 
-        def start_with_cookie(status: str, headers: list[tuple[str, str]], exc_info: Any = None) -> Callable[[bytes], object]:
-            cookie = visit.set_cookie and visit.cookie_for(_status_code(status), _cache_control(headers))
+        def start_with_cookie(status: str, headers: list[tuple[str, str]], exc_info: Any = None) -> Any:
+            # Called again with exc_info when an error replaces the response: the new
+            # headers need the cookie too, and the server decides whether to re-raise.
+            cookie = visit.cookie_for(_status_code(status), _cache_control(headers))
             if cookie:
                 headers = [*headers, ("Set-Cookie", cookie)]
             return start_response(status, headers, exc_info)
 
         visit.bind()
         try:
-            iterable = self.app(environ, start_with_cookie)
+            iterable = self.app(environ, start_with_cookie if visit.set_cookie else start_response)
         except BaseException:
-            visit.finish()
+            visit.finish()  # what the handler recorded before raising is still sent
             raise
+        if hasattr(iterable, "__len__"):
+            return _SizedClosingIterable(iterable, visit)
         return _ClosingIterable(iterable, visit)
 
 
