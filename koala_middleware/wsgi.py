@@ -1,9 +1,10 @@
 """Koala for WSGI apps (Flask, Django, Pyramid, bare WSGI).
 
 Wrap the app; each request gets a :class:`~koala_middleware.Tracker` in
-``environ["koala.tracker"]`` (and ``current_tracker()``), and what it recorded is handed to
-the client when the server closes the response (PEP 3333), i.e. after the body went out.
-The response iterable is passed on as it is iterated, so streaming responses still stream.
+``environ["koala.tracker"]``, which is also ``current_tracker()`` whenever the app's code
+runs (the call, each chunk of the body, its ``close()``). What it recorded is handed to the
+client when the server closes the response (PEP 3333), i.e. after the body went out. The
+response iterable is passed on as it is iterated, so streaming responses still stream.
 
 The visitor IP is ``REMOTE_ADDR``, and the cookie's domain and ``Secure`` flag follow
 ``HTTP_HOST`` and ``wsgi.url_scheme``. Behind a proxy, have the app's own proxy handling
@@ -63,18 +64,42 @@ class _ClosingIterable:
         self._visit: Visit | None = visit
 
     def __iter__(self) -> Iterator[bytes]:
-        return iter(self._iterable)
+        if self._visit is None:
+            return iter(self._iterable)
+        return _BoundIterator(iter(self._iterable), self._visit)
 
     def close(self) -> None:
         visit, self._visit = self._visit, None
         if visit is None:  # some servers close twice
             return
+        visit.bind()  # cleanup code in the app (a generator's finally) may still record
         try:
             close = getattr(self._iterable, "close", None)
             if close is not None:
                 close()
         finally:
             visit.finish()
+
+
+class _BoundIterator:
+    """Makes the tracker ``current_tracker()`` while the app produces each chunk, and only
+    then: the server's thread is left clean between chunks, and even if it never closes."""
+
+    __slots__ = ("_iterator", "_visit")
+
+    def __init__(self, iterator: Iterator[bytes], visit: Visit) -> None:
+        self._iterator = iterator
+        self._visit = visit
+
+    def __iter__(self) -> Iterator[bytes]:
+        return self
+
+    def __next__(self) -> bytes:
+        self._visit.bind()
+        try:
+            return next(self._iterator)
+        finally:
+            self._visit.unbind()
 
 
 class _SizedClosingIterable(_ClosingIterable):
@@ -120,6 +145,7 @@ class KoalaWSGIMiddleware:
         except BaseException:
             visit.finish()  # what the handler recorded before raising is still sent
             raise
+        visit.unbind()  # bound again while the app makes each chunk (see _BoundIterator)
         if hasattr(iterable, "__len__"):
             return _SizedClosingIterable(iterable, visit)
         return _ClosingIterable(iterable, visit)

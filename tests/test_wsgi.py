@@ -75,8 +75,7 @@ def serve(app: App, env: dict[str, Any]) -> Served:
     chunks: list[bytes] = []
     result = app(env, start_response)
     try:
-        for chunk in result:
-            chunks.append(chunk)
+        chunks.extend(result)
     finally:
         close = getattr(result, "close", None)
         if close is not None:
@@ -346,6 +345,30 @@ def test_streaming_is_lazy_and_events_tracked_while_streaming_are_sent_after_clo
     assert list(iterator) == [] and dry.stats.dry_run == 0
     result.close()  # type: ignore[attr-defined]
     assert [e["event"] for e in dry.dry_run_batches[-1].json()["events"]] == ["Streamed"]
+
+
+def test_tracker_is_current_only_while_app_code_runs_so_an_unclosed_response_leaks_nothing(
+    dry: KoalaClient,
+) -> None:
+    def app(env: dict[str, Any], start_response: Callable[..., Any]) -> Iterator[bytes]:
+        start_response("200 OK", [("Content-Type", "text/plain")])
+        try:
+            yield b"a"
+            yield b"b"
+        finally:  # runs in close() when the client went away mid-stream
+            current_tracker().track("Download Aborted")  # type: ignore[union-attr]
+
+    mw = KoalaWSGIMiddleware(app, client=dry)
+    result = mw(environ(), lambda *a: None)
+    assert current_tracker() is None  # the server's thread is clean between calls
+    iterator = iter(result)
+    assert next(iterator) == b"a" and current_tracker() is None
+    result.close()  # type: ignore[attr-defined]
+    assert [e["event"] for e in dry.dry_run_batches[-1].json()["events"]] == ["Download Aborted"]
+    abandoned = KoalaWSGIMiddleware(_returning([b"x"]), client=dry)(environ(), lambda *a: None)
+    # ...as a non-conforming server (or Flask's test client, unbuffered) that never closes
+    next(iter(abandoned))
+    assert current_tracker() is None
 
 
 def test_handler_exception_propagates_unchanged_and_its_events_are_sent(
