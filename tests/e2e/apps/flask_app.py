@@ -1,0 +1,56 @@
+"""The Flask app the gunicorn end-to-end tests serve.
+
+Koala's key and URL come from ``KOALA_PUBLIC_KEY`` / ``KOALA_API_URL`` (the test's local
+collector). Timeouts are long enough for a deliberately slow collector.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+from flask import Flask, request, stream_with_context
+from werkzeug.wrappers import Response
+
+from koala_middleware import KoalaClient
+from koala_middleware.flask import Koala
+
+client = KoalaClient(timeout=10, backoff_base=0.05, max_backoff=0.5, shutdown_timeout=10)
+app = Flask(__name__)
+Koala(app, client=client)
+
+
+@app.get("/pid")
+def pid() -> str:
+    """Which worker answered, and that worker tracks an event."""
+    request.koala.track("Pinged", {"pid": os.getpid()})
+    return f"{os.getpid()} {request.koala.profile_id}"
+
+
+@app.get("/visitor")
+def visitor() -> str:
+    return request.koala.profile_id or "-"
+
+
+@app.get("/stream")
+def stream() -> Response:
+    """Sends one line, then holds the response open until the test creates the gate file."""
+    gate = Path(request.args["gate"])
+
+    @stream_with_context
+    def body() -> object:
+        yield "first\n"
+        deadline = time.monotonic() + 10
+        while not gate.exists() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        request.koala.track("Streamed", {"gate_seen": gate.exists()})
+        yield "second\n"
+
+    return app.response_class(body(), mimetype="text/plain")  # type: ignore[arg-type]
+
+
+@app.get("/boom")
+def boom() -> str:
+    request.koala.track("Started Checkout")
+    raise RuntimeError("the handler failed after tracking")
