@@ -166,6 +166,16 @@ def create_app(client: KoalaClient) -> Flask:
 
 def tour() -> None:
     """Drive the app with Flask's test client and print each batch Koala would receive."""
+    quiet = logging.getLogger("koala_middleware")  # the tour prints batches itself
+    level = quiet.level
+    quiet.setLevel(logging.WARNING)
+    try:
+        _tour()
+    finally:
+        quiet.setLevel(level)
+
+
+def _tour() -> None:
     client = KoalaClient(dry_run=True)  # the tour never sends, even with a key set
     browser = create_app(client).test_client()
     headers = {"User-Agent": "Mozilla/5.0 (Macintosh; Intel Mac OS X 14_5) Safari/605.1.15"}
@@ -200,7 +210,6 @@ def main(argv: list[str]) -> int:
     tour()
     if "--tour" in argv:
         return 0
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     port = int(os.environ.get("PORT", "8000"))
     mode = "dry run: batches are logged, not sent" if app.extensions["koala"].client.dry_run else "sending to Koala"
     print(f"Serving on http://127.0.0.1:{port} ({mode}); Ctrl-C to stop", flush=True)
@@ -208,6 +217,8 @@ def main(argv: list[str]) -> int:
     return 0
 
 
+# Show the client's INFO lines (in dry-run mode, each batch it would send), also under gunicorn.
+logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
 app = create_app(KoalaClient())  # dry run unless KOALA_PUBLIC_KEY is set
 
 if __name__ == "__main__":
