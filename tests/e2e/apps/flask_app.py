@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 from flask import Flask, request, stream_with_context
@@ -38,8 +39,7 @@ def stream() -> Response:
     """Sends one line, then holds the response open until the test creates the gate file."""
     gate = Path(request.args["gate"])
 
-    @stream_with_context
-    def body() -> object:
+    def body() -> Iterator[str]:
         yield "first\n"
         deadline = time.monotonic() + 10
         while not gate.exists() and time.monotonic() < deadline:
@@ -47,7 +47,7 @@ def stream() -> Response:
         request.koala.track("Streamed", {"gate_seen": gate.exists()})
         yield "second\n"
 
-    return app.response_class(body(), mimetype="text/plain")  # type: ignore[arg-type]
+    return app.response_class(stream_with_context(body()), mimetype="text/plain")
 
 
 @app.get("/boom")
