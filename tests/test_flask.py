@@ -317,8 +317,9 @@ def test_the_core_package_imports_without_flask() -> None:
     assert "pip install 'koala-middleware[flask]'" in result.stdout
 
 
-def test_example_tour_runs_offline_and_shows_batches() -> None:
-    env = {"PATH": "/usr/bin:/bin", "HOME": str(ROOT), "PYTHONPATH": str(ROOT)}
+def test_example_tour_runs_offline_and_shows_batches(tmp_path: Path) -> None:
+    # No KOALA_PUBLIC_KEY / KOALA_API_URL from the caller's environment: the tour needs neither.
+    env = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "PYTHONPATH": str(ROOT)}
     result = subprocess.run(
         [sys.executable, str(EXAMPLE), "--tour"], check=False, capture_output=True, text=True, timeout=60, env=env, cwd=ROOT
     )
