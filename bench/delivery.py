@@ -1,0 +1,122 @@
+"""Part 4: how many batches per second the sender delivers to a Koala that takes 50 ms.
+
+The collector runs in another process and answers every request after 50 ms. The real
+``KoalaClient`` (its ``BackgroundSender``) is handed N ready batches at once and timed until
+``flush()`` returns; in the same run, rounds interleaved, a sequential sender (one
+``httpx.Client`` posting one batch after another) shows what the concurrency buys. The
+sender thread's own CPU time is read from its per-thread clock (Linux), so the figure is
+CPU per delivered batch, not wall time.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+import uuid
+
+import httpx
+
+from koala_middleware import Batch, KoalaClient
+
+from .collector import CollectorProcess
+from .common import Row, check, median, say
+
+DELAY = 0.05
+
+
+def make_batches(client: KoalaClient, count: int) -> list[Batch]:
+    """``count`` realistic visitor batches (an identify and an event each), built up front."""
+    batches: list[Batch] = []
+    for _ in range(count):
+        tracker = client.tracker(profile_id=str(uuid.uuid4()), user_agent="Mozilla/5.0 (bench)")
+        tracker.identify("ada@example.com", {"plan": "pro"})
+        tracker.track("Created Workspace", {"seats": 3})
+        batches.extend(tracker.batches())
+    return batches
+
+
+def thread_cpu(thread: threading.Thread | None) -> float:
+    """CPU seconds ``thread`` used so far (process CPU where per-thread clocks are missing)."""
+    if thread is not None and thread.ident is not None and hasattr(time, "pthread_getcpuclockid"):
+        try:
+            return time.clock_gettime(time.pthread_getcpuclockid(thread.ident))
+        except OSError:
+            pass
+    return time.process_time()
+
+
+def sender_thread() -> threading.Thread | None:
+    return next((t for t in threading.enumerate() if t.name == "koala-sender" and t.is_alive()), None)
+
+
+def background(url: str, count: int, options: dict[str, int]) -> tuple[float, float]:
+    """(batches/s, sender CPU ms per batch) for ``count`` batches handed over at once."""
+    client = KoalaClient("pk_bench", api_url=url, **options)
+    try:
+        for batch in make_batches(client, 100):  # warm up: start the thread, open connections
+            client.send(batch)
+        if not client.flush(30):
+            raise RuntimeError("warm-up batches were not delivered within 30 s")
+        batches = make_batches(client, count)
+        thread = sender_thread()
+        cpu = thread_cpu(thread)
+        start = time.perf_counter()
+        for batch in batches:
+            client.send(batch)
+        if not client.flush(120):
+            raise RuntimeError(f"{count} batches were not delivered within 120 s")
+        wall = time.perf_counter() - start
+        cpu = thread_cpu(thread) - cpu
+        stats = client.stats
+        if stats.delivered != count + 100 or stats.dropped_total:
+            raise RuntimeError(f"not every batch was delivered: {stats}")
+        return count / wall, cpu / count * 1000
+    finally:
+        client.shutdown(timeout=5)
+
+
+def sequential(url: str, seconds: float) -> tuple[float, float]:
+    """(batches/s, CPU ms per batch) of one ``httpx.Client`` posting one batch at a time."""
+    client = KoalaClient("pk_bench", api_url=url, dry_run=True)  # only to build the bodies
+    batches = make_batches(client, 400)
+    client.shutdown(timeout=0)
+    sent = 0
+    with httpx.Client(timeout=5) as http:
+        cpu = time.thread_time()
+        start = time.perf_counter()
+        while time.perf_counter() - start < seconds and sent < len(batches):
+            batch = batches[sent]
+            response = http.post(f"{url}/web/projects/pk_bench{batch.path}", content=batch.body,
+                                 headers={"Content-Type": "application/json", "User-Agent": batch.user_agent})
+            response.raise_for_status()
+            sent += 1
+        wall = time.perf_counter() - start
+        cpu = time.thread_time() - cpu
+    return sent / wall, cpu / sent * 1000
+
+
+def run(quick: bool = False) -> list[Row]:
+    rounds, count, seconds = (2, 1500, 1.0) if quick else (3, 4000, 2.0)
+    configs = {
+        "default settings": {},
+        "max_in_flight=100, connections_per_pool=10": {"max_in_flight": 100, "connections_per_pool": 10},
+    }
+    results: dict[str, list[tuple[float, float]]] = {name: [] for name in ["sequential", *configs]}
+    with CollectorProcess(delay=DELAY) as koala:
+        for index in range(rounds):
+            say(f"delivery: round {index + 1}/{rounds} (collector answers in {DELAY * 1000:.0f} ms)")
+            results["sequential"].append(sequential(koala.url, seconds))
+            for name, options in configs.items():
+                results[name].append(background(koala.url, count, options))
+    seq_rate = median([r for r, _ in results["sequential"]])
+    seq_cpu = median([c for _, c in results["sequential"]])
+    rows = [Row("4", "sequential sender (one httpx.Client, one batch at a time)",
+                f"{seq_rate:,.0f} batches/s, {seq_cpu:.2f} ms CPU/batch", 1.0, "", None)]
+    for name in configs:
+        rate = median([r for r, _ in results[name]])
+        cpu = median([c for _, c in results[name]])
+        ratio = median([r / s for (r, _), (s, _) in zip(results[name], results["sequential"])])
+        rows.append(Row("4", f"background sender, {name}",
+                        f"{rate:,.0f} batches/s, {cpu:.2f} ms sender CPU/batch", ratio,
+                        ">= 1,000 batches/s and >= 20x", check(rate, 1000, at_most=False) and ratio >= 20))
+    return rows

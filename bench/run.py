@@ -1,0 +1,72 @@
+#!/usr/bin/env python3
+"""Run the koala-middleware benchmarks and print a Markdown table for the README.
+
+    python3 scripts/dev.py bench                  # everything, a few minutes on 2 cores
+    python3 scripts/dev.py bench --quick          # fewer, shorter rounds (about a minute)
+    python3 scripts/dev.py bench --only inproc    # one part: inproc, servers, isolation, delivery
+
+Parts: (1) in-process cost per request, Starlette and Flask, bare vs middleware, with
+Starlette's SessionMiddleware as a yardstick; (2) requests/s and latency through uvicorn and
+gunicorn; (3) isolation from a slow Koala; (4) the sender's batches/s to a 50 ms Koala.
+Every figure is a ratio within one run (interleaved rounds, medians), printed with the
+machine it ran on. Progress goes to stderr, the table to stdout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))  # run as a script: make ``bench`` and the package importable
+
+from bench import common  # noqa: E402
+
+PARTS = ("inproc", "servers", "isolation", "delivery")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--only", choices=PARTS, action="append", help="run only this part (repeatable)")
+    parser.add_argument("--quick", action="store_true", help="fewer, shorter rounds: a smoke run")
+    args = parser.parse_args(argv)
+    parts = args.only or list(PARTS)
+
+    rows: list[common.Row] = []
+    started = time.monotonic()
+    common.say(f"machine: {common.machine_line()}")
+    if "inproc" in parts:
+        from bench import inproc
+
+        rows += inproc.run(args.quick)
+    if "servers" in parts:
+        from bench import servers
+
+        rows += servers.run_throughput(args.quick)
+    if "isolation" in parts:
+        from bench import servers
+
+        rows += servers.run_isolation(args.quick)
+    if "delivery" in parts:
+        from bench import delivery
+
+        rows += delivery.run(args.quick)
+    took = time.monotonic() - started
+
+    print(f"Machine: {common.machine_line()}.")
+    print(f"Run: `python3 scripts/dev.py bench{' --quick' if args.quick else ''}` "
+          f"({', '.join(parts)}; {took:.0f} s).")
+    print()
+    print(common.markdown(rows))
+    missed = [row for row in rows if row.met is False]
+    if missed:
+        print()
+        print(f"{len(missed)} target(s) missed: " + "; ".join(f"{r.part} {r.case}" for r in missed))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
