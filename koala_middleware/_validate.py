@@ -13,6 +13,7 @@ import decimal
 import json
 import math
 import re
+import time
 import uuid
 from collections.abc import Mapping
 from typing import Any
@@ -139,13 +140,29 @@ def check_domain(domain: object) -> str:
     return normal
 
 
+# (second, "YYYY-MM-DDTHH:MM:SS") of the last ``now`` formatted; replaced whole, so thread-safe.
+_last_second: tuple[int, str] = (-1, "")
+
+
+def _now_sent_at() -> str:
+    """Now, as ``format_sent_at`` writes it: every track() and identify() pays for this,
+    and formatting a datetime costs ~2 us, so the seconds part is formatted once a second."""
+    global _last_second
+    now = time.time()
+    second = int(now)
+    cached = _last_second
+    if cached[0] != second:
+        cached = _last_second = (second, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second)))
+    return f"{cached[1]}.{int((now - second) * 1000):03d}Z"
+
+
 def format_sent_at(when: datetime.datetime | None) -> str:
     """ISO 8601 in UTC with milliseconds and ``Z``, the form Koala documents."""
     if when is None:
-        when = datetime.datetime.now(datetime.timezone.utc)
-    elif not isinstance(when, datetime.datetime):
+        return _now_sent_at()
+    if not isinstance(when, datetime.datetime):
         raise TypeError(f"sent_at must be a datetime, got {type(when).__name__}")
-    elif when.tzinfo is None:
+    if when.tzinfo is None:
         when = when.replace(tzinfo=datetime.timezone.utc)
     else:
         when = when.astimezone(datetime.timezone.utc)
