@@ -17,11 +17,12 @@ import ipaddress
 import logging
 import re
 import threading
-import uuid
 from collections.abc import Iterable
 from dataclasses import dataclass
 
 from publicsuffixlist import PublicSuffixList
+
+from ._validate import random_uuid4
 
 logger = logging.getLogger("koala_middleware")
 
@@ -95,7 +96,7 @@ def _setting_host(option: str, value: object) -> str:
 
 def new_visitor_id() -> str:
     """A fresh id in the format the pixel generates."""
-    return str(uuid.uuid4())
+    return random_uuid4()
 
 
 def is_valid_visitor_id(value: str) -> bool:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextvars
 import datetime
-import uuid
 from collections.abc import Iterator, Mapping
 from typing import TYPE_CHECKING, Any
 
@@ -21,6 +20,7 @@ from ._validate import (
     check_name,
     encode_mapping,
     format_sent_at,
+    random_uuid4,
 )
 
 if TYPE_CHECKING:
@@ -59,7 +59,7 @@ class _Recorder:
     ) -> str:
         check_name(event)
         properties_json = encode_mapping(properties, "properties")
-        message_id = str(uuid.uuid4()) if message_id is None else check_id(message_id, "message_id")
+        message_id = random_uuid4() if message_id is None else check_id(message_id, "message_id")
         item = _protocol.event_item(message_id, event, properties_json, format_sent_at(sent_at))
         if self._room():
             self._events.append(item)

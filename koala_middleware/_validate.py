@@ -12,6 +12,7 @@ import datetime
 import decimal
 import json
 import math
+import os
 import re
 import time
 import uuid
@@ -42,6 +43,20 @@ def _default(value: Any) -> Any:
     if isinstance(value, (set, frozenset)):
         return list(value)
     raise TypeError(type(value).__name__)
+
+
+# The UUID variant nibble (10xx) for each random hex digit: keeps its two low bits.
+_VARIANT = {digit: "89ab"[int(digit, 16) & 3] for digit in "0123456789abcdef"}
+
+
+def random_uuid4() -> str:
+    """A random UUID v4 in canonical form, as ``str(uuid.uuid4())`` but 3x cheaper.
+
+    Every event's ``message_id`` and every new visitor's ``ko_id`` is one; ``uuid.UUID``
+    spends most of its ~2 us on validating and formatting. Same randomness: ``os.urandom``.
+    """
+    h = os.urandom(16).hex()
+    return f"{h[:8]}-{h[8:12]}-4{h[13:16]}-{_VARIANT[h[16]]}{h[17:20]}-{h[20:]}"
 
 
 _encoder = json.JSONEncoder(separators=(",", ":"), allow_nan=False, default=_default)
