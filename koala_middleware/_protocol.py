@@ -8,11 +8,11 @@ already encoded (see ``_validate``), so building a body is joining strings.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from ._validate import dumps
+from ._validate import quote
 
 MAX_ITEMS_PER_TYPE = 30
 VISITOR_PATH = "/batch"
@@ -40,27 +40,37 @@ class Batch:
         return json.loads(self.body)
 
 
-def _chunks(items: Sequence[str], index: int) -> str:
-    return ",".join(items[index * MAX_ITEMS_PER_TYPE : (index + 1) * MAX_ITEMS_PER_TYPE])
-
-
-def _requests_needed(*arrays: Sequence[str]) -> int:
-    return max((len(a) + MAX_ITEMS_PER_TYPE - 1) // MAX_ITEMS_PER_TYPE for a in arrays)
-
-
 def _split(
-    head: str, arrays: dict[str, Sequence[str]], ids: Sequence[str], path: str, user_agent: str
-) -> Iterator[Batch]:
-    """Yield as many bodies as the 30-per-type limit needs, each with ``head`` fields."""
-    for index in range(_requests_needed(*arrays.values())):
-        parts = [head]
-        for name, items in arrays.items():
-            chunk = _chunks(items, index)
-            if chunk:
-                parts.append(f'"{name}":[{chunk}]')
-        body = "{" + ",".join(parts) + "}"
-        chunk_ids = tuple(ids[index * MAX_ITEMS_PER_TYPE : (index + 1) * MAX_ITEMS_PER_TYPE])
-        yield Batch(path, body.encode(), user_agent, chunk_ids)
+    head: str,
+    events: Sequence[str],
+    event_ids: Sequence[str],
+    identifies: Sequence[str],
+    path: str,
+    user_agent: str,
+) -> list[Batch]:
+    """As many bodies as the 30-per-type limit needs, each with ``head`` fields.
+
+    Nearly every tracker fits one request: that case joins its items once, no slicing.
+    """
+    longest = max(len(events), len(identifies))
+    if longest <= MAX_ITEMS_PER_TYPE:
+        return [_batch(head, events, event_ids, identifies, path, user_agent)] if longest else []
+    step = MAX_ITEMS_PER_TYPE
+    return [
+        _batch(head, events[i : i + step], event_ids[i : i + step], identifies[i : i + step], path, user_agent)
+        for i in range(0, longest, step)
+    ]
+
+
+def _batch(
+    head: str, events: Sequence[str], event_ids: Sequence[str], identifies: Sequence[str], path: str, user_agent: str
+) -> Batch:
+    body = "{" + head
+    if events:
+        body += ',"events":[' + ",".join(events) + "]"
+    if identifies:
+        body += ',"identifies":[' + ",".join(identifies) + "]"
+    return Batch(path, (body + "}").encode(), user_agent, tuple(event_ids))
 
 
 def visitor_batches(
@@ -72,23 +82,17 @@ def visitor_batches(
     event_ids: Sequence[str],
     identifies: Sequence[str],
     user_agent: str,
-) -> Iterator[Batch]:
+) -> list[Batch]:
     head = []
     if profile_id is not None:
-        head.append(f'"profile_id":{dumps(profile_id)}')
+        head.append(f'"profile_id":{quote(profile_id)}')
     if email is not None:
-        head.append(f'"email":{dumps(email)}')
+        head.append(f'"email":{quote(email)}')
     if ip:
-        head.append(f'"ip":{dumps(ip)}')
+        head.append(f'"ip":{quote(ip)}')
     if profile_id is None and email is None:
         raise ValueError("a Koala batch needs a profile_id or an email; pass one to tracker()")
-    return _split(
-        ",".join(head),
-        {"events": events, "identifies": identifies},
-        event_ids,
-        VISITOR_PATH,
-        user_agent,
-    )
+    return _split(",".join(head), events, event_ids, identifies, VISITOR_PATH, user_agent)
 
 
 def account_batches(
@@ -98,19 +102,13 @@ def account_batches(
     event_ids: Sequence[str],
     identifies: Sequence[str],
     user_agent: str,
-) -> Iterator[Batch]:
-    return _split(
-        f'"domain":{dumps(domain)}',
-        {"events": events, "identifies": identifies},
-        event_ids,
-        ACCOUNT_PATH,
-        user_agent,
-    )
+) -> list[Batch]:
+    return _split(f'"domain":{quote(domain)}', events, event_ids, identifies, ACCOUNT_PATH, user_agent)
 
 
 def event_item(message_id: str, event: str, properties_json: str, sent_at: str) -> str:
     return (
-        f'{{"message_id":{dumps(message_id)},"type":"track","event":{dumps(event)},'
+        f'{{"message_id":{quote(message_id)},"type":"track","event":{quote(event)},'
         f'"properties":{properties_json},"sent_at":"{sent_at}"}}'
     )
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import contextvars
 import datetime
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 from . import _protocol
@@ -106,7 +106,7 @@ class AccountRecorder(_Recorder):
         """Record an account event; returns its ``message_id``."""
         return self._record_event(event, properties, message_id, sent_at)
 
-    def _batches(self, user_agent: str) -> Iterator[_protocol.Batch]:
+    def _batches(self, user_agent: str) -> list[_protocol.Batch]:
         return _protocol.account_batches(
             domain=self.domain,
             events=self._events,

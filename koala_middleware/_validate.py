@@ -17,6 +17,7 @@ import re
 import time
 import uuid
 from collections.abc import Mapping
+from json.encoder import encode_basestring_ascii
 from typing import Any
 
 MAX_NAME_LENGTH = 255
@@ -61,6 +62,8 @@ def random_uuid4() -> str:
 
 _encoder = json.JSONEncoder(separators=(",", ":"), allow_nan=False, default=_default)
 dumps = _encoder.encode
+#: ``dumps`` for a str, without the encoder's dispatch: the same function it ends in.
+quote = encode_basestring_ascii
 
 
 def _find_bad_value(value: Any, path: str) -> tuple[str, str] | None:
