@@ -136,7 +136,11 @@ class Tracker(_Recorder):
         ip: str | None = None,
         enabled: bool = True,
     ) -> None:
-        super().__init__()
+        # _Recorder's fields, set here without a super() call: the middleware makes one
+        # tracker per request, most of them never used.
+        self._events: list[str] = []
+        self._event_ids: list[str] = []
+        self._identifies: list[str] = []
         self._client = client
         self.profile_id = profile_id
         self.email = email
