@@ -1,25 +1,34 @@
 """Koala for ASGI apps (FastAPI, Starlette, any ASGI 3 app). Pure ASGI: no BaseHTTPMiddleware.
 
 Each HTTP request gets a :class:`~koala_middleware.Tracker` in ``scope["koala.tracker"]``,
-``request.state.koala`` and ``current_tracker()``; it is handed to the client when the app
-has finished (after the last body chunk went out, and after any background tasks).
-Websockets may read the visitor id (``scope["koala.visitor_id"]``) but never get a cookie.
-Lifespan passes through; on shutdown, pending batches are flushed within ``shutdown_timeout``.
+``request.state.koala`` and ``current_tracker()`` (also in sync handlers and dependencies
+that run in a thread pool: they inherit the request's context). What it recorded is handed
+to the client when the app returns: after the last body chunk went out, and after any
+background tasks, which may track too.
+
+Websockets may read the visitor id (``scope["koala.visitor_id"]``, None unless the visitor
+already has a valid ``ko_id`` and may be tracked) but never get a cookie or a tracker.
+Lifespan passes through; on shutdown, pending batches are flushed (within
+``shutdown_timeout``) before the server is told the app has stopped.
 
 The visitor IP is ``scope["client"]``: behind a proxy, run the server with its proxy-headers
-handling (``uvicorn --proxy-headers --forwarded-allow-ips=...``); ``X-Forwarded-For`` is
-client-controlled and never read here.
+handling (``uvicorn --proxy-headers --forwarded-allow-ips=<proxy>``); a raw
+``X-Forwarded-For`` is client-controlled and never read here.
 """
 
 from __future__ import annotations
 
-import asyncio
-from collections.abc import Awaitable, Callable, MutableMapping
+import logging
+from collections.abc import Awaitable, Callable, Iterable, MutableMapping
 from typing import Any
+
+import anyio.to_thread
 
 from ._client import KoalaClient
 from ._request import RequestInfo
-from ._visit import Visits, configure
+from ._visit import Visit, Visits, configure
+
+__all__ = ["SCOPE_KEY", "VISITOR_ID_KEY", "KoalaASGIMiddleware", "request_info"]
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -27,30 +36,52 @@ Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
+logger = logging.getLogger("koala_middleware")
+
+LOG_SHUTDOWN_FLUSH_TIMEOUT = "lifespan shutdown: batches still pending after %.1fs; continuing the shutdown"
+LOG_SHUTDOWN_FLUSH_FAILED = "lifespan shutdown: flushing batches failed; continuing the shutdown"
+
+#: ``scope`` key of the request's tracker (HTTP only).
 SCOPE_KEY = "koala.tracker"
+#: ``scope`` key of a websocket visitor's ``ko_id``, or None.
+VISITOR_ID_KEY = "koala.visitor_id"
+#: ``scope["state"]`` key, i.e. ``request.state.koala`` in Starlette and FastAPI.
+STATE_KEY = "koala"
+
+_SHUTDOWN_MESSAGES = frozenset({"lifespan.shutdown.complete", "lifespan.shutdown.failed"})
 
 
 def request_info(scope: Scope) -> RequestInfo:
+    """Read what the rules need from an ``http`` or ``websocket`` scope.
+
+    Every ``cookie`` header counts (HTTP/2 may send one per cookie). Servers should
+    lower-case header names but the spec does not force them to, so names are compared
+    case-insensitively. Of a repeated Host or User-Agent, the first wins.
+    """
     host = user_agent = None
     cookies: list[str] = []
     gpc = False
-    for name, value in scope["headers"]:
+    for raw_name, value in scope.get("headers") or ():
+        name = raw_name.lower()
         if name == b"cookie":
             cookies.append(value.decode("latin-1"))
         elif name == b"host":
-            host = value.decode("latin-1")
+            if host is None:
+                host = value.decode("latin-1")
         elif name == b"user-agent":
-            user_agent = value.decode("latin-1")
+            if user_agent is None:
+                user_agent = value.decode("latin-1") or None
         elif name == b"sec-gpc":
-            gpc = value == b"1"
+            gpc = gpc or value.strip() == b"1"
+    server = scope.get("server")
+    if host is None and server:
+        host = server[0]  # no Host header (HTTP/1.0); a unix socket path is refused later
     client = scope.get("client")
-    if host is None and scope.get("server"):
-        host = scope["server"][0]
     return RequestInfo(
         method=scope.get("method", "GET"),
         scheme=scope.get("scheme", "http"),
         host=host,
-        path=scope.get("path", "/"),
+        path=scope.get("path") or "/",
         cookie_headers=cookies,
         user_agent=user_agent,
         ip=client[0] if client else None,
@@ -62,10 +93,15 @@ def request_info(scope: Scope) -> RequestInfo:
 class KoalaASGIMiddleware:
     """Sets the ``ko_id`` cookie and gives every HTTP request a tracker.
 
+    ``app.add_middleware(KoalaASGIMiddleware, client=client)`` in FastAPI and Starlette,
+    or ``KoalaASGIMiddleware(app, client=client)`` around any ASGI app.
+
     :param app: the ASGI application to wrap.
     :param client: a shared :class:`~koala_middleware.KoalaClient`; when omitted, one is
         made from ``options``.
     :param options: ``KoalaClient`` options and middleware options, as for the WSGI one.
+        Note that Starlette builds its middleware when the app first runs, so with
+        ``add_middleware`` a wrong option is reported at startup.
     """
 
     def __init__(self, app: ASGIApp, client: KoalaClient | None = None, **options: Any) -> None:
@@ -75,48 +111,78 @@ class KoalaASGIMiddleware:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         kind = scope["type"]
-        if kind == "lifespan":
-            await self.app(scope, receive, self._on_lifespan(send))
-            return
-        if kind == "websocket":
-            cookies = [v.decode("latin-1") for k, v in scope["headers"] if k == b"cookie"]
-            scope["koala.visitor_id"] = self.visits.visitor_id(cookies)
-        if kind != "http":
+        if kind == "http" and SCOPE_KEY not in scope:  # not already done by an outer Koala
+            await self._http(scope, receive, send)
+        elif kind == "lifespan":
+            await self.app(scope, receive, self._flush_before_shutdown_reply(send))
+        else:
+            if kind == "websocket" and VISITOR_ID_KEY not in scope:
+                scope[VISITOR_ID_KEY] = self._known_visitor(scope)
             await self.app(scope, receive, send)
-            return
 
+    async def _http(self, scope: Scope, receive: Receive, send: Send) -> None:
         visit = self.visits.start(request_info(scope))
         scope[SCOPE_KEY] = visit.tracker
-        scope.setdefault("state", {})["koala"] = visit.tracker
-
-        async def send_with_cookie(message: Message) -> None:
-            if message["type"] == "http.response.start":
-                headers = message.get("headers") or []
-                cookie = visit.cookie_for(message["status"], _cache_control(headers))
-                if cookie:
-                    message["headers"] = [*headers, (b"set-cookie", cookie.encode("latin-1"))]
-            await send(message)
-
+        scope.setdefault("state", {})[STATE_KEY] = visit.tracker
+        if visit.set_cookie is not None:
+            send = _with_cookie(send, visit)
         visit.bind()
         try:
-            await self.app(scope, receive, send_with_cookie if visit.set_cookie else send)
+            await self.app(scope, receive, send)
         finally:
+            # Events recorded before an exception are still sent; the exception goes on as it is.
             visit.unbind()
             if self.client.sync:
-                await asyncio.get_running_loop().run_in_executor(None, visit.finish)
+                await anyio.to_thread.run_sync(visit.finish)  # sync mode posts: not on the loop
             else:
-                visit.finish()
+                visit.finish()  # an append to the sender's queue
 
-    def _on_lifespan(self, send: Send) -> Send:
-        async def send_and_flush(message: Message) -> None:
-            if message["type"].startswith("lifespan.shutdown"):
-                loop = asyncio.get_running_loop()
-                await loop.run_in_executor(None, self.client.flush, self.client.shutdown_timeout)
+    def _known_visitor(self, scope: Scope) -> str | None:
+        """A websocket's ``ko_id``, under the same exclusion and opt-out rules as HTTP."""
+        visit = self.visits.start(request_info(scope))
+        if not visit.tracker.enabled or visit.set_cookie is not None:
+            return None  # opted out, excluded, or a new id no browser will ever keep
+        return visit.tracker.profile_id
+
+    def _flush_before_shutdown_reply(self, send: Send) -> Send:
+        """Wrap the lifespan ``send``: flush just before the app reports it has shut down,
+        so what its shutdown handlers tracked is included and nothing is lost at exit."""
+
+        async def send_after_flush(message: Message) -> None:
+            if message["type"] in _SHUTDOWN_MESSAGES:
+                await anyio.to_thread.run_sync(self._flush)
             await send(message)
 
-        return send_and_flush
+        return send_after_flush
+
+    def _flush(self) -> None:
+        timeout = self.client.shutdown_timeout
+        try:
+            if not self.client.flush(timeout):
+                logger.warning(LOG_SHUTDOWN_FLUSH_TIMEOUT, timeout)
+        except Exception:  # the server's shutdown must go on
+            logger.exception(LOG_SHUTDOWN_FLUSH_FAILED)
 
 
-def _cache_control(headers: Any) -> str | None:
+def _with_cookie(send: Send, visit: Visit) -> Send:
+    """Wrap ``send`` to add the visitor's ``Set-Cookie`` to the response start.
+
+    The app's headers are kept as they are, in order (several ``Set-Cookie`` included); the
+    message is copied, never changed in place, and its headers read once (any iterable).
+    """
+
+    async def send_with_cookie(message: Message) -> None:
+        if message["type"] == "http.response.start":
+            headers = list(message.get("headers") or ())
+            cookie = visit.cookie_for(message["status"], _cache_control(headers))
+            if cookie is not None:
+                headers.append((b"set-cookie", cookie.encode("latin-1")))
+            message = {**message, "headers": headers}
+        await send(message)
+
+    return send_with_cookie
+
+
+def _cache_control(headers: Iterable[tuple[bytes, bytes]]) -> str | None:
     values = [value.decode("latin-1") for name, value in headers if name.lower() == b"cache-control"]
     return ", ".join(values) if values else None
