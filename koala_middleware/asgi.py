@@ -9,7 +9,10 @@ background tasks, which may track too.
 Websockets may read the visitor id (``scope["koala.visitor_id"]``, None unless the visitor
 already has a valid ``ko_id`` and may be tracked) but never get a cookie or a tracker.
 Lifespan passes through; on shutdown, pending batches are flushed (within
-``shutdown_timeout``) before the server is told the app has stopped.
+``shutdown_timeout``) before the server is told the app has stopped. That flush is what
+delivers them when the server stops: uvicorn, for one, ends its process on SIGTERM by the
+signal itself, so no exit hook runs after it. Apps that do not speak lifespan get it
+spoken for them, for the flush's sake.
 
 The visitor IP is ``scope["client"]``: behind a proxy, run the server with its proxy-headers
 handling (``uvicorn --proxy-headers --forwarded-allow-ips=<proxy>``); a raw
@@ -40,6 +43,7 @@ logger = logging.getLogger("koala_middleware")
 
 LOG_SHUTDOWN_FLUSH_TIMEOUT = "lifespan shutdown: batches still pending after %.1fs; continuing the shutdown"
 LOG_SHUTDOWN_FLUSH_FAILED = "lifespan shutdown: flushing batches failed; continuing the shutdown"
+LOG_LIFESPAN_FOR_APP = "the app does not handle lifespan (%s); Koala answers it, to flush at shutdown"
 
 #: ``scope`` key of the request's tracker (HTTP only).
 SCOPE_KEY = "koala.tracker"
@@ -114,7 +118,7 @@ class KoalaASGIMiddleware:
         if kind == "http" and SCOPE_KEY not in scope:  # not already done by an outer Koala
             await self._http(scope, receive, send)
         elif kind == "lifespan":
-            await self.app(scope, receive, self._flush_before_shutdown_reply(send))
+            await self._lifespan(scope, receive, send)
         else:
             if kind == "websocket" and VISITOR_ID_KEY not in scope:
                 scope[VISITOR_ID_KEY] = self._known_visitor(scope)
@@ -144,16 +148,49 @@ class KoalaASGIMiddleware:
             return None  # opted out, excluded, or a new id no browser will ever keep
         return visit.tracker.profile_id
 
-    def _flush_before_shutdown_reply(self, send: Send) -> Send:
-        """Wrap the lifespan ``send``: flush just before the app reports it has shut down,
-        so what its shutdown handlers tracked is included and nothing is lost at exit."""
+    async def _lifespan(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """Pass lifespan through, flushing just before the app reports it has shut down (so
+        what its shutdown handlers tracked is included).
+
+        An app that ends or raises without ever calling ``receive`` does not speak lifespan
+        (the server would go on without it, and without a flush at shutdown): then the
+        middleware answers the protocol itself. Any other exception propagates unchanged.
+        """
+        used = False
+
+        async def receive_and_note() -> Message:
+            nonlocal used
+            used = True
+            return await receive()
 
         async def send_after_flush(message: Message) -> None:
+            nonlocal used
+            used = True
             if message["type"] in _SHUTDOWN_MESSAGES:
                 await anyio.to_thread.run_sync(self._flush)
             await send(message)
 
-        return send_after_flush
+        try:
+            await self.app(scope, receive_and_note, send_after_flush)
+        except Exception as exc:
+            if used:
+                raise
+            logger.debug(LOG_LIFESPAN_FOR_APP, type(exc).__name__)
+        else:
+            if used:
+                return
+            logger.debug(LOG_LIFESPAN_FOR_APP, "it returned at once")
+        await self._answer_lifespan(receive, send)
+
+    async def _answer_lifespan(self, receive: Receive, send: Send) -> None:
+        while True:
+            message = await receive()
+            if message["type"] == "lifespan.startup":
+                await send({"type": "lifespan.startup.complete"})
+            elif message["type"] == "lifespan.shutdown":
+                await anyio.to_thread.run_sync(self._flush)
+                await send({"type": "lifespan.shutdown.complete"})
+                return
 
     def _flush(self) -> None:
         timeout = self.client.shutdown_timeout

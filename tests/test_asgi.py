@@ -426,29 +426,91 @@ async def test_websockets_may_read_the_visitor_id_but_get_no_cookie_or_tracker(
 
 
 @pytest.mark.anyio
-async def test_lifespan_and_unknown_scopes_pass_through_with_their_errors(dry: KoalaClient) -> None:
-    seen: list[str] = []
-    raised = Boom("lifespan not supported")
+async def test_unknown_scopes_pass_through_untouched(dry: KoalaClient) -> None:
+    seen: list[tuple[dict[str, Any], Any, Any]] = []
 
     async def app(scope: dict[str, Any], receive: Receive, send: Send) -> None:
-        seen.append(scope["type"])
-        if scope["type"] == "lifespan":
-            raise raised  # what bare apps do: the server then runs without lifespan
+        seen.append((scope, receive, send))
 
-    mw = KoalaASGIMiddleware(app, client=dry)
-
-    async def nothing() -> Message:
+    async def receive() -> Message:
         raise AssertionError("not called")
 
-    async def no_send(message: Message) -> None:
+    async def send(message: Message) -> None:
         raise AssertionError("not called")
+
+    custom = {"type": "x-custom"}
+    await KoalaASGIMiddleware(app, client=dry)(custom, receive, send)
+    assert seen == [({"type": "x-custom"}, receive, send)]
+
+
+async def run_lifespan(mw: KoalaASGIMiddleware, during: Callable[[], Any]) -> list[tuple[str, int]]:
+    """Drive the lifespan protocol as a server does, running ``during()`` between startup and
+    shutdown; returns each message the server got, with the client's pending count then."""
+    inbox: asyncio.Queue[Message] = asyncio.Queue()
+    replies: list[tuple[str, int]] = []
+    started = asyncio.Event()
+
+    async def send(message: Message) -> None:
+        replies.append((message["type"], mw.client.stats.queued))
+        started.set()
+
+    task = asyncio.create_task(mw({"type": "lifespan", "asgi": {"version": "3.0"}, "state": {}}, inbox.get, send))
+    await inbox.put({"type": "lifespan.startup"})
+    await asyncio.wait_for(started.wait(), 10)
+    await during()
+    await inbox.put({"type": "lifespan.shutdown"})
+    await asyncio.wait_for(task, 20)
+    return replies
+
+
+async def no_lifespan_raises(scope: dict[str, Any], receive: Receive, send: Send) -> None:
+    assert scope["type"] == "http", "only HTTP here"  # what many bare apps do
+    scope[SCOPE_KEY].track("Clicked")
+    await respond(send)
+
+
+async def no_lifespan_returns(scope: dict[str, Any], receive: Receive, send: Send) -> None:
+    if scope["type"] != "http":
+        return
+    await no_lifespan_raises(scope, receive, send)
+
+
+@pytest.mark.parametrize("app", [no_lifespan_raises, no_lifespan_returns])
+@pytest.mark.anyio
+async def test_an_app_without_lifespan_gets_it_answered_and_still_flushes_at_shutdown(app: Any) -> None:
+    with Collector(delay=0.5) as slow:  # the batch is still pending when shutdown begins
+        client = KoalaClient("pk_test", api_url=slow.url, shutdown_timeout=10, **FAST_RETRIES)
+        try:
+            mw = KoalaASGIMiddleware(app, client=client)
+
+            async def one_request() -> None:
+                await serve(mw, http_scope())
+                assert client.stats.queued == 1
+
+            replies = await run_lifespan(mw, one_request)
+            assert replies == [("lifespan.startup.complete", 0), ("lifespan.shutdown.complete", 0)]
+            assert [e["event"] for e in slow.events()] == ["Clicked"]
+        finally:
+            client.shutdown(2)
+
+
+@pytest.mark.anyio
+async def test_lifespan_errors_of_an_app_that_speaks_lifespan_propagate_unchanged(dry: KoalaClient) -> None:
+    raised = Boom("database unreachable")
+
+    async def app(scope: dict[str, Any], receive: Receive, send: Send) -> None:
+        await receive()  # lifespan.startup
+        raise raised
+
+    async def receive() -> Message:
+        return {"type": "lifespan.startup"}
+
+    async def send(message: Message) -> None:
+        raise AssertionError("nothing is sent for the app")
 
     with pytest.raises(Boom) as info:
-        await mw({"type": "lifespan", "asgi": {"version": "3.0"}}, nothing, no_send)
+        await KoalaASGIMiddleware(app, client=dry)({"type": "lifespan"}, receive, send)
     assert info.value is raised
-    custom = {"type": "x-custom"}
-    await mw(custom, nothing, no_send)
-    assert seen == ["lifespan", "x-custom"] and custom == {"type": "x-custom"}
 
 
 @pytest.mark.anyio
