@@ -108,7 +108,9 @@ class KoalaASGIMiddleware:
         ``add_middleware`` a wrong option is reported at startup.
     """
 
-    def __init__(self, app: ASGIApp, client: KoalaClient | None = None, **options: Any) -> None:
+    def __init__(self, app: ASGIApp, /, client: KoalaClient | None = None, **options: Any) -> None:
+        # ``app`` is positional-only so that type checkers accept ``add_middleware(...)``,
+        # whose signature passes the app positionally and the options by name.
         self.app = app
         self.client, settings = configure(client, options)
         self.visits = Visits(self.client, settings)

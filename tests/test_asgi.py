@@ -29,11 +29,11 @@ with warnings.catch_warnings():  # recent Starlette asks for httpx2; httpx works
     warnings.simplefilter("ignore")
     from starlette.testclient import TestClient
 
+from conftest import FAST_RETRIES
+
 from koala_middleware import KoalaClient, Tracker, current_tracker
 from koala_middleware.asgi import SCOPE_KEY, VISITOR_ID_KEY, KoalaASGIMiddleware
 from koala_middleware.testing import Collector
-
-from conftest import FAST_RETRIES
 
 UA = "Mozilla/5.0 (X11; Linux x86_64) koala-asgi-test"
 VISITOR = "0b6f3c1e-2d4a-4f5b-8c7d-9e0f1a2b3c4d"

@@ -17,14 +17,13 @@ from types import ModuleType
 from typing import Annotated
 
 import pytest
+from conftest import FAST_RETRIES
 from fastapi import BackgroundTasks, Depends, FastAPI, Request, Response, WebSocket
 
 from koala_middleware import KoalaClient, Tracker, current_tracker
 from koala_middleware.asgi import SCOPE_KEY
 from koala_middleware.fastapi import KoalaASGIMiddleware, KoalaTracker, get_tracker
 from koala_middleware.testing import Collector
-
-from conftest import FAST_RETRIES
 
 with warnings.catch_warnings():  # recent Starlette asks for httpx2; httpx works the same here
     warnings.simplefilter("ignore")
@@ -242,6 +241,29 @@ def test_the_asgi_middleware_needs_no_starlette_and_the_fastapi_module_says_what
         "set-cookie 1",
         "koala_middleware.fastapi needs FastAPI: pip install 'koala-middleware[fastapi]'",
     ]
+
+
+def test_the_documented_set_up_passes_mypy_strict(tmp_path: Path) -> None:
+    pytest.importorskip("mypy")
+    code = tmp_path / "typed_app.py"
+    code.write_text(
+        "from fastapi import FastAPI\n"
+        "from koala_middleware import KoalaClient, Tracker\n"
+        "from koala_middleware.fastapi import KoalaASGIMiddleware, KoalaTracker\n"
+        "app = FastAPI()\n"
+        "app.add_middleware(KoalaASGIMiddleware, client=KoalaClient())\n"
+        "app.add_middleware(KoalaASGIMiddleware, public_key='pk_test', exclude_paths=['/healthz'])\n"
+        "@app.get('/')\n"
+        "async def home(koala: KoalaTracker) -> str:\n"
+        "    tracker: Tracker = koala\n"
+        "    return tracker.track('Viewed Home')\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-m", "mypy", "--strict", "--follow-imports=silent", "--cache-dir", str(tmp_path / "cache"),
+         str(code)],
+        check=False, capture_output=True, text=True, timeout=120, cwd=ROOT,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
 
 
 def test_example_tour_runs_offline_and_shows_batches(tmp_path: Path) -> None:
