@@ -95,20 +95,21 @@ async def form_fields(request: Request) -> dict[str, str]:
     return fields
 
 
-def accounts(request: Request) -> Accounts:
+async def accounts(request: Request) -> Accounts:
     return request.app.state.accounts  # type: ignore[no-any-return]
 
 
-def signed_in(request: Request, known: Annotated[Accounts, Depends(accounts)]) -> User | None:
+async def signed_in(request: Request, known: Annotated[Accounts, Depends(accounts)]) -> User | None:
     return known.users.get(known.sessions.get(request.cookies.get(SESSION_COOKIE, ""), ""))
 
 
-def require_user(user: Annotated[User | None, Depends(signed_in)]) -> User:
+async def require_user(user: Annotated[User | None, Depends(signed_in)]) -> User:
     if user is None:
         raise HTTPException(403, "Log in first.")
     return user
 
 
+# Dependencies are coroutines: FastAPI runs plain `def` ones in its thread pool.
 Form = Annotated[dict[str, str], Depends(form_fields)]
 Known = Annotated[Accounts, Depends(accounts)]
 CurrentUser = Annotated[User | None, Depends(signed_in)]
