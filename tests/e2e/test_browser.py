@@ -1,0 +1,125 @@
+"""The ``ko_id`` cookie in a real browser: Debian's headless Chromium against uvicorn.
+
+Koala's pixel runs on every subdomain of a site and reads ``ko_id`` from JavaScript, so the
+id the server sets on one subdomain must reach the others and ``document.cookie``. Chromium
+resolves ``app.example.test``, ``www.example.test`` and ``other.test`` to 127.0.0.1 (its
+``--host-resolver-rules``; nothing leaves loopback) and keeps its cookies as it would for a
+visitor. ``scripts/dev.py`` installs the ``chromium`` package; without it the test skips.
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+import tempfile
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from e2e.servers import Server, free_port, serve
+from koala_middleware.testing import Collector
+
+CHROMIUM = "/usr/bin/chromium"
+APP = "tests.e2e.apps.browser_app:app"
+HOSTS = ("app.example.test", "www.example.test", "other.test")
+CHROMIUM_ARGS = [
+    "--no-sandbox",  # the tests may run as root
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--host-resolver-rules=" + ",".join(f"MAP {host} 127.0.0.1" for host in HOSTS),
+]
+UUID4 = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}")
+
+
+@pytest.fixture
+def browser_context() -> Iterator[Any]:
+    """A fresh Chromium profile (no cookies yet), or a skip saying why there is none."""
+    try:
+        from playwright.sync_api import Error, sync_playwright
+    except ImportError as exc:
+        pytest.skip(f"playwright is not installed: {exc}")
+    if not shutil.which(CHROMIUM):
+        pytest.skip(f"{CHROMIUM} is missing: install Debian's chromium package (scripts/dev.py does)")
+    with tempfile.TemporaryDirectory(prefix="koala-chromium-") as profile, sync_playwright() as playwright:
+        try:
+            context = playwright.chromium.launch_persistent_context(
+                profile, executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS, timeout=30_000
+            )
+        except Error as exc:
+            pytest.skip(f"playwright could not launch {CHROMIUM}: {exc.message.splitlines()[0]}")
+        context.set_default_timeout(15_000)
+        try:
+            yield context
+        finally:
+            context.close()
+
+
+@pytest.fixture
+def server(collector: Collector) -> Iterator[Server]:
+    port = free_port()
+    args = ["uvicorn", APP, "--host", "127.0.0.1", "--port", str(port), "--no-access-log"]
+    with serve(args, port, env={"KOALA_API_URL": collector.url, "KOALA_PUBLIC_KEY": "pk_test"}) as running:
+        yield running
+
+
+def visit(context: Any, url: str) -> tuple[dict[str, str], str, str, str | None]:
+    """Open ``url`` in a new tab: what the server saw, ``document.cookie``, the browser's
+    User-Agent and the response's Set-Cookie."""
+    page = context.new_page()
+    response = page.goto(url)
+    assert response is not None and response.status == 200, url
+    seen = {
+        "cookie": page.locator("#cookie-header").inner_text(),
+        "profile_id": page.locator("#profile-id").inner_text(),
+    }
+    document_cookie = page.evaluate("document.cookie")  # what Koala's pixel reads
+    user_agent = page.evaluate("navigator.userAgent")
+    set_cookie = response.header_value("set-cookie")
+    page.close()
+    return seen, document_cookie, user_agent, set_cookie
+
+
+def test_the_id_set_on_one_subdomain_is_sent_on_another_and_readable_by_javascript(
+    browser_context: Any, server: Server, collector: Collector
+) -> None:
+    port = server.port
+
+    first, first_js, user_agent, set_cookie = visit(browser_context, f"http://app.example.test:{port}/")
+    visitor_id = first["profile_id"]
+    assert UUID4.fullmatch(visitor_id)
+    assert first["cookie"] == ""  # a fresh profile: the id was made by the server
+    assert set_cookie == f"ko_id={visitor_id}; Domain=example.test; Path=/; Max-Age=31536000; SameSite=Lax"
+    assert f"ko_id={visitor_id}" in first_js.split("; ")
+
+    (kept,) = [c for c in browser_context.cookies() if c["name"] == "ko_id"]
+    assert kept["value"] == visitor_id
+    assert kept["domain"] == ".example.test" and kept["path"] == "/"
+    assert kept["httpOnly"] is False and kept["sameSite"] == "Lax" and kept["secure"] is False
+
+    second, second_js, _, second_set_cookie = visit(browser_context, f"http://www.example.test:{port}/")
+    assert f"ko_id={visitor_id}" in second["cookie"].split("; ")  # the browser sent it across
+    assert second["profile_id"] == visitor_id
+    assert second_set_cookie is None  # a returning visitor is not given a new id
+    assert f"ko_id={visitor_id}" in second_js.split("; ")
+
+    # Another site (not under example.test) is another visitor; allowed_hosts keeps its cookie host-only.
+    other, other_js, _, other_set_cookie = visit(browser_context, f"http://other.test:{port}/")
+    assert "ko_id" not in other["cookie"]
+    assert UUID4.fullmatch(other["profile_id"]) and other["profile_id"] != visitor_id
+    assert other_set_cookie == f"ko_id={other['profile_id']}; Path=/; Max-Age=31536000; SameSite=Lax"
+    assert other_js == f"ko_id={other['profile_id']}"
+
+    # Koala receives the visits of the two subdomains as one visitor, with the browser's UA.
+    assert collector.wait_for(3, timeout=15), collector.received
+    batches = {(b["events"][0]["properties"]["host"], b["profile_id"]) for b in collector.batches()}
+    assert batches == {
+        ("app.example.test", visitor_id),
+        ("www.example.test", visitor_id),
+        ("other.test", other["profile_id"]),
+    }
+    assert {r.headers["user-agent"] for r in collector.requests("/batch")} == {user_agent}
