@@ -76,7 +76,7 @@ def configure(client: KoalaClient | None, options: Mapping[str, Any]) -> tuple[K
     cookie = CookieSettings(**{_COOKIE_OPTIONS[k]: v for k, v in options.items() if k in _COOKIE_OPTIONS})
     settings = MiddlewareSettings(
         cookie=cookie,
-        exclude_paths=tuple(options.get("exclude_paths", ())),
+        exclude_paths=options.get("exclude_paths", ()),  # checked (a lone str refused) and made a tuple there
         should_track=options.get("should_track"),
         respect_gpc=options.get("respect_gpc", True),
     )
