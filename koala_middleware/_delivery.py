@@ -1,28 +1,40 @@
 """Getting batches to Koala without ever making the host app wait.
 
-Handing a batch over is an append to a bounded in-memory queue. One daemon thread runs an
-asyncio loop that posts batches concurrently over pooled, kept-alive httpx connections,
-spread over several small pools (one httpx pool slows down as its connection count grows).
+Handing a batch over is an append to a bounded in-memory queue. One daemon thread, started
+on the first batch, runs an asyncio loop that posts batches concurrently over pooled,
+kept-alive httpx connections, spread over several small pools (one httpx pool slows down as
+its connection count grows).
 
-Failures follow the docs' advice: network errors, timeouts, 408, 429 and 5xx are retried
-with capped exponential backoff and jitter, honouring ``Retry-After``; the retry reuses the
-batch's bytes, hence its ``message_id``s, so Koala deduplicates. While Koala is failing, the
-whole sender pauses (a shared backoff gate) instead of spinning through the queue; the head
-batch is the probe. Other 4xx are final. Everything that does not arrive is counted by
-reason in :class:`Stats`, logged (rate limited) and passed to the ``on_error`` hook.
+Failures follow the docs' advice: network errors, timeouts, 408, 429 and 5xx are retried,
+other 4xx are final. A retry posts the batch's same bytes, hence its ``message_id``\\s, so
+Koala deduplicates. When an attempt fails, the whole sender stops sending and waits out a
+capped exponential backoff with jitter (at least ``Retry-After``, within the cap); then one
+batch at a time goes out as a probe until one gets an answer. So an outage costs one request
+per backoff period, not one per queued batch, the queue keeps filling up to its bounds
+meanwhile, and the first answer reopens full concurrency. Failed batches go to the back of
+the queue, so a batch Koala keeps refusing cannot stall the others; it is given up after
+``max_retries`` failed attempts.
 
-After ``os.fork()`` the child starts with a fresh queue, locks, thread and pools: the
-parent's are not usable there (gunicorn ``--preload``, uWSGI, Celery prefork).
+Everything that does not arrive is counted once, by reason, in :class:`Stats`, logged (at
+most once per reason every ``WARN_EVERY`` seconds) and passed to the ``on_error`` hook.
+
+After ``os.fork()`` the child starts with a fresh queue, locks, counters, thread and pools:
+the parent's are not usable there (gunicorn ``--preload``, uWSGI, Celery prefork), and the
+parent still delivers what it had queued. During the fork itself the parent's sender thread
+is parked in its ``select()``: a thread copied mid-step could hold a lock the child then
+waits on forever, such as an import lock (httpx imports lazily, on first use).
 """
 
 from __future__ import annotations
 
 import asyncio
 import collections
+import datetime
 import email.utils
 import logging
 import os
 import random
+import selectors
 import threading
 import time
 import weakref
@@ -35,11 +47,22 @@ from ._protocol import Batch
 
 logger = logging.getLogger("koala_middleware")
 
-LOG_DROPPED = "koala_middleware: dropped %d batch(es) (%s) in the last %.0fs; see client.stats"
-LOG_REJECTED = "koala_middleware: Koala rejected a batch with HTTP %d, not retrying: %s"
-LOG_RETRY = "koala_middleware: delivery failed (%s), retry %d in %.2fs"
-LOG_HOOK_FAILED = "koala_middleware: the on_error hook raised; ignoring it"
-LOG_SHUTDOWN_LOST = "koala_middleware: shutdown timed out with %d batch(es) undelivered"
+LOG_DROPPED = (
+    "dropped %d batch(es), %d event(s) (%s): %s; "
+    "repeats are summarised every %.0fs, counts are in client.stats"
+)
+LOG_DROPPED_SUMMARY = "dropped %d more batch(es), %d event(s) (%s) in the last %.1fs; last: %s"
+LOG_REJECTED = "HTTP %d, not retried: %s"
+LOG_RETRY = "delivery failed (%s), attempt %d, next try in %.2fs"
+LOG_UNAVAILABLE = (
+    "Koala is failing (%s); pausing delivery for %.2fs, then probing one batch "
+    "at a time (new batches queue up meanwhile, within the bounds)"
+)
+LOG_RECOVERED = "Koala answers again after %d failed attempt(s); resuming delivery"
+LOG_HOOK_FAILED = "the on_error hook raised; ignoring it"
+LOG_SHUTDOWN_LOST = "shutdown timed out with %d batch(es) undelivered"
+LOG_SENDER_FAILED = "the sender thread failed; it restarts with the next batch"
+LOG_UNEXPECTED = "unexpected error after posting a batch; counted as dropped ('error')"
 
 ErrorHook = Callable[[Batch, "DeliveryError"], None]
 
@@ -47,12 +70,15 @@ ErrorHook = Callable[[Batch, "DeliveryError"], None]
 class DeliveryError(Exception):
     """Why a batch was given up; passed to the ``on_error`` hook, never raised at callers.
 
-    ``reason`` is the key it is counted under in ``client.stats.dropped``.
+    ``reason`` is the key it is counted under in ``client.stats.dropped``: ``queue_full``,
+    ``queue_bytes_full``, ``rejected`` (a 4xx), ``retries_exhausted``, ``shutdown`` or
+    ``error`` (something unexpected; the detail says what).
     """
 
     def __init__(self, reason: str, detail: str = "", status: int | None = None) -> None:
         super().__init__(f"{reason}: {detail}" if detail else reason)
         self.reason = reason
+        self.detail = detail
         self.status = status
 
 
@@ -77,6 +103,10 @@ class Stats:
     """Counters since the client started (or since fork, in a child process).
 
     Batches are what the sender posts (one person or account, up to 30 items of each type).
+    ``enqueued`` counts batches accepted for delivery; each then ends up ``delivered`` or in
+    ``dropped`` (by reason), or is still ``queued`` (waiting, in flight or between retries).
+    Batches refused at hand-over (``queue_full``, ``queue_bytes_full``, ``shutdown``) are
+    in ``dropped`` only.
     """
 
     enqueued: int = 0
@@ -93,16 +123,33 @@ class Stats:
         return sum(self.dropped.values())
 
 
+class _Unlogged:
+    """Drops of one reason not yet logged, and when that reason was last logged."""
+
+    __slots__ = ("batches", "detail", "events", "logged_at")
+
+    def __init__(self) -> None:
+        self.batches = 0
+        self.events = 0
+        self.detail = ""
+        self.logged_at: float | None = None
+
+
 class _Counters:
-    """Thread-safe counters behind :class:`Stats`, with rate-limited drop warnings."""
+    """Thread-safe counters behind :class:`Stats`, with rate-limited drop warnings.
+
+    The first drop of a reason is logged at once, with its detail; later ones are added up
+    and logged at most once every ``WARN_EVERY`` seconds per reason (and at shutdown), so a
+    Koala outage cannot flood the host app's logs.
+    """
 
     WARN_EVERY = 10.0
 
-    def __init__(self) -> None:
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
         self._lock = threading.Lock()
         self._stats = Stats()
-        self._unwarned: collections.Counter[str] = collections.Counter()
-        self._warned_at = 0.0
+        self._clock = clock
+        self._unlogged: dict[str, _Unlogged] = {}
 
     def add(self, name: str, n: int = 1) -> None:
         with self._lock:
@@ -113,21 +160,45 @@ class _Counters:
             self._stats.delivered += 1
             self._stats.events_delivered += len(batch.message_ids)
 
-    def dropped(self, reason: str, batches: int, events: int) -> None:
+    def dropped(self, reason: str, batches: int, events: int, detail: str = "") -> None:
         with self._lock:
             stats = self._stats
             if batches:
                 stats.dropped[reason] = stats.dropped.get(reason, 0) + batches
             if events:
                 stats.events_dropped[reason] = stats.events_dropped.get(reason, 0) + events
-            self._unwarned[reason] += max(batches, events and 1)
-            now = time.monotonic()
-            if now - self._warned_at < self.WARN_EVERY:
+            unlogged = self._unlogged.setdefault(reason, _Unlogged())
+            unlogged.batches += batches
+            unlogged.events += events
+            unlogged.detail = detail or unlogged.detail
+            now = self._clock()
+            if unlogged.logged_at is not None and now - unlogged.logged_at < self.WARN_EVERY:
                 return
-            since, self._warned_at = now - self._warned_at, now
-            report, self._unwarned = self._unwarned, collections.Counter()
-        for why, count in report.items():
-            logger.warning(LOG_DROPPED, count, why, min(since, 1e6))
+            line = self._take(reason, unlogged, now)
+        _log(*line)
+
+    def report(self) -> None:
+        """Log the drops not logged yet (at shutdown, so no count goes unsaid)."""
+        with self._lock:
+            now = self._clock()
+            lines = [
+                self._take(reason, unlogged, now)
+                for reason, unlogged in self._unlogged.items()
+                if unlogged.batches or unlogged.events
+            ]
+        for line in lines:
+            _log(*line)
+
+    def _take(self, reason: str, unlogged: _Unlogged, now: float) -> tuple[str, str, tuple[object, ...]]:
+        if unlogged.logged_at is None:
+            args: tuple[object, ...] = (unlogged.batches, unlogged.events, reason, unlogged.detail, self.WARN_EVERY)
+            line = reason, LOG_DROPPED, args
+        else:
+            args = (unlogged.batches, unlogged.events, reason, now - unlogged.logged_at, unlogged.detail)
+            line = reason, LOG_DROPPED_SUMMARY, args
+        unlogged.batches = unlogged.events = 0
+        unlogged.logged_at = now
+        return line
 
     def snapshot(self, queued: int) -> Stats:
         with self._lock:
@@ -138,92 +209,169 @@ class _Counters:
             )
 
 
-def backoff(settings: DeliverySettings, failures: int, retry_after: float | None) -> float:
-    """Capped exponential backoff with full jitter; ``Retry-After`` wins, within the cap."""
+def _log(reason: str, message: str, args: tuple[object, ...]) -> None:
+    # A 4xx means a bug or a wrong key: the host's developers must see it.
+    logger.log(logging.ERROR if reason == "rejected" else logging.WARNING, message, *args)
+
+
+def backoff(settings: DeliverySettings, failures: int, retry_after: float | None = None) -> float:
+    """The pause after ``failures`` failures in a row: capped exponential, with jitter.
+
+    Half the step is fixed and half random, so many processes that lost Koala together do
+    not come back in lockstep. ``Retry-After`` is a floor; ``max_backoff`` caps everything.
+    """
+    step = settings.backoff_base * 2.0 ** min(max(failures - 1, 0), 60)
+    ceiling = min(settings.max_backoff, step)
+    delay = ceiling / 2 + random.uniform(0, ceiling / 2)
     if retry_after is not None:
-        return min(max(retry_after, 0.0), settings.max_backoff)
-    ceiling = min(settings.max_backoff, settings.backoff_base * 2 ** max(failures - 1, 0))
-    return ceiling / 2 + random.uniform(0, ceiling / 2)
+        delay = max(delay, retry_after)
+    return max(0.0, min(delay, settings.max_backoff))
 
 
-def _retry_after(response: httpx.Response) -> float | None:
-    value = response.headers.get("retry-after")
+def parse_retry_after(value: str | None) -> float | None:
+    """Seconds to wait from a ``Retry-After`` header (delay-seconds or HTTP-date), or None.
+
+    A date in the past is 0; anything unparsable is None (the normal backoff applies).
+    """
     if not value:
         return None
+    value = value.strip()
+    if value.isascii() and value.isdigit():
+        return float(min(int(value), 10**9))
     try:
-        return float(value)
-    except ValueError:
-        when = email.utils.parsedate_to_datetime(value) if value else None
-        return None if when is None else when.timestamp() - time.time()
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError, IndexError, OverflowError):
+        return None
+    if when is None:  # Python < 3.10.? returned None for some bad dates
+        return None
+    if when.tzinfo is None:  # "-0000": RFC 5322's "UTC, origin unknown"
+        when = when.replace(tzinfo=datetime.timezone.utc)
+    try:
+        return max(when.timestamp() - time.time(), 0.0)
+    except (OverflowError, OSError, ValueError):
+        return None
 
 
 def classify(response: httpx.Response | None, exc: BaseException | None) -> tuple[str, str, float | None]:
     """``("ok"|"retry"|"reject", detail, retry_after)`` for one attempt's outcome."""
     if exc is not None:
-        return "retry", type(exc).__name__, None
+        text = str(exc)
+        return "retry", f"{type(exc).__name__}: {text}" if text else type(exc).__name__, None
     assert response is not None
     status = response.status_code
     if 200 <= status < 300:
         return "ok", "", None
     if status in (408, 429) or status >= 500:
-        try:
-            after = _retry_after(response)
-        except (TypeError, ValueError, OverflowError):
-            after = None
-        return "retry", f"HTTP {status}", after
-    return "reject", response.text[:500], None
+        return "retry", f"HTTP {status}", parse_retry_after(response.headers.get("retry-after"))
+    try:
+        text = response.text[:500]
+    except Exception:  # undecodable body: the status says enough
+        text = ""
+    return "reject", LOG_REJECTED % (status, text), None
+
+
+class _Health:
+    """Koala as the sender sees it: failures in a row, and no new attempt before ``gate``.
+
+    Only a probe's failure (or the first failure) raises the level: the batches that were
+    already in flight when Koala went away all fail at once, and that is one failure.
+    """
+
+    __slots__ = ("_lock", "failures", "gate")
+
+    def __init__(self) -> None:
+        self.failures = 0
+        self.gate = 0.0
+        self._lock = threading.Lock()
+
+    def failed(self, settings: DeliverySettings, probe: bool, retry_after: float | None) -> tuple[float, bool]:
+        """Record a failure; (seconds until the next attempt, whether it is the first)."""
+        with self._lock:
+            first = not self.failures
+            if probe or first:
+                self.failures += 1
+            delay = backoff(settings, self.failures, retry_after)
+            self.gate = max(self.gate, time.monotonic() + delay)
+            return max(self.gate - time.monotonic(), 0.0), first
+
+    def answered(self) -> int:
+        """Koala answered (2xx or a final 4xx): reopen; returns the failures it ends."""
+        with self._lock:
+            failures, self.failures, self.gate = self.failures, 0, 0.0
+            return failures
 
 
 class _Sender:
-    """Shared skeleton: accounting, hooks and the drop path for both delivery modes."""
+    """Shared skeleton: accounting, hooks and the retry verdicts for both delivery modes."""
 
     def __init__(self, settings: DeliverySettings, on_error: ErrorHook | None) -> None:
         self.settings = settings
         self.on_error = on_error
         self.counters = _Counters()
+        self._health = _Health()
+        _live_senders.add(self)
 
     def _headers(self, batch: Batch) -> dict[str, str]:
         return {"Content-Type": "application/json", "User-Agent": batch.user_agent}
 
     def _give_up(self, batch: Batch, error: DeliveryError) -> None:
-        self.counters.dropped(error.reason, 1, len(batch.message_ids))
+        self.counters.dropped(error.reason, 1, len(batch.message_ids), error.detail)
         if self.on_error is not None:
             try:
                 self.on_error(batch, error)
             except Exception:
                 logger.exception(LOG_HOOK_FAILED)
 
-    def _backoff_level(self, batch: Batch) -> int:
-        return batch.attempts
-
-    def _outcome(self, batch: Batch, response: httpx.Response | None, exc: BaseException | None) -> float | None:
-        """Record one attempt; the delay before a retry, or None when the batch is done."""
-        verdict, detail, after = classify(response, exc)
-        if verdict == "ok":
-            self.counters.delivered(batch)
+    def _outcome(
+        self, batch: Batch, response: httpx.Response | None, exc: BaseException | None, probe: bool
+    ) -> float | None:
+        """Account for one attempt; the pause before retrying, or None when the batch is done."""
+        verdict, detail, retry_after = classify(response, exc)
+        if verdict != "retry":
+            failures = self._health.answered()
+            if failures:
+                logger.info(LOG_RECOVERED, failures)
+            if verdict == "ok":
+                self.counters.delivered(batch)
+            else:
+                assert response is not None
+                self._give_up(batch, DeliveryError("rejected", detail, response.status_code))
             return None
-        if verdict == "reject":
-            assert response is not None
-            logger.error(LOG_REJECTED, response.status_code, detail)
-            self._give_up(batch, DeliveryError("rejected", detail, response.status_code))
-            return None
+        delay, first = self._health.failed(self.settings, probe, retry_after)
+        if first:
+            logger.warning(LOG_UNAVAILABLE, detail, delay)
         batch.attempts += 1
         if batch.attempts > self.settings.max_retries:
             status = response.status_code if response is not None else None
-            self._give_up(batch, DeliveryError("retries_exhausted", detail, status))
+            self._give_up(
+                batch, DeliveryError("retries_exhausted", f"{batch.attempts} attempts, last: {detail}", status)
+            )
             return None
-        self.counters.add("retried")
-        delay = backoff(self.settings, self._backoff_level(batch), after)
-        logger.info(LOG_RETRY, detail, batch.attempts, delay)
+        logger.debug(LOG_RETRY, detail, batch.attempts, delay)
         return delay
+
+    def after_fork(self) -> None:
+        """In a forked child: forget the parent's state (never close its sockets)."""
+        self.counters = _Counters()
+        self._health = _Health()
+
+    def park(self) -> bool:
+        """Before a fork: hold the sender thread at a safe point; True if it is held."""
+        return False
+
+    def unpark(self) -> None:
+        """After a fork, in the parent: let the sender thread go on."""
 
 
 class SyncSender(_Sender):
     """``sync=True``: deliver in the caller's thread, for serverless and scripts.
 
     Background threads are frozen between invocations there, so a batch must be sent
-    before the response finishes. Retries are the same, but bounded by one ``timeout``
-    plus the backoff cap in all.
+    before the response finishes. Retries follow the same rules, but one batch takes at most
+    ``timeout`` seconds in all, attempts and pauses included; and while Koala keeps failing
+    the shared backoff soon exceeds that budget, so each batch gets one attempt, not many.
+    Nothing raises into the caller: what cannot be sent is counted and passed to
+    ``on_error``.
     """
 
     def __init__(self, settings: DeliverySettings, on_error: ErrorHook | None) -> None:
@@ -243,21 +391,34 @@ class SyncSender(_Sender):
 
     def submit(self, batch: Batch) -> bool:
         self.counters.add("enqueued")
-        deadline = time.monotonic() + self.settings.timeout + self.settings.max_backoff
+        try:
+            self._send(batch)
+        except Exception as error:  # never into the host's request
+            self._give_up(batch, DeliveryError("error", f"{type(error).__name__}: {error}"))
+        return True
+
+    def _send(self, batch: Batch) -> None:
+        deadline = time.monotonic() + self.settings.timeout
+        url = self.settings.base_url + batch.path
         while True:
+            remaining = deadline - time.monotonic()
             response = exc = None
             try:
                 response = self._http().post(
-                    self.settings.base_url + batch.path, content=batch.body, headers=self._headers(batch)
+                    url, content=batch.body, headers=self._headers(batch), timeout=max(remaining, 0.01)
                 )
             except httpx.HTTPError as error:
                 exc = error
-            delay = self._outcome(batch, response, exc)
+            delay = self._outcome(batch, response, exc, probe=True)
             if delay is None:
-                return True
-            if time.monotonic() + delay > deadline:
-                self._give_up(batch, DeliveryError("retries_exhausted", "sync retry budget spent"))
-                return True
+                return
+            if time.monotonic() + delay >= deadline:
+                self._give_up(batch, DeliveryError(
+                    "retries_exhausted", f"sync budget of {self.settings.timeout:g}s spent after "
+                    f"{batch.attempts} attempt(s)", response.status_code if response is not None else None,
+                ))
+                return
+            self.counters.add("retried")
             time.sleep(delay)
 
     def pending(self) -> int:
@@ -268,73 +429,86 @@ class SyncSender(_Sender):
 
     def shutdown(self, timeout: float) -> bool:
         with self._lock:
-            if self._client is not None:
-                self._client.close()
-                self._client = None
+            client, self._client = self._client, None
+        if client is not None:
+            client.close()
+        self.counters.report()
         return True
 
     def after_fork(self) -> None:
-        self._client = None
+        super().after_fork()
+        self._client = None  # the parent's connections: dropped, not closed (a TLS close would write)
         self._lock = threading.Lock()
-        self.counters = _Counters()
 
 
 class BackgroundSender(_Sender):
-    """The default: a bounded queue drained by a daemon thread's asyncio loop."""
+    """The default: a bounded queue drained by a daemon thread's asyncio loop.
+
+    The bounds (``max_queue_batches``, ``max_queue_bytes``) cover every batch not finished
+    yet: waiting, in flight, or between retries; so they bound the memory Koala can cost.
+    """
 
     def __init__(self, settings: DeliverySettings, on_error: ErrorHook | None) -> None:
         super().__init__(settings, on_error)
         self._init_state()
-        _live_senders.add(self)
 
     def _init_state(self) -> None:
         self._lock = threading.Lock()
         self._idle = threading.Condition(self._lock)
         self._queue: collections.deque[Batch] = collections.deque()
-        self._queued_bytes = 0
-        self._pending = 0  # queued + in flight + waiting to retry
+        self._pending = 0
+        self._pending_bytes = 0
         self._closed = False
         self._thread: threading.Thread | None = None
+        # Held by the sender thread except while it waits in select(): see park().
+        self._running = threading.Lock()
+        # The loop's side; set by the sender thread.
         self._loop: asyncio.AbstractEventLoop | None = None
         self._wakeup: asyncio.Event | None = None
-        self._sleeping = False
-        self._gate_until = 0.0
-        self._failures = 0
-        self._tasks: set[asyncio.Task[None]] = set()
-        self._stopped = threading.Event()
+        self._loop_idle = False  # the loop waits for a submit to wake it
+        self._probing = False
 
     def after_fork(self) -> None:
-        """In a forked child: forget the parent's queue, thread and sockets."""
+        super().after_fork()
         self._init_state()
-        self.counters = _Counters()
 
     # -- the request side (any thread): cheap, never blocks on the network ----------------
 
     def submit(self, batch: Batch) -> bool:
         size = len(batch.body)
+        settings = self.settings
+        start = wake = None
         with self._lock:
             if self._closed:
                 reason = "shutdown"
-            elif len(self._queue) >= self.settings.max_queue_batches:
+            elif self._pending >= settings.max_queue_batches:
                 reason = "queue_full"
-            elif self._queued_bytes + size > self.settings.max_queue_bytes:
+            elif self._pending_bytes + size > settings.max_queue_bytes:
                 reason = "queue_bytes_full"
             else:
                 reason = ""
                 self._queue.append(batch)
-                self._queued_bytes += size
                 self._pending += 1
+                self._pending_bytes += size
                 if self._thread is None:
-                    self._start()
+                    start = self._thread = threading.Thread(
+                        target=self._run_thread, name="koala-sender", daemon=True
+                    )
+                elif self._loop_idle:
+                    self._loop_idle = False
+                    wake = self._loop
         if reason:
-            self._give_up(batch, DeliveryError(reason, "the batch was not queued"))
+            self._give_up(batch, DeliveryError(reason, "not queued: " + (
+                "the client is shut down" if reason == "shutdown" else "the queue is at its bound"
+            )))
             return False
         self.counters.add("enqueued")
-        if self._sleeping and self._loop is not None:
-            self._sleeping = False
+        if start is not None:
+            self._start(start)
+        elif wake is not None:
             try:
-                self._loop.call_soon_threadsafe(self._wake)
-            except RuntimeError:  # loop closed during interpreter shutdown
+                wake.call_soon_threadsafe(self._wake)
+            except RuntimeError:  # the loop closed under us (interpreter exit)
                 pass
         return True
 
@@ -344,6 +518,8 @@ class BackgroundSender(_Sender):
     def flush(self, timeout: float) -> bool:
         """Wait until all batches handed over so far are delivered or given up."""
         deadline = time.monotonic() + max(timeout, 0.0)
+        if threading.current_thread() is self._thread:  # an on_error hook: never wait on ourselves
+            return not self._pending
         with self._idle:
             while self._pending:
                 remaining = deadline - time.monotonic()
@@ -353,46 +529,75 @@ class BackgroundSender(_Sender):
         return True
 
     def shutdown(self, timeout: float) -> bool:
-        """Flush within ``timeout``, then stop; what is left is counted as dropped."""
-        flushed = self.flush(timeout)
+        """Flush within ``timeout``, then stop; what is left is counted as dropped, once.
+
+        Returns within about ``timeout`` even if Koala never answers: the last part of it
+        is kept for cancelling the requests in flight, which count themselves.
+        """
+        timeout = max(timeout, 0.0)
+        deadline = time.monotonic() + timeout
+        flushed = self.flush(timeout - min(0.5, timeout / 5))
         with self._lock:
             self._closed = True
-            loop, thread = self._loop, self._thread
-        if loop is not None and thread is not None and thread.is_alive():
-            try:
-                asyncio.run_coroutine_threadsafe(self._stop(), loop)
-            except RuntimeError:
-                pass
-            thread.join(max(1.0, timeout / 4))
-        with self._lock:
+            undelivered = self._pending
             leftover = list(self._queue)
             self._queue.clear()
-            self._pending -= len(leftover)
-        if leftover:
-            logger.warning(LOG_SHUTDOWN_LOST, len(leftover))
-            for batch in leftover:
-                self._give_up(batch, DeliveryError("shutdown", "not delivered before shutdown"))
+            thread, loop = self._thread, self._loop
+        if undelivered:
+            logger.warning(LOG_SHUTDOWN_LOST, undelivered)
+        for batch in leftover:
+            self._give_up(batch, DeliveryError("shutdown", "still queued at shutdown"))
+            self._finish(batch)
+        if thread is not None and loop is not None and thread.is_alive():
+            try:
+                loop.call_soon_threadsafe(self._wake)  # it sees _closed and stops
+            except RuntimeError:  # already closed
+                pass
+            if thread is not threading.current_thread():
+                thread.join(max(deadline - time.monotonic(), 0.05))
+        self.counters.report()
         return flushed
 
     # -- the sender thread ------------------------------------------------------------------
 
-    def _start(self) -> None:
-        ready = threading.Event()
-        self._thread = threading.Thread(
-            target=self._run_thread, args=(ready,), name="koala-sender", daemon=True
-        )
-        self._thread.start()
-        ready.wait(5.0)
-
-    def _run_thread(self, ready: threading.Event) -> None:
-        loop = asyncio.new_event_loop()
+    def _start(self, thread: threading.Thread) -> None:
         try:
-            loop.run_until_complete(self._main(loop, ready))
-        except asyncio.CancelledError:
-            pass
+            thread.start()
+        except RuntimeError as error:  # "can't create new thread" (interpreter exit, limits)
+            with self._lock:
+                self._thread = None
+                stranded = list(self._queue)
+                self._queue.clear()
+            for batch in stranded:
+                self._give_up(batch, DeliveryError("error", f"no sender thread: {error}"))
+                self._finish(batch)
+
+    def _run_thread(self) -> None:
+        running = self._running
+        running.acquire()
+        loop = asyncio.SelectorEventLoop(_ParkingSelector(running))
+        try:
+            loop.run_until_complete(self._main())
+        except Exception:
+            logger.exception(LOG_SENDER_FAILED)
         finally:
+            with self._lock:
+                if self._thread is threading.current_thread():
+                    self._thread = None  # a later submit starts a new one
+                    self._loop = None
+                    self._loop_idle = False
             loop.close()
-            self._stopped.set()
+            running.release()
+
+    def park(self) -> bool:
+        thread = self._thread
+        if thread is None or not thread.is_alive() or thread is threading.current_thread():
+            return False
+        # Bounded: a sender stuck in an on_error hook must not block the host's fork.
+        return self._running.acquire(timeout=FORK_PARK_TIMEOUT)
+
+    def unpark(self) -> None:
+        self._running.release()
 
     def _wake(self) -> None:
         if self._wakeup is not None:
@@ -405,104 +610,154 @@ class BackgroundSender(_Sender):
         per_pool = max(1, settings.connections_per_pool)
         pools = max(1, -(-settings.max_in_flight // per_pool))
         limits = httpx.Limits(max_connections=per_pool, max_keepalive_connections=per_pool)
-        return [httpx.AsyncClient(limits=limits, timeout=settings.timeout) for _ in range(pools)]
+        # One TLS context for all pools: each costs tens of milliseconds to build.
+        verify = httpx.create_ssl_context() if settings.base_url.startswith("https:") else True
+        return [httpx.AsyncClient(limits=limits, timeout=settings.timeout, verify=verify) for _ in range(pools)]
 
-    async def _main(self, loop: asyncio.AbstractEventLoop, ready: threading.Event) -> None:
-        self._wakeup = asyncio.Event()
-        self._loop = loop
-        self._main_task = asyncio.current_task()
+    def _take(self, in_flight: int) -> tuple[Batch | None, float | None, bool]:
+        """The next batch to send (and whether it is a probe), or how long to wait."""
+        with self._lock:
+            if not self._queue:
+                self._loop_idle = True
+                return None, None, False
+            if in_flight >= self.settings.max_in_flight:
+                return None, None, False  # a finishing task wakes us
+            probe = False
+            if self._health.failures:
+                if self._probing:
+                    return None, None, False  # the probe's answer wakes us
+                wait = self._health.gate - time.monotonic()
+                if wait > 0:
+                    return None, wait, False
+                probe = self._probing = True
+            return self._queue.popleft(), None, probe
+
+    async def _main(self) -> None:
+        loop = asyncio.get_running_loop()
+        wakeup = asyncio.Event()
+        with self._lock:
+            self._loop, self._wakeup = loop, wakeup
         clients = self._clients()
         load = [0] * len(clients)
-        slots = asyncio.Semaphore(max(1, self.settings.max_in_flight))
-        ready.set()
+        tasks: set[asyncio.Task[None]] = set()
         try:
-            while True:
-                if not self._queue:
-                    self._sleeping = True
-                    if not self._queue:
-                        await self._wakeup.wait()
-                    self._sleeping = False
-                    self._wakeup.clear()
-                    continue
-                gate = self._gate_until - loop.time()
-                if gate > 0:
-                    await asyncio.sleep(gate)
-                    continue
-                await slots.acquire()
-                with self._lock:
-                    batch = self._queue.popleft() if self._queue else None
-                    if batch is not None:
-                        self._queued_bytes -= len(batch.body)
+            while not self._closed:
+                wakeup.clear()
+                batch, wait, probe = self._take(len(tasks))
                 if batch is None:
-                    slots.release()
+                    try:
+                        await asyncio.wait_for(wakeup.wait(), wait)
+                    except asyncio.TimeoutError:
+                        pass
                     continue
                 shard = load.index(min(load))
                 load[shard] += 1
-                task = loop.create_task(self._deliver(clients[shard], batch))
-                self._tasks.add(task)
+                task = loop.create_task(self._deliver(clients[shard], batch, probe))
+                tasks.add(task)
 
                 def done(task: asyncio.Task[None], shard: int = shard) -> None:
-                    self._tasks.discard(task)
+                    tasks.discard(task)
                     load[shard] -= 1
-                    slots.release()
+                    wakeup.set()
 
                 task.add_done_callback(done)
         finally:
-            for task in list(self._tasks):
+            for task in list(tasks):
                 task.cancel()
-            await asyncio.gather(*self._tasks, return_exceptions=True)
+            await asyncio.gather(*tasks, return_exceptions=True)
             for client in clients:
-                await client.aclose()
+                try:
+                    await client.aclose()
+                except Exception:  # closing sockets Koala left half-open: nothing to do
+                    pass
 
-    async def _deliver(self, client: httpx.AsyncClient, batch: Batch) -> None:
+    async def _deliver(self, client: httpx.AsyncClient, batch: Batch, probe: bool) -> None:
         response = exc = None
         try:
             response = await client.post(
                 self.settings.base_url + batch.path, content=batch.body, headers=self._headers(batch)
             )
-        except asyncio.CancelledError:
-            self._finish(batch)
+        except asyncio.CancelledError:  # shutdown while in flight: Koala may have it or not
             self._give_up(batch, DeliveryError("shutdown", "in flight at shutdown"))
+            self._finish(batch)
             raise
         except Exception as error:  # httpx errors, and anything a custom transport raises
             exc = error
-        delay = self._outcome(batch, response, exc)
+        try:
+            delay = self._outcome(batch, response, exc, probe)
+        except Exception as error:  # a bug here must not strand the batch (flush would wait)
+            logger.exception(LOG_UNEXPECTED)
+            self._give_up(batch, DeliveryError("error", f"{type(error).__name__}: {error}"))
+            delay = None
+        finally:
+            if probe:
+                self._probing = False
         if delay is None:
-            if response is not None and response.is_success:
-                self._failures = 0
             self._finish(batch)
-            return
-        # Koala (or the way to it) is failing: pause everyone, retry this batch first.
-        self._failures += 1
-        self._gate_until = max(self._gate_until, asyncio.get_running_loop().time() + delay)
-        with self._lock:
-            self._queue.appendleft(batch)
-            self._queued_bytes += len(batch.body)
+        else:
+            self.counters.add("retried")
+            self._requeue(batch)
 
-    def _backoff_level(self, batch: Batch) -> int:
-        # One slow-down for the whole sender: a fresh batch at the head of the queue must
-        # not restart the backoff while Koala is still failing.
-        return max(batch.attempts, self._failures + 1)
+    def _requeue(self, batch: Batch) -> None:
+        """Back of the queue: the next attempt is a probe, or waits for the others' turn."""
+        with self._lock:
+            if not self._closed:
+                self._queue.append(batch)
+                return
+        self._give_up(batch, DeliveryError("shutdown", f"failed at shutdown after {batch.attempts} attempt(s)"))
+        self._finish(batch)
 
     def _finish(self, batch: Batch) -> None:
+        """A batch is done (counted first, so that a returning flush sees its stats)."""
         with self._idle:
             self._pending -= 1
+            self._pending_bytes -= len(batch.body)
             if not self._pending:
                 self._idle.notify_all()
 
-    async def _stop(self) -> None:
-        task = getattr(self, "_main_task", None)
-        if task is not None:
-            task.cancel()
+
+FORK_PARK_TIMEOUT = 1.0
 
 
-_live_senders: weakref.WeakSet[BackgroundSender] = weakref.WeakSet()
+class _ParkingSelector(selectors.DefaultSelector):
+    """The sender loop's selector: ``running`` is released only while waiting for I/O.
+
+    So whoever holds ``running`` (a fork about to happen) knows the sender thread is in
+    ``select()``, in no import and holding no lock of any library.
+    """
+
+    def __init__(self, running: threading.Lock) -> None:
+        super().__init__()
+        self._running = running
+
+    def select(self, timeout: float | None = None) -> list[tuple[selectors.SelectorKey, int]]:
+        self._running.release()
+        try:
+            return super().select(timeout)
+        finally:
+            self._running.acquire()
+
+
+_live_senders: weakref.WeakSet[_Sender] = weakref.WeakSet()
+_parked: list[_Sender] = []
+
+
+def _before_fork() -> None:
+    _parked.extend(sender for sender in list(_live_senders) if sender.park())
+
+
+def _after_fork_in_parent() -> None:
+    while _parked:
+        _parked.pop().unpark()
 
 
 def _after_fork_in_child() -> None:
+    _parked.clear()
     for sender in list(_live_senders):
         sender.after_fork()
 
 
 if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_after_fork_in_child)
+    os.register_at_fork(
+        before=_before_fork, after_in_parent=_after_fork_in_parent, after_in_child=_after_fork_in_child
+    )

@@ -63,15 +63,21 @@ class Collector:
     :param status: the status to answer (default 200), or ``respond(received) -> status`` /
         ``(status, headers)`` for per-request behaviour.
     :param public_key: the project key that URLs are expected to carry (informational).
+
+    Faults to inject while it runs: :meth:`down` / :meth:`up` (connection refused),
+    :meth:`fail_next` (error statuses, optionally with headers such as ``Retry-After``),
+    ``hang = True`` (read requests, never answer, until set back to False) and ``delay``.
     """
 
     def __init__(self, delay: float = 0.0, status: int | Responder = 200, public_key: str = "pk_test") -> None:
         self.delay = delay
         self.status = status
         self.public_key = public_key
-        self.hang = False  # when True, read requests but never answer them
+        self._hang = False
+        self._unhang: asyncio.Event | None = None
         self.received: list[Received] = []
-        self._fail_next: list[int] = []
+        self._accepted = 0
+        self._fail_next: list[tuple[int, dict[str, str]]] = []
         self._lock = threading.Lock()
         self._changed = threading.Condition(self._lock)
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -118,10 +124,21 @@ class Collector:
         assert self._loop is not None
         asyncio.run_coroutine_threadsafe(self._listen(), self._loop).result(10)
 
-    def fail_next(self, count: int, status: int = 503) -> None:
-        """Answer the next ``count`` requests with ``status``."""
+    def fail_next(self, count: int, status: int = 503, headers: dict[str, str] | None = None) -> None:
+        """Answer the next ``count`` requests with ``status`` (and extra ``headers``)."""
         with self._lock:
-            self._fail_next.extend([status] * count)
+            self._fail_next.extend([(status, dict(headers or {}))] * count)
+
+    @property
+    def hang(self) -> bool:
+        """When True, read requests but never answer; setting it back answers the held ones."""
+        return self._hang
+
+    @hang.setter
+    def hang(self, value: bool) -> None:
+        self._hang = bool(value)
+        if not value and self._loop is not None:
+            self._loop.call_soon_threadsafe(self._release)
 
     # -- what arrived -----------------------------------------------------------------------
 
@@ -134,18 +151,32 @@ class Collector:
 
     def batches(self, path_suffix: str = "/batch") -> list[dict[str, Any]]:
         """Bodies of accepted visitor batches (``/accounts/batch`` with that suffix)."""
-        suffix_ok = (lambda p: p.endswith(path_suffix) and not p.endswith("/accounts/batch")) \
-            if path_suffix == "/batch" else (lambda p: p.endswith(path_suffix))
-        return [r.json() for r in self.requests() if suffix_ok(r.path)]
+        def wanted(path: str) -> bool:
+            if path_suffix == "/batch" and path.endswith("/accounts/batch"):
+                return False
+            return path.endswith(path_suffix)
+
+        return [r.json() for r in self.requests() if wanted(r.path)]
 
     def events(self, path_suffix: str = "/batch") -> list[dict[str, Any]]:
         return [e for body in self.batches(path_suffix) for e in body.get("events", [])]
+
+    def message_ids(self, accepted_only: bool = True) -> list[str]:
+        """Every event ``message_id`` received (visitor and account batches), in order.
+
+        With retries in play, compare ``len(ids)`` with ``len(set(ids))`` to see duplicates.
+        """
+        return [
+            event["message_id"]
+            for r in self.requests(accepted_only=accepted_only)
+            for event in r.json().get("events", [])
+        ]
 
     def wait_for(self, count: int, timeout: float = 10.0, accepted_only: bool = True) -> bool:
         """Wait until ``count`` requests (accepted ones by default) have arrived."""
         deadline = time.monotonic() + timeout
         with self._changed:
-            while len([r for r in self.received if r.accepted or not accepted_only]) < count:
+            while (self._accepted if accepted_only else len(self.received)) < count:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     return False
@@ -155,12 +186,14 @@ class Collector:
     def clear(self) -> None:
         with self._lock:
             self.received.clear()
+            self._accepted = 0
 
     # -- the server ---------------------------------------------------------------------
 
     def _run(self, ready: threading.Event) -> None:
         loop = asyncio.new_event_loop()
         self._loop = loop
+        self._unhang = asyncio.Event()
         loop.run_until_complete(self._listen())
         ready.set()
         loop.run_forever()
@@ -183,10 +216,15 @@ class Collector:
             await asyncio.gather(*tasks, return_exceptions=True)
             asyncio.get_running_loop().call_soon(asyncio.get_running_loop().stop)
 
+    def _release(self) -> None:
+        assert self._unhang is not None
+        self._unhang.set()
+        self._unhang = asyncio.Event()
+
     def _answer(self, received: Received) -> tuple[int, dict[str, str]]:
         with self._lock:
             if self._fail_next:
-                return self._fail_next.pop(0), {}
+                return self._fail_next.pop(0)
         result = self.status(received) if callable(self.status) else self.status
         return result if isinstance(result, tuple) else (result, {})
 
@@ -209,13 +247,15 @@ class Collector:
                 received = Received(method, path, headers, body)
                 with self._changed:
                     self.received.append(received)
-                if self.hang:
-                    await asyncio.Event().wait()
+                    self._changed.notify_all()
+                if self._hang and self._unhang is not None:
+                    await self._unhang.wait()
                 if self.delay:
                     await asyncio.sleep(self.delay)
                 status, extra = self._answer(received)
                 with self._changed:
                     received.status = status
+                    self._accepted += 200 <= status < 300
                     self._changed.notify_all()
                 payload = b'{"ok":true}' if status < 300 else b'{"error":"stand-in failure"}'
                 out = [f"HTTP/1.1 {status} {_REASONS.get(status, 'Status')}", f"Content-Length: {len(payload)}",
