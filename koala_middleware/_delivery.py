@@ -536,7 +536,7 @@ class BackgroundSender(_Sender):
         """
         timeout = max(timeout, 0.0)
         deadline = time.monotonic() + timeout
-        flushed = self.flush(timeout - min(0.5, timeout / 5))
+        flushed = self.flush(timeout - min(0.25, timeout / 10))
         with self._lock:
             self._closed = True
             undelivered = self._pending
