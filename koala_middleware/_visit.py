@@ -8,6 +8,7 @@ at response start; ``Visit.finish()`` hands the tracker over after the response.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Iterable, Mapping
 from contextvars import Token
 from dataclasses import dataclass, fields
@@ -25,6 +26,10 @@ from ._request import RequestInfo
 from ._tracker import Tracker, bind, unbind
 
 TrackDecision = Callable[[RequestInfo], bool]
+
+logger = logging.getLogger("koala_middleware")
+LOG_HANDOVER_FAILED = "could not hand the request's batch to the sender; it is lost"
+LOG_SHOULD_TRACK_FAILED = "should_track raised; not tracking this request (fix the callback)"
 
 _COOKIE_OPTIONS = {f"cookie_{f.name}": f.name for f in fields(CookieSettings)}
 _COOKIE_OPTIONS["allowed_hosts"] = _COOKIE_OPTIONS.pop("cookie_allowed_hosts")
@@ -119,7 +124,10 @@ class Visit:
         self.unbind()
         tracker = self.tracker
         if tracker._count:
-            self._visits.client.send_tracker(tracker)
+            try:
+                self._visits.client.send_tracker(tracker)
+            except Exception:  # the response is out: never raise into the server's close()
+                logger.exception(LOG_HANDOVER_FAILED)
 
 
 class Visits:
@@ -143,7 +151,7 @@ class Visits:
             return Visit(self, client._web_tracker(None, None, None, False), None)
         visitor_id = read_visitor_id(info.cookie_headers, self._cookie_name)
         allowed = not (settings.respect_gpc and info.gpc) and (
-            settings.should_track is None or bool(settings.should_track(info))
+            settings.should_track is None or _consents(settings.should_track, info)
         )
         set_cookie = None
         if allowed and visitor_id is None:
@@ -151,3 +159,12 @@ class Visits:
             set_cookie = set_cookie_header(visitor_id, info.host, info.https, settings.cookie)
         tracker = client._web_tracker(visitor_id, info.user_agent, info.ip, allowed)
         return Visit(self, tracker, set_cookie)
+
+
+def _consents(should_track: TrackDecision, info: RequestInfo) -> bool:
+    """Your consent callback; when it fails, the visitor is not tracked (the safe answer)."""
+    try:
+        return bool(should_track(info))
+    except Exception:
+        logger.exception(LOG_SHOULD_TRACK_FAILED)
+        return False
