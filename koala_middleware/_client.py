@@ -86,6 +86,8 @@ class KoalaClient:
         if on_error is not None and not callable(on_error):
             raise TypeError("on_error must be a callable on_error(batch, error)")
         settings = DeliverySettings(base_url=f"{api_url}/web/projects/{public_key}", **options)
+        #: True when batches are sent before the hand-over returns (``sync=True``).
+        self.sync = sync
         self._sender: BackgroundSender | SyncSender = (
             SyncSender(settings, on_error) if sync else BackgroundSender(settings, on_error)
         )
@@ -97,12 +99,9 @@ class KoalaClient:
         _live_clients.add(self)
 
     def __repr__(self) -> str:
-        mode = "dry-run" if self.dry_run else "sync" if isinstance(self._sender, SyncSender) else "background"
+        mode = "dry-run" if self.dry_run else "sync" if self.sync else "background"
         return f"<KoalaClient {self.api_url} key={self.public_key!r} {mode}>"
 
-    @property
-    def sync(self) -> bool:
-        return isinstance(self._sender, SyncSender)
 
     def tracker(
         self, profile_id: str | None = None, email: str | None = None, user_agent: str | None = None
