@@ -19,7 +19,7 @@ from typing import Any
 import httpx
 import pytest
 from conftest import FAST_RETRIES
-from e2e.servers import Server, free_port, serve
+from e2e.servers import Server, free_port, serve, wait_until
 
 from koala_middleware import Batch, DeliveryError, KoalaClient
 from koala_middleware._delivery import (
@@ -61,14 +61,6 @@ def faulty(collector: Collector) -> Iterator[tuple[KoalaClient, Errors]]:
     yield client, errors
     client.shutdown(1)
 
-
-def wait_until(condition: Any, timeout: float = 10.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.01)
-    return True
 
 
 # -- outages ------------------------------------------------------------------------------------

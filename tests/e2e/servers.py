@@ -8,9 +8,14 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
+
+import httpx
+
+from koala_middleware.testing import Collector
 
 ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
@@ -73,3 +78,29 @@ def serve(args: list[str], port: int, env: Mapping[str, str] | None = None) -> I
         yield server
     finally:
         server.terminate()
+
+
+def collector_env(koala: Collector) -> dict[str, str]:
+    """The environment that points a served app's ``KoalaClient()`` at ``koala``."""
+    return {"KOALA_API_URL": koala.url, "KOALA_PUBLIC_KEY": "pk_test"}
+
+
+def batches_from(koala: Collector, ua: str, path: str = "/batch") -> list[dict[str, Any]]:
+    """Accepted batch bodies sent with User-Agent ``ua`` (each test uses its own UA)."""
+    return [r.json() for r in koala.requests(path) if r.headers.get("user-agent") == ua]
+
+
+def wait_until(condition: Callable[[], bool], timeout: float = 15.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.02)
+    return True
+
+
+def ko_id_cookie(response: httpx.Response) -> str | None:
+    """The response's one ``ko_id`` Set-Cookie, or None (two would be a bug)."""
+    cookies = [c for c in response.headers.get_list("set-cookie") if c.startswith("ko_id=")]
+    assert len(cookies) <= 1
+    return cookies[0] if cookies else None

@@ -9,16 +9,15 @@ from __future__ import annotations
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import AbstractContextManager
 from pathlib import Path
-from typing import Any
 
 import gunicorn.config
 import httpx
 import pytest
 
-from e2e.servers import Server, free_port, serve
+from e2e.servers import Server, batches_from, collector_env, free_port, ko_id_cookie, serve, wait_until
 from koala_middleware.testing import Collector
 
 APP = "tests.e2e.apps.flask_app:app"
@@ -31,7 +30,7 @@ NO_CONTROL_SOCKET = [
 def gunicorn(koala: Collector) -> AbstractContextManager[Server]:
     port = free_port()
     args = ["gunicorn", "--preload", "-w", "2", "--threads", "4", "-b", f"127.0.0.1:{port}", *NO_CONTROL_SOCKET, APP]
-    return serve(args, port, env={"KOALA_API_URL": koala.url, "KOALA_PUBLIC_KEY": "pk_test"})
+    return serve(args, port, env=collector_env(koala))
 
 
 @pytest.fixture(scope="module")
@@ -50,35 +49,19 @@ def user_agent() -> str:
     return f"Mozilla/5.0 (gunicorn-e2e {uuid.uuid4().hex[:8]})"
 
 
-def bodies(koala: Collector, ua: str, path: str = "/batch") -> list[dict[str, Any]]:
-    return [r.json() for r in koala.requests(path) if r.headers.get("user-agent") == ua]
 
-
-def wait_until(condition: Callable[[], bool], timeout: float = 15.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.02)
-    return True
-
-
-def ko_id(response: httpx.Response) -> str | None:
-    cookies = [c for c in response.headers.get_list("set-cookie") if c.startswith("ko_id=")]
-    assert len(cookies) <= 1
-    return cookies[0] if cookies else None
 
 
 def test_cookie_for_new_returning_and_forged_visitors(server: Server) -> None:
     new = httpx.get(server.url + "/visitor")
-    cookie = ko_id(new)
+    cookie = ko_id_cookie(new)
     assert cookie == f"ko_id={new.text}; Path=/; Max-Age=31536000; SameSite=Lax"  # host-only on an IP
     returning = httpx.get(server.url + "/visitor", headers={"Cookie": f"a=1; ko_id={new.text}"})
-    assert returning.text == new.text and ko_id(returning) is None
+    assert returning.text == new.text and ko_id_cookie(returning) is None
     forged = httpx.get(server.url + "/visitor", headers={"Cookie": "ko_id=forged<>value"})
-    assert forged.text not in (new.text, "forged<>value") and "forged" not in (ko_id(forged) or "forged")
+    assert forged.text not in (new.text, "forged<>value") and "forged" not in (ko_id_cookie(forged) or "forged")
     named = httpx.get(server.url + "/visitor", headers={"Host": "www.example.com"})
-    assert "; Domain=example.com;" in (ko_id(named) or "")
+    assert "; Domain=example.com;" in (ko_id_cookie(named) or "")
 
 
 def test_both_preloaded_workers_deliver_with_the_visitors_user_agent(server: Server, koala: Collector) -> None:
@@ -101,8 +84,8 @@ def test_both_preloaded_workers_deliver_with_the_visitors_user_agent(server: Ser
             thread.join(15)
     assert len(pids) == 2, f"only one worker answered: {pids}"
     sent = sum(pids.values())
-    assert wait_until(lambda: len(bodies(koala, ua)) == sent), (len(bodies(koala, ua)), sent)
-    received = bodies(koala, ua)
+    assert wait_until(lambda: len(batches_from(koala, ua)) == sent), (len(batches_from(koala, ua)), sent)
+    received = batches_from(koala, ua)
     assert {str(b["events"][0]["properties"]["pid"]) for b in received} == set(pids)
     assert all(b["ip"] == "127.0.0.1" and len(b["events"]) == 1 for b in received)
     assert all(b["events"][0]["event"] == "Pinged" for b in received)
@@ -115,14 +98,14 @@ def test_streaming_stays_streaming_and_its_events_arrive_after_close(
     gate = tmp_path / "gate"
     url = f"{server.url}/stream?gate={gate}"
     with httpx.stream("GET", url, headers={"User-Agent": ua}, timeout=20) as response:
-        assert ko_id(response) is not None
+        assert ko_id_cookie(response) is not None
         lines = response.iter_lines()
         assert next(lines) == "first"  # arrived while the handler is still waiting on the gate
-        assert not gate.exists() and bodies(koala, ua) == []
+        assert not gate.exists() and batches_from(koala, ua) == []
         gate.touch()
         assert list(lines) == ["second"]
-    assert wait_until(lambda: len(bodies(koala, ua)) == 1)
-    (body,) = bodies(koala, ua)
+    assert wait_until(lambda: len(batches_from(koala, ua)) == 1)
+    (body,) = batches_from(koala, ua)
     assert body["events"][0]["event"] == "Streamed" and body["events"][0]["properties"] == {"gate_seen": True}
 
 
@@ -130,8 +113,8 @@ def test_handler_that_raises_gets_a_500_and_its_events_are_delivered(server: Ser
     ua = user_agent()
     response = httpx.get(server.url + "/boom", headers={"User-Agent": ua})
     assert response.status_code == 500
-    assert wait_until(lambda: len(bodies(koala, ua)) == 1)
-    assert bodies(koala, ua)[0]["events"][0]["event"] == "Started Checkout"
+    assert wait_until(lambda: len(batches_from(koala, ua)) == 1)
+    assert batches_from(koala, ua)[0]["events"][0]["event"] == "Started Checkout"
 
 
 def test_a_slow_koala_does_not_slow_responses_and_everything_arrives_by_shutdown() -> None:

@@ -11,15 +11,14 @@ import signal
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import AbstractContextManager
 from pathlib import Path
-from typing import Any
 
 import httpx
 import pytest
 
-from e2e.servers import Server, free_port, serve
+from e2e.servers import Server, batches_from, collector_env, free_port, ko_id_cookie, serve, wait_until
 from koala_middleware.testing import Collector
 
 FASTAPI_APP = "tests.e2e.apps.fastapi_app:app"
@@ -29,7 +28,7 @@ BARE_APP = "tests.e2e.apps.asgi_app:app"
 def uvicorn(koala: Collector, app: str, *options: str) -> AbstractContextManager[Server]:
     port = free_port()
     args = ["uvicorn", app, "--host", "127.0.0.1", "--port", str(port), "--no-access-log", *options]
-    return serve(args, port, env={"KOALA_API_URL": koala.url, "KOALA_PUBLIC_KEY": "pk_test"})
+    return serve(args, port, env=collector_env(koala))
 
 
 @pytest.fixture(scope="module")
@@ -49,27 +48,11 @@ def user_agent() -> str:
     return f"Mozilla/5.0 (uvicorn-e2e {uuid.uuid4().hex[:8]})"
 
 
-def bodies(koala: Collector, ua: str, path: str = "/batch") -> list[dict[str, Any]]:
-    return [r.json() for r in koala.requests(path) if r.headers.get("user-agent") == ua]
 
-
-def wait_until(condition: Callable[[], bool], timeout: float = 15.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.02)
-    return True
-
-
-def ko_id(response: httpx.Response) -> str | None:
-    cookies = [c for c in response.headers.get_list("set-cookie") if c.startswith("ko_id=")]
-    assert len(cookies) <= 1
-    return cookies[0] if cookies else None
 
 
 def message_ids(koala: Collector, ua: str) -> list[str]:
-    return [e["message_id"] for b in bodies(koala, ua) for e in b.get("events", [])]
+    return [e["message_id"] for b in batches_from(koala, ua) for e in b.get("events", [])]
 
 
 # -- one shared server ----------------------------------------------------------------------
@@ -77,16 +60,16 @@ def message_ids(koala: Collector, ua: str) -> list[str]:
 
 def test_cookie_for_new_returning_and_forged_visitors_and_several_cookie_headers(server: Server) -> None:
     new = httpx.get(server.url + "/visitor")
-    assert ko_id(new) == f"ko_id={new.text}; Path=/; Max-Age=31536000; SameSite=Lax"  # host-only on an IP
+    assert ko_id_cookie(new) == f"ko_id={new.text}; Path=/; Max-Age=31536000; SameSite=Lax"  # host-only on an IP
     returning = httpx.get(server.url + "/visitor", headers={"Cookie": f"a=1; ko_id={new.text}"})
-    assert returning.text == new.text and ko_id(returning) is None
+    assert returning.text == new.text and ko_id_cookie(returning) is None
     # Two Cookie header lines (as HTTP/2 clients send them): the id in the second one counts.
     split = httpx.get(server.url + "/visitor", headers=[("Cookie", "a=1"), ("Cookie", f"ko_id={new.text}")])
-    assert split.text == new.text and ko_id(split) is None
+    assert split.text == new.text and ko_id_cookie(split) is None
     forged = httpx.get(server.url + "/visitor", headers={"Cookie": "ko_id=forged<>value"})
-    assert forged.text not in (new.text, "forged<>value") and "forged" not in (ko_id(forged) or "forged")
+    assert forged.text not in (new.text, "forged<>value") and "forged" not in (ko_id_cookie(forged) or "forged")
     named = httpx.get(server.url + "/visitor", headers={"Host": "www.example.com"})
-    assert "; Domain=example.com;" in (ko_id(named) or "")
+    assert "; Domain=example.com;" in (ko_id_cookie(named) or "")
 
 
 def test_the_apps_own_set_cookies_survive(server: Server) -> None:
@@ -102,9 +85,9 @@ def test_events_arrive_with_the_visitors_user_agent_and_an_untrusted_forwarded_f
         httpx.get(server.url + path, headers={"User-Agent": ua, "X-Forwarded-For": "198.51.100.9"}).text
         for path in ("/track", "/sync")
     ]
-    assert wait_until(lambda: len(bodies(koala, ua)) == 2)
+    assert wait_until(lambda: len(batches_from(koala, ua)) == 2)
     assert sorted(message_ids(koala, ua)) == sorted(sent)  # the sync handler's too
-    assert {b["ip"] for b in bodies(koala, ua)} == {"127.0.0.1"}  # 127.0.0.1 is not a trusted proxy here
+    assert {b["ip"] for b in batches_from(koala, ua)} == {"127.0.0.1"}  # 127.0.0.1 is not a trusted proxy here
 
 
 def test_streaming_stays_streaming_and_its_events_arrive_after_the_last_chunk(
@@ -114,14 +97,14 @@ def test_streaming_stays_streaming_and_its_events_arrive_after_the_last_chunk(
     gate = tmp_path / "gate"
     with httpx.stream("GET", server.url + "/stream", params={"gate": str(gate)}, headers={"User-Agent": ua},
                       timeout=20) as response:
-        assert ko_id(response) is not None
+        assert ko_id_cookie(response) is not None
         lines = response.iter_lines()
         assert next(lines) == "first"  # arrived while the generator is still waiting on the gate
-        assert not gate.exists() and bodies(koala, ua) == []
+        assert not gate.exists() and batches_from(koala, ua) == []
         gate.touch()
         assert list(lines) == ["second"]
-    assert wait_until(lambda: len(bodies(koala, ua)) == 1)
-    (event,) = bodies(koala, ua)[0]["events"]
+    assert wait_until(lambda: len(batches_from(koala, ua)) == 1)
+    (event,) = batches_from(koala, ua)[0]["events"]
     assert event["event"] == "Streamed" and event["properties"] == {"gate_seen": True, "current": True}
 
 
@@ -129,8 +112,8 @@ def test_handler_that_raises_gets_a_500_and_its_events_are_delivered(server: Ser
     ua = user_agent()
     response = httpx.get(server.url + "/boom", headers={"User-Agent": ua})
     assert response.status_code == 500
-    assert wait_until(lambda: len(bodies(koala, ua)) == 1)
-    assert bodies(koala, ua)[0]["events"][0]["event"] == "Started Checkout"
+    assert wait_until(lambda: len(batches_from(koala, ua)) == 1)
+    assert batches_from(koala, ua)[0]["events"][0]["event"] == "Started Checkout"
 
 
 # -- a server per test: shutdown ----------------------------------------------------------
@@ -179,7 +162,7 @@ def test_a_slow_koala_does_not_slow_responses_and_sigterm_delivers_everything() 
             assert not slow.requests()  # none answered yet: all 16 are pending at SIGTERM
             shut_down_cleanly(server)  # the FastAPI app's own lifespan does not get in the way
         assert sorted(message_ids(slow, ua)) == sorted(sent), server.output[-3000:]  # all, none twice
-        assert {b["ip"] for b in bodies(slow, ua)} == {"198.51.100.9"}
+        assert {b["ip"] for b in batches_from(slow, ua)} == {"198.51.100.9"}
         assert "koala-e2e: the app's lifespan shutdown ran" in server.output
 
 
