@@ -90,7 +90,7 @@ class DeliverySettings:
     timeout: float = 5.0
     max_queue_batches: int = 10_000
     max_queue_bytes: int = 32 * 1024 * 1024
-    max_in_flight: int = 50
+    max_in_flight: int = 100
     connections_per_pool: int = 5
     max_retries: int = 8
     backoff_base: float = 0.5
