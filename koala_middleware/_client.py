@@ -10,6 +10,7 @@ from __future__ import annotations
 import atexit
 import collections
 import dataclasses
+import json
 import logging
 import os
 import re
@@ -135,6 +136,21 @@ class KoalaClient:
             logger.info(LOG_DRY_RUN, batch.path, batch.body.decode())
             return
         self._sender.submit(batch)
+
+    def describe(self, batch: Batch) -> str:
+        """A batch as Koala would receive it, for people: request line, User-Agent, then
+        the JSON body with one line per field and per array item (dry-run demos, logs)."""
+        key = self.public_key or "<your public key>"
+        lines = [f"POST {self.api_url}/web/projects/{key}{batch.path}", f"User-Agent: {batch.user_agent}", "{"]
+        fields = list(batch.json().items())
+        for index, (name, value) in enumerate(fields):
+            comma = "," if index < len(fields) - 1 else ""
+            if isinstance(value, list):
+                items = ",\n".join("    " + json.dumps(item) for item in value)
+                lines.append(f'  "{name}": [\n{items}\n  ]{comma}')
+            else:
+                lines.append(f'  "{name}": {json.dumps(value)}{comma}')
+        return "\n".join([*lines, "}"])
 
     def flush(self, timeout: float = 5.0) -> bool:
         """Wait until everything handed over so far is delivered or given up.

@@ -117,3 +117,16 @@ def test_middleware_options_are_split_from_client_options(collector: Collector) 
         KoalaWSGIMiddleware(app, cookie_flavour="choc")
     with pytest.raises(TypeError, match="pass client options"):
         KoalaWSGIMiddleware(app, client=middleware.client, timeout=3)
+
+
+def test_describe_shows_a_batch_as_koala_would_receive_it() -> None:
+    client = KoalaClient(dry_run=True)
+    with client.tracker(email="ada@example.com", user_agent="UA/1") as tracker:
+        tracker.track("Signed Up")
+    [batch] = client.dry_run_batches
+    text = client.describe(batch)
+    lines = text.splitlines()
+    assert lines[0] == "POST https://api2.getkoala.com/web/projects/<your public key>/batch"
+    assert lines[1] == "User-Agent: UA/1"
+    assert '  "email": "ada@example.com",' in lines
+    assert __import__("json").loads("\n".join(lines[2:])) == batch.json()

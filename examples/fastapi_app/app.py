@@ -13,7 +13,6 @@ It needs only FastAPI (and uvicorn to serve): forms are read without python-mult
 from __future__ import annotations
 
 import html
-import json
 import logging
 import os
 import secrets
@@ -26,7 +25,7 @@ from urllib.parse import parse_qsl
 from fastapi import Depends, FastAPI, HTTPException, Request, Response
 from fastapi.responses import HTMLResponse, PlainTextResponse, RedirectResponse
 
-from koala_middleware import Batch, KoalaClient, Tracker, current_tracker
+from koala_middleware import KoalaClient, Tracker, current_tracker
 from koala_middleware.fastapi import KoalaASGIMiddleware, KoalaTracker
 
 FREE_MAIL = {"gmail.com", "outlook.com", "yahoo.com", "hotmail.com", "icloud.com", "proton.me"}
@@ -44,21 +43,6 @@ def company_domain(email: str) -> str:
     domain = email.rpartition("@")[2].lower()
     return "" if domain in FREE_MAIL else domain
 
-
-def describe(client: KoalaClient, batch: Batch) -> str:
-    """One batch as Koala would receive it: request line, User-Agent, then the JSON body
-    with one line per field and per array item."""
-    key = client.public_key or "<your public key>"
-    lines = [f"POST {client.api_url}/web/projects/{key}{batch.path}", f"User-Agent: {batch.user_agent}", "{"]
-    fields = list(batch.json().items())
-    for index, (name, value) in enumerate(fields):
-        comma = "," if index < len(fields) - 1 else ""
-        if isinstance(value, list):
-            items = ",\n".join("    " + json.dumps(item) for item in value)
-            lines.append(f'  "{name}": [\n{items}\n  ]{comma}')
-        else:
-            lines.append(f'  "{name}": {json.dumps(value)}{comma}')
-    return "\n".join([*lines, "}"])
 
 
 def record_upgrade(user: User, plan: str, seats: int) -> None:
@@ -226,7 +210,7 @@ def render(client: KoalaClient, koala: Tracker, user: User | None, error: str) -
     else:
         forms = SIGNED_IN.format(name=esc(user.name), email=esc(user.email), domain=esc(user.domain or "(none)"))
     if client.dry_run:
-        shown = [f"<pre>{esc(describe(client, b))}</pre>" for b in reversed(list(client.dry_run_batches)[-5:])]
+        shown = [f"<pre>{esc(client.describe(b))}</pre>" for b in reversed(list(client.dry_run_batches)[-5:])]
         koala_part = (
             "<p>Dry-run mode (no <code>KOALA_PUBLIC_KEY</code>): the last batches it would have sent, "
             "newest first (from every visitor of this demo):</p>"
@@ -281,7 +265,7 @@ def tour() -> None:
                 if not batches:
                     print("   (nothing recorded, so no batch)")
                 for batch in batches:
-                    print("   " + describe(client, batch).replace("\n", "\n   "))
+                    print("   " + client.describe(batch).replace("\n", "\n   "))
                 print()
     finally:
         for logger, level in zip(quiet, levels):

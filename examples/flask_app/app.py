@@ -11,7 +11,6 @@ are shown on the page. Users live in memory; this is a demo, not an auth system.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import secrets
@@ -20,7 +19,7 @@ import sys
 from flask import Flask, redirect, render_template_string, request, session, url_for
 from werkzeug.wrappers import Response
 
-from koala_middleware import Batch, KoalaClient
+from koala_middleware import KoalaClient
 from koala_middleware.flask import Koala
 
 FREE_MAIL = {"gmail.com", "outlook.com", "yahoo.com", "hotmail.com", "icloud.com", "proton.me"}
@@ -61,21 +60,6 @@ form{display:inline-block;margin:.3rem 1rem .3rem 0}pre{background:#f4f4f4;paddi
 </body></html>"""
 
 
-def describe(client: KoalaClient, batch: Batch) -> str:
-    """One batch as Koala would receive it: request line, User-Agent, then the JSON body
-    with one line per field and per array item."""
-    key = client.public_key or "<your public key>"
-    lines = [f"POST {client.api_url}/web/projects/{key}{batch.path}", f"User-Agent: {batch.user_agent}", "{"]
-    fields = list(batch.json().items())
-    for index, (name, value) in enumerate(fields):
-        comma = "," if index < len(fields) - 1 else ""
-        if isinstance(value, list):
-            items = ",\n".join("    " + json.dumps(item) for item in value)
-            lines.append(f'  "{name}": [\n{items}\n  ]{comma}')
-        else:
-            lines.append(f'  "{name}": {json.dumps(value)}{comma}')
-    return "\n".join([*lines, "}"])
-
 
 def create_app(client: KoalaClient) -> Flask:
     app = Flask(__name__)
@@ -84,7 +68,7 @@ def create_app(client: KoalaClient) -> Flask:
     users: dict[str, dict[str, str]] = {}  # email -> name, email, company domain
 
     def page(error: str | None = None, status: int = 200) -> tuple[str, int]:
-        batches = [describe(client, b) for b in reversed(list(client.dry_run_batches)[-5:])]
+        batches = [client.describe(b) for b in reversed(list(client.dry_run_batches)[-5:])]
         user = users.get(session.get("email", ""))
         return render_template_string(PAGE, user=user, error=error, client=client, batches=batches), status
 
@@ -201,7 +185,7 @@ def _tour() -> None:
         if not batches:
             print("   (nothing recorded, so no batch)")
         for batch in batches:
-            print("   " + describe(client, batch).replace("\n", "\n   "))
+            print("   " + client.describe(batch).replace("\n", "\n   "))
         print()
     print(f"{seen} batches in all: each request's records, per person and per account, after its response.\n")
 
