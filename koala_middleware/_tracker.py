@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import contextvars
 import datetime
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
 from . import _protocol
@@ -241,9 +241,7 @@ class Tracker(_Recorder):
         self.send()
 
 
-def bind(tracker: Tracker | None) -> contextvars.Token[Tracker | None]:
-    return _current.set(tracker)
-
-
-def unbind(token: contextvars.Token[Tracker | None]) -> None:
-    _current.reset(token)
+#: ``bind(tracker) -> token`` makes ``tracker`` ``current_tracker()``; ``unbind(token)`` undoes
+#: it. The context variable's own methods, not wrappers: they run several times per request.
+bind: Callable[[Tracker | None], contextvars.Token[Tracker | None]] = _current.set
+unbind: Callable[[contextvars.Token[Tracker | None]], None] = _current.reset

@@ -133,30 +133,32 @@ class Visit:
 class Visits:
     """Per-middleware-instance rules: settings, and the client that receives trackers."""
 
-    __slots__ = ("client", "settings", "_cookie_name")
+    __slots__ = ("client", "settings", "_cookie_name", "_excluded", "_respect_gpc", "_should_track")
 
     def __init__(self, client: KoalaClient, settings: MiddlewareSettings) -> None:
         self.client = client
         self.settings = settings
+        # Read once: ``start`` runs on every request.
         self._cookie_name = settings.cookie.name
+        self._excluded = settings.excluded if settings.exclude_paths else None
+        self._respect_gpc = settings.respect_gpc
+        self._should_track = settings.should_track
 
     def visitor_id(self, cookie_headers: Iterable[str]) -> str | None:
         """The visitor's valid ``ko_id``, for code that only reads it (websockets)."""
         return read_visitor_id(cookie_headers, self._cookie_name)
 
     def start(self, info: RequestInfo) -> Visit:
-        settings = self.settings
         client = self.client
-        if settings.exclude_paths and settings.excluded(info.path):
+        if self._excluded is not None and self._excluded(info.path):
             return Visit(self, client._web_tracker(None, None, None, False), None)
         visitor_id = read_visitor_id(info.cookie_headers, self._cookie_name)
-        allowed = not (settings.respect_gpc and info.gpc) and (
-            settings.should_track is None or _consents(settings.should_track, info)
-        )
+        should_track = self._should_track
+        allowed = not (self._respect_gpc and info.gpc) and (should_track is None or _consents(should_track, info))
         set_cookie = None
         if allowed and visitor_id is None:
             visitor_id = new_visitor_id()
-            set_cookie = set_cookie_header(visitor_id, info.host, info.https, settings.cookie)
+            set_cookie = set_cookie_header(visitor_id, info.host, info.https, self.settings.cookie)
         tracker = client._web_tracker(visitor_id, info.user_agent, info.ip, allowed)
         return Visit(self, tracker, set_cookie)
 

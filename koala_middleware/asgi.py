@@ -82,15 +82,15 @@ def request_info(scope: Scope) -> RequestInfo:
         host = server[0]  # no Host header (HTTP/1.0); a unix socket path is refused later
     client = scope.get("client")
     return RequestInfo(
-        method=scope.get("method", "GET"),
-        scheme=scope.get("scheme", "http"),
-        host=host,
-        path=scope.get("path") or "/",
-        cookie_headers=cookies,
-        user_agent=user_agent,
-        ip=client[0] if client else None,
-        gpc=gpc,
-        raw=scope,
+        scope.get("method", "GET"),
+        scope.get("scheme", "http"),
+        host,
+        scope.get("path") or "/",
+        cookies,
+        user_agent,
+        client[0] if client else None,
+        gpc,
+        scope,
     )
 
 

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 from ._client import KoalaClient
 from ._request import RequestInfo
+from ._tracker import bind, unbind
 from ._visit import Visit, Visits, configure
 
 if TYPE_CHECKING:
@@ -37,69 +38,61 @@ def request_info(environ: WSGIEnvironment) -> RequestInfo:
         # PEP 3333 hands the raw path bytes over as latin-1; ASGI gives decoded text.
         path = path.encode("latin-1").decode("utf-8", "replace")
     return RequestInfo(
-        method=environ.get("REQUEST_METHOD", "GET"),
-        scheme=environ.get("wsgi.url_scheme", "http"),
-        host=environ.get("HTTP_HOST") or environ.get("SERVER_NAME"),
-        path=path,
-        cookie_headers=[cookie] if cookie else [],
-        user_agent=environ.get("HTTP_USER_AGENT") or None,
-        ip=environ.get("REMOTE_ADDR") or None,
-        gpc=environ.get("HTTP_SEC_GPC") == "1",
-        raw=environ,
+        environ.get("REQUEST_METHOD", "GET"),
+        environ.get("wsgi.url_scheme", "http"),
+        environ.get("HTTP_HOST") or environ.get("SERVER_NAME"),
+        path,
+        [cookie] if cookie else [],
+        environ.get("HTTP_USER_AGENT") or None,
+        environ.get("REMOTE_ADDR") or None,
+        environ.get("HTTP_SEC_GPC") == "1",
+        environ,
     )
 
 
 class _ClosingIterable:
     """The app's response iterable, unchanged but for a ``close()`` that finishes the visit.
 
-    Iterating is delegated (so chunks go out as the app yields them); ``close()`` closes
+    Iterating is delegated (so chunks go out as the app yields them), with the tracker
+    ``current_tracker()`` while the app produces each chunk, and only then: the server's
+    thread is left clean between chunks, and even if it never closes. ``close()`` closes
     the app's iterable first, as PEP 3333 requires of middleware, then hands the tracker
-    over, even if the app's ``close()`` raised.
+    over, even if the app's ``close()`` raised. One object is both the iterable and its
+    iterator, so a request costs one wrapper.
     """
 
-    __slots__ = ("_iterable", "_visit")
+    __slots__ = ("_iterable", "_iterator", "_tracker", "_visit")
 
     def __init__(self, iterable: Iterable[bytes], visit: Visit) -> None:
         self._iterable = iterable
+        self._iterator: Iterator[bytes] | None = None
+        self._tracker = visit.tracker
         self._visit: Visit | None = visit
 
     def __iter__(self) -> Iterator[bytes]:
-        if self._visit is None:
-            return iter(self._iterable)
-        return _BoundIterator(iter(self._iterable), self._visit)
+        self._iterator = iter(self._iterable)
+        return self
+
+    def __next__(self) -> bytes:
+        token = bind(self._tracker)
+        try:
+            return next(self._iterator)  # type: ignore[arg-type]
+        finally:
+            unbind(token)
 
     def close(self) -> None:
         visit, self._visit = self._visit, None
         if visit is None:  # some servers close twice
             return
+        close = getattr(self._iterable, "close", None)
+        if close is None:
+            visit.finish()
+            return
         visit.bind()  # cleanup code in the app (a generator's finally) may still record
         try:
-            close = getattr(self._iterable, "close", None)
-            if close is not None:
-                close()
+            close()
         finally:
             visit.finish()
-
-
-class _BoundIterator:
-    """Makes the tracker ``current_tracker()`` while the app produces each chunk, and only
-    then: the server's thread is left clean between chunks, and even if it never closes."""
-
-    __slots__ = ("_iterator", "_visit")
-
-    def __init__(self, iterator: Iterator[bytes], visit: Visit) -> None:
-        self._iterator = iterator
-        self._visit = visit
-
-    def __iter__(self) -> Iterator[bytes]:
-        return self
-
-    def __next__(self) -> bytes:
-        self._visit.bind()
-        try:
-            return next(self._iterator)
-        finally:
-            self._visit.unbind()
 
 
 class _SizedClosingIterable(_ClosingIterable):
@@ -130,25 +123,38 @@ class KoalaWSGIMiddleware:
     def __call__(self, environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
         visit = self.visits.start(request_info(environ))
         environ[ENVIRON_KEY] = visit.tracker
-
-        def start_with_cookie(status: str, headers: list[tuple[str, str]], exc_info: Any = None) -> Any:
-            # Called again with exc_info when an error replaces the response: the new
-            # headers need the cookie too, and the server decides whether to re-raise.
-            cookie = visit.cookie_for(_status_code(status), _cache_control(headers))
-            if cookie:
-                headers = [*headers, ("Set-Cookie", cookie)]
-            return start_response(status, headers, exc_info)
-
+        if visit.set_cookie is not None:
+            start_response = _StartWithCookie(start_response, visit)
         visit.bind()
         try:
-            iterable = self.app(environ, start_with_cookie if visit.set_cookie else start_response)
+            iterable = self.app(environ, start_response)
         except BaseException:
             visit.finish()  # what the handler recorded before raising is still sent
             raise
-        visit.unbind()  # bound again while the app makes each chunk (see _BoundIterator)
+        visit.unbind()  # bound again while the app makes each chunk (see _ClosingIterable)
         if hasattr(iterable, "__len__"):
             return _SizedClosingIterable(iterable, visit)
         return _ClosingIterable(iterable, visit)
+
+
+class _StartWithCookie:
+    """``start_response`` for a new visitor: adds the ``Set-Cookie`` the response may carry.
+
+    Called again with ``exc_info`` when an error replaces the response: the new headers
+    need the cookie too, and the server decides whether to re-raise.
+    """
+
+    __slots__ = ("_start_response", "_visit")
+
+    def __init__(self, start_response: StartResponse, visit: Visit) -> None:
+        self._start_response = start_response
+        self._visit = visit
+
+    def __call__(self, status: str, headers: list[tuple[str, str]], exc_info: Any = None) -> Any:
+        cookie = self._visit.cookie_for(_status_code(status), _cache_control(headers))
+        if cookie:
+            headers = [*headers, ("Set-Cookie", cookie)]
+        return self._start_response(status, headers, exc_info)
 
 
 def _status_code(status: str) -> int:
