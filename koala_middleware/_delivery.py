@@ -46,11 +46,6 @@ import httpx
 
 from ._protocol import Batch
 
-try:
-    import sniffio
-except ImportError:  # a declared dependency, but its absence must not break the host app
-    sniffio = None
-
 logger = logging.getLogger("koala_middleware")
 
 LOG_DROPPED = (
@@ -588,10 +583,7 @@ class BackgroundSender(_Sender):
     def _run_thread(self) -> None:
         running = self._running
         running.acquire()
-        if sniffio is not None:
-            # httpcore and anyio ask sniffio which async library runs, several times a
-            # request; this thread's answer is known, and set, it is the cheapest lookup.
-            sniffio.thread_local.name = "asyncio"
+        _declare_asyncio()
         loop = asyncio.SelectorEventLoop(_ParkingSelector(running))
         try:
             loop.run_until_complete(self._main())
@@ -744,10 +736,12 @@ class _Poster:
     """Posts a batch straight through a transport, with what every request shares built once.
 
     ``httpx.AsyncClient`` would merge default headers, cookies, auth and redirects into
-    each request, none of which a post to Koala needs; that was about a third of the
-    sender's CPU per batch. The request is the one ``client.post`` would make (the same
-    ``Host``, ``Content-Type``, ``Content-Length``, ``User-Agent`` and per-request
-    timeouts), and the response is read in full, so retries classify it as before.
+    each request, none of which a post to Koala needs; skipping them saves about a fifth
+    of the sender's CPU per batch. The request carries what Koala reads (``Host``,
+    ``Content-Type``, ``Content-Length``, ``User-Agent``; not httpx's ``Accept*`` and
+    ``Connection`` defaults) and the same per-request timeouts; the response is read in
+    full, so retries classify it as before. A ``transport=`` given for tests goes the
+    same way.
     """
 
     __slots__ = ("_base", "_extensions", "_host", "_urls")
@@ -782,6 +776,16 @@ class _Poster:
         finally:
             await response.aclose()
         return response
+
+
+def _declare_asyncio() -> None:
+    """Tell sniffio this thread runs asyncio: httpcore and anyio ask it about 18 times a
+    batch, and a thread's own answer is its cheapest lookup (some 7 µs, 1-2% of the CPU)."""
+    try:
+        import sniffio
+    except ImportError:  # a declared dependency, but its absence must not stop delivery
+        return
+    sniffio.thread_local.name = "asyncio"
 
 
 FORK_PARK_TIMEOUT = 1.0
