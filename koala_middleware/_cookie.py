@@ -109,27 +109,37 @@ def read_visitor_id(cookie_headers: Iterable[str], name: str = "ko_id") -> str |
 
     Several headers (HTTP/2) and duplicate cookies (same name, other Path or
     Domain) are common. Commas also separate cookies, because servers such as
-    gunicorn join repeated Cookie headers with ``,``.
+    gunicorn join repeated Cookie headers with ``,``. One regular-expression search per
+    header finds the first ``name`` cookie whose value (spaces and tabs around it, and
+    one pair of double quotes, aside) is a valid id: this runs on every request.
     """
     if isinstance(cookie_headers, str):
         cookie_headers = (cookie_headers,)
+    pattern = _visitor_id_patterns.get(name)
+    if pattern is None:
+        pattern = _visitor_id_patterns[name] = _visitor_id_pattern(name)
     for header in cookie_headers:
         if not isinstance(header, str) or name not in header:
             continue
-        if "," in header:
-            header = header.replace(",", ";")
-        for part in header.split(";"):
-            if name not in part:
-                continue
-            key, _, value = part.partition("=")
-            if key.strip(" \t") != name:
-                continue
-            value = value.strip(" \t")
-            if len(value) == 38 and value[0] == '"' and value[-1] == '"':
-                value = value[1:-1]
-            if is_valid_visitor_id(value):
-                return value
+        found = pattern.search(header)
+        while found is not None:
+            # The name must start the cookie: only spaces or tabs since a separator.
+            before = header[: found.start()].rstrip(" \t")
+            if not before or before[-1] in ";,":
+                return found.group(2)
+            found = pattern.search(header, found.start() + 1)
     return None
+
+
+def _visitor_id_pattern(name: str) -> re.Pattern[str]:
+    """``name=<id>`` up to a separator (``;`` or ``,``) or the end, the id alone or in double
+    quotes. Starting with the name lets the search skip ahead to it; what precedes the
+    name is checked by the caller."""
+    return re.compile(re.escape(name) + r'[ \t]*=[ \t]*("?)(' + _UUID4.pattern + r")\1[ \t]*(?=[;,]|\Z)")
+
+
+# Compiled patterns by cookie name (names come from settings, never from the network).
+_visitor_id_patterns: dict[str, re.Pattern[str]] = {}
 
 
 def normalize_host(host: str) -> str | None:
@@ -225,6 +235,16 @@ def set_cookie_header(visitor_id: str, host: str | None, https: bool, settings: 
     """The Set-Cookie header value; never HttpOnly because the pixel reads the cookie."""
     if not is_valid_visitor_id(visitor_id):
         raise ValueError("visitor_id must be a canonical UUID v4 string from new_visitor_id()")
+    return _set_cookie_header(visitor_id, host, https, settings)
+
+
+def new_visitor_cookie(host: str | None, https: bool, settings: CookieSettings) -> tuple[str, str]:
+    """A fresh visitor id and its Set-Cookie header value (the id is valid by construction)."""
+    visitor_id = random_uuid4()
+    return visitor_id, _set_cookie_header(visitor_id, host, https, settings)
+
+
+def _set_cookie_header(visitor_id: str, host: str | None, https: bool, settings: CookieSettings) -> str:
     if not isinstance(host, str) or len(host) > _MAX_HOST_INPUT:
         host = None
     return settings.name + "=" + visitor_id + _cookie_attributes(host, bool(https), settings)

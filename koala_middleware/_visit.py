@@ -18,9 +18,8 @@ from ._client import CLIENT_ARGUMENTS, KoalaClient, client_from_options
 from ._cookie import (
     CookieSettings,
     may_set_cookie,
-    new_visitor_id,
+    new_visitor_cookie,
     read_visitor_id,
-    set_cookie_header,
 )
 from ._request import RequestInfo
 from ._tracker import Tracker, bind, unbind
@@ -157,8 +156,7 @@ class Visits:
         allowed = not (self._respect_gpc and info.gpc) and (should_track is None or _consents(should_track, info))
         set_cookie = None
         if allowed and visitor_id is None:
-            visitor_id = new_visitor_id()
-            set_cookie = set_cookie_header(visitor_id, info.host, info.https, self.settings.cookie)
+            visitor_id, set_cookie = new_visitor_cookie(info.host, info.https, self.settings.cookie)
         tracker = client._web_tracker(visitor_id, info.user_agent, info.ip, allowed)
         return Visit(self, tracker, set_cookie)
 
