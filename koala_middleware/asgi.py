@@ -128,8 +128,11 @@ class KoalaASGIMiddleware:
 
     async def _http(self, scope: Scope, receive: Receive, send: Send) -> None:
         visit = self.visits.start(request_info(scope))
-        scope[SCOPE_KEY] = visit.tracker
-        scope.setdefault("state", {})[STATE_KEY] = visit.tracker
+        scope[SCOPE_KEY] = tracker = visit.tracker
+        state = scope.get("state")
+        if state is None:  # not setdefault: that builds a dict on every request
+            state = scope["state"] = {}
+        state[STATE_KEY] = tracker
         if visit.set_cookie is not None:
             send = _with_cookie(send, visit)
         visit.bind()
