@@ -165,9 +165,12 @@ def run(quick: bool = False) -> list[Row]:
         rate = median([r for r, _ in results[name]])
         cpu = median([c for _, c in results[name]])
         ratio = median([r / s for (r, _), (s, _) in zip(results[name], results["sequential"])])
+        if name == "default settings":
+            target, met = ">= 1,000 batches/s and >= 20x", check(rate, 1000, at_most=False) and ratio >= 20
+        else:  # a comparison, not a promise
+            target, met = "(information)", None
         rows.append(Row("4", f"background sender, {name}",
-                        f"{rate:,.0f} batches/s, {cpu:.2f} ms sender CPU/batch", ratio,
-                        ">= 1,000 batches/s and >= 20x", check(rate, 1000, at_most=False) and ratio >= 20))
+                        f"{rate:,.0f} batches/s, {cpu:.2f} ms sender CPU/batch", ratio, target, met))
     rate = median([r for r, _ in results["reference"]])
     cpu = median([c for _, c in results["reference"]])
     ratio = median([r / s for (r, _), (s, _) in zip(results["reference"], results["sequential"])])
