@@ -50,7 +50,8 @@ class KoalaClient:
     :param timeout: seconds for each HTTP call to Koala.
     :param max_queue_batches: / ``max_queue_bytes``: the queue's bounds; past them new
         batches are dropped (counted in :attr:`stats`), never blocking a request.
-    :param max_in_flight: how many batches are posted at once.
+    :param max_in_flight: how many batches are posted at once (default 100), spread over
+        pools of ``connections_per_pool`` (default 5) kept-alive connections.
     :param max_retries: / ``backoff_base`` / ``max_backoff``: retry policy for network
         errors, 408, 429 and 5xx.
     :param sync: send each batch before the hand-over returns (serverless, scripts).

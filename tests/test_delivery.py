@@ -6,6 +6,7 @@ Fault scenarios end to end (outages, hangs, shutdown) are in ``test_faults.py``.
 from __future__ import annotations
 
 import email.utils
+import json
 import logging
 import threading
 import time
@@ -260,3 +261,37 @@ def test_submits_from_many_threads_are_all_accounted(client: KoalaClient, collec
     ids = collector.message_ids()
     assert len(ids) == len(set(ids)) == 400 == client.stats.events_delivered
     assert sorted(e["properties"]["n"] for e in collector.events()) == list(range(400))
+
+
+def test_background_batches_go_through_a_user_transport() -> None:
+    """``transport=`` (e.g. httpx.MockTransport) takes the sender's real posting path."""
+    seen: list[httpx.Request] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        seen.append(request)
+        if b"Refused" in request.content:
+            return httpx.Response(400, text="bad event name")
+        return httpx.Response(200, json={"ok": True})
+
+    client = KoalaClient("pk_mock", api_url="https://koala.test", transport=httpx.MockTransport(handler))
+    with client.tracker(email="ada@example.com", user_agent="UA/mock") as tracker:
+        tracker.track("Accepted")
+    assert client.flush(5)
+    with client.tracker(email="ada@example.com") as tracker:
+        tracker.track("Refused")
+    assert client.flush(5)
+    client.shutdown(1)
+
+    first = seen[0]
+    assert first.method == "POST"
+    assert str(first.url) == "https://koala.test/web/projects/pk_mock/batch"
+    assert first.headers["content-type"] == "application/json"
+    assert first.headers["user-agent"] == "UA/mock"
+    assert int(first.headers["content-length"]) == len(first.content)
+    assert json.loads(first.content)["events"][0]["event"] == "Accepted"
+    stats = client.stats
+    assert stats.delivered == 1 and stats.dropped == {"rejected": 1}
+
+
+def test_default_max_in_flight_is_100_since_50_caps_at_1000_per_second_at_50_ms() -> None:
+    assert DeliverySettings(base_url="http://x").max_in_flight == 100
