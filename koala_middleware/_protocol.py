@@ -83,16 +83,15 @@ def visitor_batches(
     identifies: Sequence[str],
     user_agent: str,
 ) -> list[Batch]:
-    head = []
-    if profile_id is not None:
-        head.append(f'"profile_id":{quote(profile_id)}')
-    if email is not None:
-        head.append(f'"email":{quote(email)}')
-    if ip:
-        head.append(f'"ip":{quote(ip)}')
     if profile_id is None and email is None:
         raise ValueError("a Koala batch needs a profile_id or an email; pass one to tracker()")
-    return _split(",".join(head), events, event_ids, identifies, VISITOR_PATH, user_agent)
+    # Concatenated, not a list joined: this runs for every request that recorded something.
+    head = '"profile_id":' + quote(profile_id) if profile_id is not None else ""
+    if email is not None:
+        head += (',"email":' if head else '"email":') + quote(email)
+    if ip:
+        head += ',"ip":' + quote(ip)
+    return _split(head, events, event_ids, identifies, VISITOR_PATH, user_agent)
 
 
 def account_batches(
