@@ -50,13 +50,18 @@ class _Recorder:
         self._event_ids: list[str] = []
         self._identifies: list[str] = []
 
-    def _record_event(
+    def track(
         self,
         event: str,
-        properties: Mapping[str, Any] | None,
-        message_id: str | None,
-        sent_at: datetime.datetime | None,
+        properties: Mapping[str, Any] | None = None,
+        *,
+        message_id: str | None = None,
+        sent_at: datetime.datetime | None = None,
     ) -> str:
+        """Record an event (the person's, or the account's); returns its ``message_id``.
+
+        ``message_id`` is Koala's idempotency key: a UUID unless you pass your own.
+        """
         check_name(event)
         properties_json = encode_mapping(properties, "properties")
         message_id = random_uuid4() if message_id is None else check_id(message_id, "message_id")
@@ -94,17 +99,6 @@ class AccountRecorder(_Recorder):
         item = _protocol.account_identify_item(encode_mapping(traits, "traits"))
         if self._room():
             self._identifies.append(item)
-
-    def track(
-        self,
-        event: str,
-        properties: Mapping[str, Any] | None = None,
-        *,
-        message_id: str | None = None,
-        sent_at: datetime.datetime | None = None,
-    ) -> str:
-        """Record an account event; returns its ``message_id``."""
-        return self._record_event(event, properties, message_id, sent_at)
 
     def _batches(self, user_agent: str) -> list[_protocol.Batch]:
         return _protocol.account_batches(
@@ -166,17 +160,6 @@ class Tracker(_Recorder):
             if email is not None:
                 self.email = email
             self._identifies.append(item)
-
-    def track(
-        self,
-        event: str,
-        properties: Mapping[str, Any] | None = None,
-        *,
-        message_id: str | None = None,
-        sent_at: datetime.datetime | None = None,
-    ) -> str:
-        """Record an event; returns its ``message_id`` (a UUID unless you pass one)."""
-        return self._record_event(event, properties, message_id, sent_at)
 
     def account(
         self, domain: str, traits: Mapping[str, Any] | None = None, *, group_id: str | None = None

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -25,3 +28,18 @@ def client(collector: Collector) -> Iterator[KoalaClient]:
     koala = KoalaClient("pk_test", api_url=collector.url, **FAST_RETRIES)
     yield koala
     koala.shutdown(timeout=2)
+
+
+def run_tour(example: Path, home: Path) -> str:
+    """Run an example's ``--tour`` offline, as a user would, and return what it printed.
+
+    No KOALA_PUBLIC_KEY / KOALA_API_URL from the caller's environment: the tour needs neither.
+    """
+    root = Path(__file__).resolve().parent.parent
+    env = {"PATH": "/usr/bin:/bin", "HOME": str(home), "PYTHONPATH": str(root)}
+    result = subprocess.run(
+        [sys.executable, str(example), "--tour"], check=False, capture_output=True, text=True, timeout=60,
+        env=env, cwd=root,
+    )
+    assert result.returncode == 0, result.stderr
+    return result.stdout

@@ -17,7 +17,7 @@ from types import ModuleType
 from typing import Annotated
 
 import pytest
-from conftest import FAST_RETRIES
+from conftest import FAST_RETRIES, run_tour
 from fastapi import BackgroundTasks, Depends, FastAPI, Request, Response, WebSocket
 
 from koala_middleware import KoalaClient, Tracker, current_tracker
@@ -267,13 +267,7 @@ def test_the_documented_set_up_passes_mypy_strict(tmp_path: Path) -> None:
 
 
 def test_example_tour_runs_offline_and_shows_batches(tmp_path: Path) -> None:
-    # No KOALA_PUBLIC_KEY / KOALA_API_URL from the caller's environment: the tour needs neither.
-    env = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "PYTHONPATH": str(ROOT)}
-    result = subprocess.run(
-        [sys.executable, str(EXAMPLE), "--tour"], check=False, capture_output=True, text=True, timeout=60, env=env, cwd=ROOT
-    )
-    assert result.returncode == 0, result.stderr
-    out = result.stdout
+    out = run_tour(EXAMPLE, tmp_path)
     assert "GET / -> 200; new visitor, Set-Cookie: ko_id=" in out
     assert "POST https://api2.getkoala.com/web/projects/<your public key>/batch" in out
     assert '"event": "Signed Up"' in out and '"domain": "acme-robotics.com"' in out

@@ -17,6 +17,7 @@ from pathlib import Path
 from types import ModuleType
 
 import pytest
+from conftest import run_tour
 from flask import Flask, Request, request, stream_with_context
 from werkzeug.middleware.proxy_fix import ProxyFix
 
@@ -318,13 +319,7 @@ def test_the_core_package_imports_without_flask() -> None:
 
 
 def test_example_tour_runs_offline_and_shows_batches(tmp_path: Path) -> None:
-    # No KOALA_PUBLIC_KEY / KOALA_API_URL from the caller's environment: the tour needs neither.
-    env = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "PYTHONPATH": str(ROOT)}
-    result = subprocess.run(
-        [sys.executable, str(EXAMPLE), "--tour"], check=False, capture_output=True, text=True, timeout=60, env=env, cwd=ROOT
-    )
-    assert result.returncode == 0, result.stderr
-    out = result.stdout
+    out = run_tour(EXAMPLE, tmp_path)
     assert "new visitor, Set-Cookie: ko_id=" in out
     assert "POST https://api2.getkoala.com/web/projects/<your public key>/batch" in out
     assert '"event": "Signed Up"' in out and '"domain": "acme-robotics.com"' in out
