@@ -34,12 +34,6 @@ def gunicorn(koala: Collector) -> AbstractContextManager[Server]:
 
 
 @pytest.fixture(scope="module")
-def koala() -> Iterator[Collector]:
-    with Collector() as collector:
-        yield collector
-
-
-@pytest.fixture(scope="module")
 def server(koala: Collector) -> Iterator[Server]:
     with gunicorn(koala) as running:
         yield running

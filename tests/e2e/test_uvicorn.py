@@ -32,12 +32,6 @@ def uvicorn(koala: Collector, app: str, *options: str) -> AbstractContextManager
 
 
 @pytest.fixture(scope="module")
-def koala() -> Iterator[Collector]:
-    with Collector() as collector:
-        yield collector
-
-
-@pytest.fixture(scope="module")
 def server(koala: Collector) -> Iterator[Server]:
     # Trust forwarded headers only from an address no test request comes from.
     with uvicorn(koala, FASTAPI_APP, "--forwarded-allow-ips", "192.0.2.1") as running:
