@@ -227,6 +227,8 @@ def test_is_valid_visitor_id_matches_uuid_module(value):
 )
 def test_read_visitor_id(headers, expected):
     assert read_visitor_id(headers) == expected
+    if len(headers) == 1:  # one header as a str: the middlewares' usual call, with its fast path
+        assert read_visitor_id(headers[0]) == expected
 
 
 def test_read_visitor_id_custom_name():
@@ -465,6 +467,8 @@ def expected_visitor_id(headers: list[str]) -> str | None:
 def test_read_visitor_id_property(headers):
     result = read_visitor_id(headers)
     assert result == expected_visitor_id(headers)
+    for header in headers:  # each header alone, as a str (the fast path), agrees too
+        assert read_visitor_id(header) == expected_visitor_id([header])
     if result is not None:
         assert oracle_valid(result)
         assert any(result in header for header in headers)

@@ -62,6 +62,15 @@ def test_values_json_cannot_carry(tracker: Tracker, bad: dict, where: str) -> No
         tracker.track("Paid", bad)
 
 
+def test_a_value_that_contains_itself_is_named_as_circular(tracker: Tracker) -> None:
+    loop: dict = {"plan": "pro"}
+    loop["self"] = loop
+    with pytest.raises(ValueError, match=r"properties contains itself \(a circular reference\)"):
+        tracker.track("Paid", {"nested": [loop]})
+    tracker.track("Paid", {"same": loop["plan"], "twice": [loop["plan"], loop["plan"]]})  # shared, not circular
+    assert tracker._count == 1
+
+
 def test_properties_must_be_a_mapping(tracker: Tracker) -> None:
     with pytest.raises(TypeError, match="properties must be a dict, got list"):
         tracker.track("Paid", ["not", "a", "dict"])  # type: ignore[arg-type]
