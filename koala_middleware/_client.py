@@ -175,7 +175,7 @@ class KoalaClient:
 
     def _web_tracker(self, profile_id: str | None, user_agent: str | None, ip: str | None, enabled: bool) -> Tracker:
         """The middlewares' tracker: inputs come from the request, already checked."""
-        return Tracker(self, profile_id, None, user_agent=user_agent, ip=ip, enabled=enabled)
+        return Tracker(self, profile_id, None, user_agent, ip, enabled)  # positional: once per request
 
 
 _live_clients: weakref.WeakSet[KoalaClient] = weakref.WeakSet()

@@ -125,16 +125,13 @@ class Tracker(_Recorder):
         client: KoalaClient,
         profile_id: str | None = None,
         email: str | None = None,
-        *,
         user_agent: str | None = None,
         ip: str | None = None,
         enabled: bool = True,
     ) -> None:
-        # _Recorder's fields, set here without a super() call: the middleware makes one
-        # tracker per request, most of them never used.
-        self._events: list[str] = []
-        self._event_ids: list[str] = []
-        self._identifies: list[str] = []
+        # The middlewares make one per request, most never used: only what every tracker
+        # needs is set here; the record lists come with the first record (see _room), and
+        # _Recorder.__init__ is not called.
         self._client = client
         self.profile_id = profile_id
         self.email = email
@@ -142,7 +139,7 @@ class Tracker(_Recorder):
         self.ip = ip
         #: False when the visitor opted out (GPC, consent): calls are validated, then ignored.
         self.enabled = enabled
-        self._accounts: dict[str, AccountRecorder] = {}
+        self._accounts: dict[str, AccountRecorder] | None = None
         self._count = 0
 
     def __repr__(self) -> str:
@@ -166,9 +163,12 @@ class Tracker(_Recorder):
     ) -> AccountRecorder:
         """Record traits of the account at ``domain``; returns a recorder for its events."""
         domain = check_domain(domain)
-        recorder = self._accounts.get(domain)
+        accounts = self._accounts
+        if accounts is None:
+            accounts = self._accounts = {}
+        recorder = accounts.get(domain)
         if recorder is None:
-            recorder = self._accounts[domain] = AccountRecorder(self, domain)
+            recorder = accounts[domain] = AccountRecorder(self, domain)
         if traits is not None or group_id is not None:
             recorder.identify(traits, group_id=group_id)
         return recorder
@@ -177,10 +177,15 @@ class Tracker(_Recorder):
         """Count an item in; False (and counted as dropped) when it must not be kept."""
         if not self.enabled:
             return False
-        if self._count >= MAX_ITEMS_PER_TRACKER:
+        count = self._count
+        if not count:
+            self._events = []
+            self._event_ids = []
+            self._identifies = []
+        elif count >= MAX_ITEMS_PER_TRACKER:
             self._client._drop_items(1, "tracker_full")
             return False
-        self._count += 1
+        self._count = count + 1
         return True
 
     def batches(self) -> list[_protocol.Batch]:
@@ -201,7 +206,7 @@ class Tracker(_Recorder):
                     user_agent=user_agent,
                 )
             )
-        for recorder in self._accounts.values():
+        for recorder in (self._accounts or {}).values():
             if recorder._has_items():
                 result.extend(recorder._batches(user_agent))
         return result
@@ -211,11 +216,8 @@ class Tracker(_Recorder):
         self._client.send_tracker(self)
 
     def _reset(self) -> None:
-        self._events = []
-        self._event_ids = []
-        self._identifies = []
-        self._accounts = {}
-        self._count = 0
+        self._accounts = None
+        self._count = 0  # the next record makes fresh lists
 
     def __enter__(self) -> Tracker:
         return self

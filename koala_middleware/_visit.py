@@ -1,28 +1,25 @@
 """One request's life in the middleware, shared by the WSGI and ASGI glue.
 
-``Visits.start(info)`` decides, once per request: is it tracked (excluded path, Global
+``Visits.start(...)`` decides, once per request: is it tracked (excluded path, Global
 Privacy Control, your consent callback), who the visitor is (their ``ko_id`` cookie or a
-fresh id), and which ``Set-Cookie`` the response needs. ``Visit.cookie_for(...)`` is asked
-at response start; ``Visit.finish()`` hands the tracker over after the response.
+fresh id), and which ``Set-Cookie`` the response needs (added only if ``may_set_cookie``
+allows it at response start). ``Visits.finish(tracker)`` hands the tracker over after the
+response. The glue passes the few request fields the rules need as plain values: this runs
+on every request, and a returning visitor costs a cookie read and a tracker, nothing more.
+A :class:`RequestInfo` is built only for your ``should_track`` callback.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterable, Mapping
-from contextvars import Token
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, fields
 from typing import Any
 
 from ._client import CLIENT_ARGUMENTS, KoalaClient, client_from_options
-from ._cookie import (
-    CookieSettings,
-    may_set_cookie,
-    new_visitor_cookie,
-    read_visitor_id,
-)
+from ._cookie import CookieSettings, new_visitor_cookie, read_visitor_id
 from ._request import RequestInfo
-from ._tracker import Tracker, bind, unbind
+from ._tracker import Tracker
 
 TrackDecision = Callable[[RequestInfo], bool]
 
@@ -88,77 +85,67 @@ def configure(client: KoalaClient | None, options: Mapping[str, Any]) -> tuple[K
     return client_from_options(client, client_options), settings
 
 
-class Visit:
-    """The middleware's state for one request."""
-
-    __slots__ = ("tracker", "set_cookie", "_token", "_visits")
-
-    def __init__(self, visits: Visits, tracker: Tracker, set_cookie: str | None) -> None:
-        self._visits = visits
-        self.tracker = tracker
-        #: The ``Set-Cookie`` value for a new visitor, or None.
-        self.set_cookie = set_cookie
-        self._token: Token[Tracker | None] | None = None
-
-    def bind(self) -> None:
-        """Make the tracker ``current_tracker()`` in this context."""
-        self._token = bind(self.tracker)
-
-    def cookie_for(self, status: int, cache_control: str | None) -> str | None:
-        """The ``Set-Cookie`` to add to a response with this status, if any."""
-        if self.set_cookie is None or not may_set_cookie(status, cache_control):
-            return None
-        return self.set_cookie
-
-    def unbind(self) -> None:
-        if self._token is not None:
-            try:
-                unbind(self._token)
-            except ValueError:  # reset from another context (a server that moved threads)
-                pass
-            self._token = None
-
-    def finish(self) -> None:
-        """Unbind the tracker and hand over what the handler recorded."""
-        self.unbind()
-        tracker = self.tracker
-        if tracker._count:
-            try:
-                self._visits.client.send_tracker(tracker)
-            except Exception:  # the response is out: never raise into the server's close()
-                logger.exception(LOG_HANDOVER_FAILED)
-
-
 class Visits:
-    """Per-middleware-instance rules: settings, and the client that receives trackers."""
+    """Per-middleware-instance rules: settings, and the client that receives trackers.
 
-    __slots__ = ("client", "settings", "_cookie_name", "_excluded", "_respect_gpc", "_should_track")
+    :param request_info: the glue's ``request_info(raw)``, for ``should_track`` callbacks.
+    """
 
-    def __init__(self, client: KoalaClient, settings: MiddlewareSettings) -> None:
+    __slots__ = ("client", "settings", "_cookie", "_cookie_name", "_excluded", "_request_info",
+                 "_respect_gpc", "_should_track")
+
+    def __init__(
+        self, client: KoalaClient, settings: MiddlewareSettings, request_info: Callable[[Any], RequestInfo]
+    ) -> None:
         self.client = client
         self.settings = settings
+        self._request_info = request_info
         # Read once: ``start`` runs on every request.
+        self._cookie = settings.cookie
         self._cookie_name = settings.cookie.name
         self._excluded = settings.excluded if settings.exclude_paths else None
         self._respect_gpc = settings.respect_gpc
         self._should_track = settings.should_track
 
-    def visitor_id(self, cookie_headers: Iterable[str]) -> str | None:
-        """The visitor's valid ``ko_id``, for code that only reads it (websockets)."""
-        return read_visitor_id(cookie_headers, self._cookie_name)
+    def start(
+        self,
+        raw: Any,
+        path: str,
+        cookie: str | None,
+        gpc: bool,
+        host: str | None,
+        scheme: str,
+        user_agent: str | None,
+        ip: str | None,
+    ) -> tuple[Tracker, str | None]:
+        """This request's tracker, and the ``Set-Cookie`` value for a new visitor (or None).
 
-    def start(self, info: RequestInfo) -> Visit:
+        :param raw: the ``environ`` or ``scope``, for a ``should_track`` callback.
+        :param cookie: the Cookie header (several joined with ``"; "``), or None.
+        :param gpc: the request carries ``Sec-GPC: 1``.
+        :param host: the Host header (or the server name), which scopes a new cookie.
+        """
         client = self.client
-        if self._excluded is not None and self._excluded(info.path):
-            return Visit(self, client._web_tracker(None, None, None, False), None)
-        visitor_id = read_visitor_id(info.cookie_headers, self._cookie_name)
-        should_track = self._should_track
-        allowed = not (self._respect_gpc and info.gpc) and (should_track is None or _consents(should_track, info))
-        set_cookie = None
+        if self._excluded is not None and self._excluded(path):
+            return client._web_tracker(None, None, None, False), None
+        visitor_id = read_visitor_id(cookie, self._cookie_name)
+        allowed = not (gpc and self._respect_gpc)
+        if allowed and self._should_track is not None:
+            allowed = _consents(self._should_track, self._request_info(raw))
         if allowed and visitor_id is None:
-            visitor_id, set_cookie = new_visitor_cookie(info.host, info.https, self.settings.cookie)
-        tracker = client._web_tracker(visitor_id, info.user_agent, info.ip, allowed)
-        return Visit(self, tracker, set_cookie)
+            visitor_id, set_cookie = new_visitor_cookie(host, scheme in _SECURE_SCHEMES, self._cookie)
+            return client._web_tracker(visitor_id, user_agent, ip, True), set_cookie
+        return client._web_tracker(visitor_id, user_agent, ip, allowed), None
+
+    def finish(self, tracker: Tracker) -> None:
+        """Hand over what the handler recorded (the glue calls this when it recorded any)."""
+        try:
+            self.client.send_tracker(tracker)
+        except Exception:  # the response is out: never raise into the server's close()
+            logger.exception(LOG_HANDOVER_FAILED)
+
+
+_SECURE_SCHEMES = frozenset({"https", "wss"})
 
 
 def _consents(should_track: TrackDecision, info: RequestInfo) -> bool:

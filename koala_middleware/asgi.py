@@ -28,8 +28,10 @@ from typing import Any
 import anyio.to_thread
 
 from ._client import KoalaClient
+from ._cookie import may_set_cookie
 from ._request import RequestInfo
-from ._visit import Visit, Visits, configure
+from ._tracker import Tracker, bind, unbind
+from ._visit import Visits, configure
 
 __all__ = ["SCOPE_KEY", "VISITOR_ID_KEY", "KoalaASGIMiddleware", "request_info"]
 
@@ -56,42 +58,54 @@ _SHUTDOWN_MESSAGES = frozenset({"lifespan.shutdown.complete", "lifespan.shutdown
 
 
 def request_info(scope: Scope) -> RequestInfo:
-    """Read what the rules need from an ``http`` or ``websocket`` scope.
-
-    Every ``cookie`` header counts (HTTP/2 may send one per cookie). Servers should
-    lower-case header names but the spec does not force them to, so names are compared
-    case-insensitively. Of a repeated Host or User-Agent, the first wins.
-    """
-    host = user_agent = None
-    cookies: list[str] = []
-    gpc = False
-    for raw_name, value in scope.get("headers") or ():
-        name = raw_name.lower()
-        if name == b"cookie":
-            cookies.append(value.decode("latin-1"))
-        elif name == b"host":
-            if host is None:
-                host = value.decode("latin-1")
-        elif name == b"user-agent":
-            if user_agent is None:
-                user_agent = value.decode("latin-1") or None
-        elif name == b"sec-gpc":
-            gpc = gpc or value.strip() == b"1"
-    server = scope.get("server")
-    if host is None and server:
-        host = server[0]  # no Host header (HTTP/1.0); a unix socket path is refused later
+    """Read what the rules need from an ``http`` or ``websocket`` scope (for ``should_track``)."""
+    cookie, gpc, host, user_agent = _read_headers(scope["headers"])
     client = scope.get("client")
     return RequestInfo(
         scope.get("method", "GET"),
         scope.get("scheme", "http"),
-        host,
+        host or _server_name(scope),
         scope.get("path") or "/",
-        cookies,
+        [cookie] if cookie is not None else [],
         user_agent,
         client[0] if client else None,
         gpc,
         scope,
     )
+
+
+def _read_headers(headers: Iterable[tuple[bytes, bytes]]) -> tuple[str | None, bool, str | None, str | None]:
+    """The Cookie (every one, joined with ``"; "`` as HTTP/2 prescribes), Sec-GPC, Host and
+    User-Agent headers: one pass over the headers, on every request.
+
+    Names are compared as the lower-case bytes ASGI servers send (Starlette's ``Headers``
+    relies on the same). Of a repeated Host or User-Agent, the first wins.
+    """
+    cookie = host = user_agent = None
+    gpc = False
+    for name, value in headers:
+        if name == b"cookie":
+            cookie = value if cookie is None else cookie + b"; " + value
+        elif name == b"user-agent":
+            if user_agent is None:
+                user_agent = value
+        elif name == b"host":
+            if host is None:
+                host = value
+        elif name == b"sec-gpc":
+            gpc = gpc or value.strip() == b"1"
+    return (
+        None if cookie is None else cookie.decode("latin-1"),
+        gpc,
+        None if host is None else host.decode("latin-1"),
+        user_agent.decode("latin-1") or None if user_agent is not None else None,
+    )
+
+
+def _server_name(scope: Scope) -> str | None:
+    """No Host header (HTTP/1.0): the server's name. A unix socket path is refused later."""
+    server = scope.get("server")
+    return server[0] if server else None
 
 
 class KoalaASGIMiddleware:
@@ -113,7 +127,7 @@ class KoalaASGIMiddleware:
         # whose signature passes the app positionally and the options by name.
         self.app = app
         self.client, settings = configure(client, options)
-        self.visits = Visits(self.client, settings)
+        self.visits = Visits(self.client, settings, request_info)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         kind = scope["type"]
@@ -127,31 +141,46 @@ class KoalaASGIMiddleware:
             await self.app(scope, receive, send)
 
     async def _http(self, scope: Scope, receive: Receive, send: Send) -> None:
-        visit = self.visits.start(request_info(scope))
-        scope[SCOPE_KEY] = tracker = visit.tracker
+        tracker, set_cookie = self._start(scope)
+        scope[SCOPE_KEY] = tracker
         state = scope.get("state")
         if state is None:  # not setdefault: that builds a dict on every request
             state = scope["state"] = {}
         state[STATE_KEY] = tracker
-        if visit.set_cookie is not None:
-            send = _with_cookie(send, visit)
-        visit.bind()
+        if set_cookie is not None:
+            send = _with_cookie(send, set_cookie)
+        token = bind(tracker)
         try:
             await self.app(scope, receive, send)
         finally:
             # Events recorded before an exception are still sent; the exception goes on as it is.
-            visit.unbind()
-            if self.client.sync:
-                await anyio.to_thread.run_sync(visit.finish)  # sync mode posts: not on the loop
-            else:
-                visit.finish()  # an append to the sender's queue
+            unbind(token)
+            if tracker._count:
+                if self.client.sync:  # sync mode posts: not on the event loop
+                    await anyio.to_thread.run_sync(self.visits.finish, tracker)
+                else:
+                    self.visits.finish(tracker)  # an append to the sender's queue
+
+    def _start(self, scope: Scope) -> tuple[Tracker, str | None]:
+        cookie, gpc, host, user_agent = _read_headers(scope["headers"])
+        client = scope.get("client")
+        return self.visits.start(
+            scope,
+            scope["path"],
+            cookie,
+            gpc,
+            host or _server_name(scope),
+            scope.get("scheme", "http"),
+            user_agent,
+            client[0] if client else None,
+        )
 
     def _known_visitor(self, scope: Scope) -> str | None:
         """A websocket's ``ko_id``, under the same exclusion and opt-out rules as HTTP."""
-        visit = self.visits.start(request_info(scope))
-        if not visit.tracker.enabled or visit.set_cookie is not None:
+        tracker, set_cookie = self._start(scope)
+        if not tracker.enabled or set_cookie is not None:
             return None  # opted out, excluded, or a new id no browser will ever keep
-        return visit.tracker.profile_id
+        return tracker.profile_id
 
     async def _lifespan(self, scope: Scope, receive: Receive, send: Send) -> None:
         """Pass lifespan through, flushing just before the app reports it has shut down (so
@@ -206,19 +235,19 @@ class KoalaASGIMiddleware:
             logger.exception(LOG_SHUTDOWN_FLUSH_FAILED)
 
 
-def _with_cookie(send: Send, visit: Visit) -> Send:
-    """Wrap ``send`` to add the visitor's ``Set-Cookie`` to the response start.
+def _with_cookie(send: Send, set_cookie: str) -> Send:
+    """Wrap ``send`` to add the visitor's ``Set-Cookie`` to the response start (if allowed).
 
     The app's headers are kept as they are, in order (several ``Set-Cookie`` included); the
     message is copied, never changed in place, and its headers read once (any iterable).
     """
+    cookie = set_cookie.encode("latin-1")
 
     async def send_with_cookie(message: Message) -> None:
         if message["type"] == "http.response.start":
             headers = list(message.get("headers") or ())
-            cookie = visit.cookie_for(message["status"], _cache_control(headers))
-            if cookie is not None:
-                headers.append((b"set-cookie", cookie.encode("latin-1")))
+            if may_set_cookie(message["status"], _cache_control(headers)):
+                headers.append((b"set-cookie", cookie))
             message = {**message, "headers": headers}
         await send(message)
 

@@ -15,13 +15,16 @@ right, ``KoalaWSGIMiddleware(ProxyFix(app))`` sees the proxy's address. A raw
 
 from __future__ import annotations
 
+import contextvars
+import itertools
 from collections.abc import Iterable, Iterator
 from typing import TYPE_CHECKING, Any
 
 from ._client import KoalaClient
+from ._cookie import may_set_cookie
 from ._request import RequestInfo
-from ._tracker import bind, unbind
-from ._visit import Visit, Visits, configure
+from ._tracker import Tracker, bind
+from ._visit import Visits, configure
 
 if TYPE_CHECKING:
     from _typeshed.wsgi import StartResponse, WSGIApplication, WSGIEnvironment
@@ -32,16 +35,13 @@ __all__ = ["ENVIRON_KEY", "KoalaWSGIMiddleware", "request_info"]
 
 
 def request_info(environ: WSGIEnvironment) -> RequestInfo:
+    """Read what the rules need from ``environ`` (for ``should_track``)."""
     cookie = environ.get("HTTP_COOKIE")
-    path = environ.get("PATH_INFO") or "/"
-    if not path.isascii():
-        # PEP 3333 hands the raw path bytes over as latin-1; ASGI gives decoded text.
-        path = path.encode("latin-1").decode("utf-8", "replace")
     return RequestInfo(
         environ.get("REQUEST_METHOD", "GET"),
         environ.get("wsgi.url_scheme", "http"),
         environ.get("HTTP_HOST") or environ.get("SERVER_NAME"),
-        path,
+        _path(environ),
         [cookie] if cookie else [],
         environ.get("HTTP_USER_AGENT") or None,
         environ.get("REMOTE_ADDR") or None,
@@ -50,58 +50,12 @@ def request_info(environ: WSGIEnvironment) -> RequestInfo:
     )
 
 
-class _ClosingIterable:
-    """The app's response iterable, unchanged but for a ``close()`` that finishes the visit.
-
-    Iterating is delegated (so chunks go out as the app yields them), with the tracker
-    ``current_tracker()`` while the app produces each chunk, and only then: the server's
-    thread is left clean between chunks, and even if it never closes. ``close()`` closes
-    the app's iterable first, as PEP 3333 requires of middleware, then hands the tracker
-    over, even if the app's ``close()`` raised. One object is both the iterable and its
-    iterator, so a request costs one wrapper.
-    """
-
-    __slots__ = ("_iterable", "_iterator", "_tracker", "_visit")
-
-    def __init__(self, iterable: Iterable[bytes], visit: Visit) -> None:
-        self._iterable = iterable
-        self._iterator: Iterator[bytes] | None = None
-        self._tracker = visit.tracker
-        self._visit: Visit | None = visit
-
-    def __iter__(self) -> Iterator[bytes]:
-        self._iterator = iter(self._iterable)
-        return self
-
-    def __next__(self) -> bytes:
-        token = bind(self._tracker)
-        try:
-            return next(self._iterator)  # type: ignore[arg-type]
-        finally:
-            unbind(token)
-
-    def close(self) -> None:
-        visit, self._visit = self._visit, None
-        if visit is None:  # some servers close twice
-            return
-        close = getattr(self._iterable, "close", None)
-        if close is None:
-            visit.finish()
-            return
-        visit.bind()  # cleanup code in the app (a generator's finally) may still record
-        try:
-            close()
-        finally:
-            visit.finish()
-
-
-class _SizedClosingIterable(_ClosingIterable):
-    """Keeps ``len()``: PEP 3333 servers may use it to send a Content-Length."""
-
-    __slots__ = ()
-
-    def __len__(self) -> int:
-        return len(self._iterable)  # type: ignore[arg-type]
+def _path(environ: WSGIEnvironment) -> str:
+    path: str = environ.get("PATH_INFO") or "/"
+    if not path.isascii():
+        # PEP 3333 hands the raw path bytes over as latin-1; ASGI gives decoded text.
+        path = path.encode("latin-1").decode("utf-8", "replace")
+    return path
 
 
 class KoalaWSGIMiddleware:
@@ -118,23 +72,82 @@ class KoalaWSGIMiddleware:
     def __init__(self, app: WSGIApplication, client: KoalaClient | None = None, **options: Any) -> None:
         self.app = app
         self.client, settings = configure(client, options)
-        self.visits = Visits(self.client, settings)
+        self.visits = Visits(self.client, settings, request_info)
 
     def __call__(self, environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
-        visit = self.visits.start(request_info(environ))
-        environ[ENVIRON_KEY] = visit.tracker
-        if visit.set_cookie is not None:
-            start_response = _StartWithCookie(start_response, visit)
-        visit.bind()
+        get = environ.get
+        tracker, set_cookie = self.visits.start(
+            environ,
+            _path(environ),
+            get("HTTP_COOKIE"),
+            get("HTTP_SEC_GPC") == "1",
+            get("HTTP_HOST") or get("SERVER_NAME"),
+            get("wsgi.url_scheme", "http"),
+            get("HTTP_USER_AGENT") or None,
+            get("REMOTE_ADDR") or None,
+        )
+        environ[ENVIRON_KEY] = tracker
+        if set_cookie is not None:
+            start_response = _StartWithCookie(start_response, set_cookie)
+        # The app runs in its own copy of the server's context with the tracker bound: the
+        # call, each chunk and close() (see _Response), and nothing leaks into the server's.
+        context = contextvars.copy_context()
+        context.run(bind, tracker)
         try:
-            iterable = self.app(environ, start_response)
+            iterable = context.run(self.app, environ, start_response)
         except BaseException:
-            visit.finish()  # what the handler recorded before raising is still sent
+            if tracker._count:
+                self.visits.finish(tracker)  # what the handler recorded before raising is still sent
             raise
-        visit.unbind()  # bound again while the app makes each chunk (see _ClosingIterable)
         if hasattr(iterable, "__len__"):
-            return _SizedClosingIterable(iterable, visit)
-        return _ClosingIterable(iterable, visit)
+            return _SizedResponse(iterable, context, tracker, self.visits)
+        return _Response(iterable, context, tracker, self.visits)
+
+
+class _Response:
+    """The app's response iterable, unchanged but for a ``close()`` that finishes the visit.
+
+    Chunks go out as the app makes them, each made inside the request's context (so
+    ``current_tracker()`` works in streaming generators), by C code alone: ``map`` calls
+    ``context.run(next_chunk)`` per chunk, without a Python frame of ours. ``close()`` closes
+    the app's iterable first, as PEP 3333 requires of middleware (in the same context: its
+    cleanup may still record), then hands the tracker over, even if that ``close()`` raised.
+    """
+
+    __slots__ = ("_context", "_iterable", "_tracker", "_visits")
+
+    def __init__(
+        self, iterable: Iterable[bytes], context: contextvars.Context, tracker: Tracker, visits: Visits
+    ) -> None:
+        self._iterable = iterable
+        self._context = context
+        self._tracker = tracker
+        self._visits: Visits | None = visits
+
+    def __iter__(self) -> Iterator[bytes]:
+        next_chunk = self._context.run(iter, self._iterable).__next__
+        return map(self._context.run, itertools.repeat(next_chunk))
+
+    def close(self) -> None:
+        visits, self._visits = self._visits, None
+        if visits is None:  # some servers close twice
+            return
+        try:
+            close = getattr(self._iterable, "close", None)
+            if close is not None:
+                self._context.run(close)
+        finally:
+            if self._tracker._count:
+                visits.finish(self._tracker)
+
+
+class _SizedResponse(_Response):
+    """Keeps ``len()``: PEP 3333 servers may use it to send a Content-Length."""
+
+    __slots__ = ()
+
+    def __len__(self) -> int:
+        return len(self._iterable)  # type: ignore[arg-type]
 
 
 class _StartWithCookie:
@@ -144,16 +157,15 @@ class _StartWithCookie:
     need the cookie too, and the server decides whether to re-raise.
     """
 
-    __slots__ = ("_start_response", "_visit")
+    __slots__ = ("_start_response", "_set_cookie")
 
-    def __init__(self, start_response: StartResponse, visit: Visit) -> None:
+    def __init__(self, start_response: StartResponse, set_cookie: str) -> None:
         self._start_response = start_response
-        self._visit = visit
+        self._set_cookie = set_cookie
 
     def __call__(self, status: str, headers: list[tuple[str, str]], exc_info: Any = None) -> Any:
-        cookie = self._visit.cookie_for(_status_code(status), _cache_control(headers))
-        if cookie:
-            headers = [*headers, ("Set-Cookie", cookie)]
+        if may_set_cookie(_status_code(status), _cache_control(headers)):
+            headers = [*headers, ("Set-Cookie", self._set_cookie)]
         return self._start_response(status, headers, exc_info)
 
 

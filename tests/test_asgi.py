@@ -37,6 +37,7 @@ from koala_middleware.testing import Collector
 
 UA = "Mozilla/5.0 (X11; Linux x86_64) koala-asgi-test"
 VISITOR = "0b6f3c1e-2d4a-4f5b-8c7d-9e0f1a2b3c4d"
+OTHER = "7d444840-9dc0-41cc-a7b0-1a2b3c4d5e6f"
 
 Message = dict[str, Any]
 Receive = Callable[[], Any]
@@ -168,11 +169,21 @@ async def test_cookie_is_secure_on_https_and_scoped_to_the_top_domain(dry: Koala
 async def test_every_cookie_header_is_read_and_a_returning_visitor_keeps_their_id(dry: KoalaClient) -> None:
     seen: list[Tracker] = []
     mw = KoalaASGIMiddleware(recording_app(seen), client=dry)
-    # HTTP/2 may send one cookie header per cookie; the name may even arrive capitalised.
-    several = [(b"cookie", b"theme=dark"), (b"cookie", b"ko_id=forged"), (b"Cookie", f"ko_id={VISITOR}".encode())]
+    # HTTP/2 may send one cookie header per cookie; the first valid ko_id among them wins.
+    several = [(b"cookie", b"theme=dark"), (b"cookie", b"ko_id=forged"), (b"cookie", f"ko_id={VISITOR}".encode()),
+               (b"cookie", f"ko_id={OTHER}".encode())]
     served = await serve(mw, http_scope(headers=several))
     assert served.cookies() == [] and seen[-1].profile_id == VISITOR
     assert dry.dry_run_batches[-1].json()["profile_id"] == VISITOR
+
+
+@pytest.mark.anyio
+async def test_header_names_are_read_lower_case_as_asgi_servers_send_them(dry: KoalaClient) -> None:
+    # As Starlette's Headers does; a hand-made scope with "Cookie" is a new visitor, safely.
+    seen: list[Tracker] = []
+    mw = KoalaASGIMiddleware(recording_app(seen), client=dry)
+    served = await serve(mw, http_scope(headers=[(b"Cookie", f"ko_id={VISITOR}".encode())]))
+    assert len(served.cookies()) == 1 and seen[-1].profile_id not in (VISITOR, None)
 
 
 @pytest.mark.parametrize(
