@@ -8,7 +8,7 @@ rotated), and a variant's ratio is the median over rounds of (variant / bare) in
 round, so drift of the machine cancels out.
 
 For identify + track, HTTP belongs to the sender and is not counted: the client's transport
-parks every request forever, so the sender thread takes 50 batches and then sleeps, and the
+parks every request forever, so the sender thread takes one batch and then sleeps, and the
 rest stay queued. What is timed is the request path: tracker calls, building the batch and
 the hand-over to the queue. Each round gets a fresh client, shut down after it.
 """
@@ -19,6 +19,7 @@ import asyncio
 import dataclasses
 import gc
 import logging
+import threading
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -47,18 +48,34 @@ Runner = Callable[[int], int]  # run n requests, return the nanoseconds they too
 
 
 class ParkedTransport(httpx.AsyncBaseTransport):
-    """Never answers: the sender takes a few batches and waits, so none of its work is timed."""
+    """Never answers: the sender takes a batch and waits, so none of its work is timed."""
+
+    def __init__(self) -> None:
+        self.reached = threading.Event()
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        self.reached.set()
         await asyncio.Event().wait()
         raise AssertionError("unreachable")
 
 
+def settle(client: KoalaClient) -> None:
+    """Wait until the sender thread (started by the first batch) has parked on its batch:
+    starting it costs milliseconds of CPU, which must not land in a timed loop."""
+    transport = client._sender.settings.transport
+    assert isinstance(transport, ParkedTransport)
+    if not transport.reached.wait(10):
+        raise RuntimeError("the sender never took its first batch")
+
+
 def parked_client() -> KoalaClient:
+    # One batch in flight: the sender takes it and parks. With the default 100, its work on
+    # the first 100 batches (building their requests) ran during the timed loop, on the GIL.
     return KoalaClient(
         "pk_bench",
         api_url="http://127.0.0.1:9",
         transport=ParkedTransport(),
+        max_in_flight=1,
         max_queue_batches=10_000_000,
         max_queue_bytes=1 << 40,
     )
@@ -360,6 +377,8 @@ def _expect(headers: list[tuple[Any, Any]], name: Any, prefix: Any, expect_cooki
         enqueued = client.stats.enqueued
         if enqueued != batches:
             raise RuntimeError(f"expected {batches} batch(es) handed over after one request, got {enqueued}")
+        if batches:
+            settle(client)
 
 
 # -- the loop -------------------------------------------------------------------------------------

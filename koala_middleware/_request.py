@@ -7,6 +7,8 @@ Everything here comes from the network and is untrusted.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 
@@ -49,3 +51,20 @@ class RequestInfo:
 
     def __repr__(self) -> str:
         return f"<RequestInfo {self.method} {self.scheme}://{self.host}{self.path}>"
+
+
+@dataclass(frozen=True, slots=True)
+class RequestReader:
+    """How one protocol's request object (``environ`` or ``scope``) gives up what the rules
+    need, each part read only when needed: most requests need the cookie alone.
+
+    :param info: the whole :class:`RequestInfo`, for ``should_track`` callbacks.
+    :param path: the path, for ``exclude_paths``.
+    :param site: ``(host, https)``, to scope a new visitor's cookie.
+    :param visitor: ``(user_agent, ip)``, for the batch of a tracker that recorded something.
+    """
+
+    info: Callable[[Any], RequestInfo]
+    path: Callable[[Any], str]
+    site: Callable[[Any], tuple[str | None, bool]]
+    visitor: Callable[[Any], tuple[str | None, str | None]]

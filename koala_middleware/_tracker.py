@@ -118,7 +118,8 @@ class Tracker(_Recorder):
     ``with client.tracker(email=...) as tracker:``, which sends on exit.
     """
 
-    __slots__ = ("profile_id", "email", "user_agent", "ip", "enabled", "_accounts", "_client", "_count")
+    __slots__ = ("profile_id", "email", "enabled", "_accounts", "_client", "_count", "_ip", "_read_visitor",
+                 "_request", "_user_agent")
 
     def __init__(
         self,
@@ -129,18 +130,48 @@ class Tracker(_Recorder):
         ip: str | None = None,
         enabled: bool = True,
     ) -> None:
-        # The middlewares make one per request, most never used: only what every tracker
-        # needs is set here; the record lists come with the first record (see _room), and
-        # _Recorder.__init__ is not called.
+        # The record lists come with the first record (see _room); _Recorder.__init__ is
+        # not called. RequestTracker sets these same fields its own way.
         self._client = client
         self.profile_id = profile_id
         self.email = email
-        self.user_agent = user_agent
-        self.ip = ip
+        self._user_agent = user_agent
+        self._ip = ip
         #: False when the visitor opted out (GPC, consent): calls are validated, then ignored.
         self.enabled = enabled
         self._accounts: dict[str, AccountRecorder] | None = None
         self._count = 0
+        self._request: Any = None  # see RequestTracker
+
+    @property
+    def user_agent(self) -> str | None:
+        """The visitor's User-Agent, sent with the batch (None: the client's)."""
+        if self._request is not None:
+            self._read_request()
+        return self._user_agent
+
+    @user_agent.setter
+    def user_agent(self, value: str | None) -> None:
+        if self._request is not None:
+            self._read_request()
+        self._user_agent = value
+
+    @property
+    def ip(self) -> str | None:
+        """The visitor's IP address, sent with the batch (unless ``send_ip=False``)."""
+        if self._request is not None:
+            self._read_request()
+        return self._ip
+
+    @ip.setter
+    def ip(self, value: str | None) -> None:
+        if self._request is not None:
+            self._read_request()
+        self._ip = value
+
+    def _read_request(self) -> None:
+        self._user_agent, self._ip = self._read_visitor(self._request)
+        self._request = None
 
     def __repr__(self) -> str:
         return f"<Tracker profile_id={self.profile_id!r} enabled={self.enabled}>"
@@ -230,3 +261,32 @@ class Tracker(_Recorder):
 #: it. The context variable's own methods, not wrappers: they run several times per request.
 bind: Callable[[Tracker | None], contextvars.Token[Tracker | None]] = _current.set
 unbind: Callable[[contextvars.Token[Tracker | None]], None] = _current.reset
+
+
+class RequestTracker(Tracker):
+    """The middlewares' tracker: made on every request, most never used, so it is made with
+    the least work: the visitor's User-Agent and IP are read from the request only when the
+    batch (or your code) needs them.
+
+    :param request: the WSGI ``environ`` or ASGI ``scope``.
+    :param read_visitor: ``read_visitor(request) -> (user_agent, ip)``.
+    """
+
+    __slots__ = ()
+
+    def __init__(
+        self,
+        client: KoalaClient,
+        profile_id: str | None,
+        enabled: bool,
+        request: Any,
+        read_visitor: Callable[[Any], tuple[str | None, str | None]],
+    ) -> None:
+        self._client = client
+        self.profile_id = profile_id
+        self.email = None
+        self.enabled = enabled
+        self._accounts = None
+        self._count = 0
+        self._request = request
+        self._read_visitor = read_visitor

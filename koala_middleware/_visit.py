@@ -4,9 +4,9 @@
 Privacy Control, your consent callback), who the visitor is (their ``ko_id`` cookie or a
 fresh id), and which ``Set-Cookie`` the response needs (added only if ``may_set_cookie``
 allows it at response start). ``Visits.finish(tracker)`` hands the tracker over after the
-response. The glue passes the few request fields the rules need as plain values: this runs
-on every request, and a returning visitor costs a cookie read and a tracker, nothing more.
-A :class:`RequestInfo` is built only for your ``should_track`` callback.
+response. This runs on every request: the glue passes the Cookie and Sec-GPC headers, and
+anything else is read from the request (through its ``RequestReader``) only when a rule
+needs it, so a returning visitor costs a cookie read and a tracker, nothing more.
 """
 
 from __future__ import annotations
@@ -17,9 +17,9 @@ from dataclasses import dataclass, fields
 from typing import Any
 
 from ._client import CLIENT_ARGUMENTS, KoalaClient, client_from_options
-from ._cookie import CookieSettings, new_visitor_cookie, read_visitor_id
-from ._request import RequestInfo
-from ._tracker import Tracker
+from ._cookie import CookieSettings, VisitorCookie
+from ._request import RequestInfo, RequestReader
+from ._tracker import RequestTracker, Tracker
 
 TrackDecision = Callable[[RequestInfo], bool]
 
@@ -88,54 +88,42 @@ def configure(client: KoalaClient | None, options: Mapping[str, Any]) -> tuple[K
 class Visits:
     """Per-middleware-instance rules: settings, and the client that receives trackers.
 
-    :param request_info: the glue's ``request_info(raw)``, for ``should_track`` callbacks.
+    :param reader: how the glue's protocol reads its request object, part by part.
     """
 
-    __slots__ = ("client", "settings", "_cookie", "_cookie_name", "_excluded", "_request_info",
-                 "_respect_gpc", "_should_track")
+    __slots__ = ("client", "settings", "_cookie", "_excluded", "_reader", "_read_visitor", "_respect_gpc",
+                 "_should_track")
 
-    def __init__(
-        self, client: KoalaClient, settings: MiddlewareSettings, request_info: Callable[[Any], RequestInfo]
-    ) -> None:
+    def __init__(self, client: KoalaClient, settings: MiddlewareSettings, reader: RequestReader) -> None:
         self.client = client
         self.settings = settings
-        self._request_info = request_info
+        self._reader = reader
         # Read once: ``start`` runs on every request.
-        self._cookie = settings.cookie
-        self._cookie_name = settings.cookie.name
+        self._cookie = VisitorCookie(settings.cookie)
         self._excluded = settings.excluded if settings.exclude_paths else None
+        self._read_visitor = reader.visitor
         self._respect_gpc = settings.respect_gpc
         self._should_track = settings.should_track
 
-    def start(
-        self,
-        raw: Any,
-        path: str,
-        cookie: str | None,
-        gpc: bool,
-        host: str | None,
-        scheme: str,
-        user_agent: str | None,
-        ip: str | None,
-    ) -> tuple[Tracker, str | None]:
+    def start(self, request: Any, cookie: str | None, gpc: bool) -> tuple[Tracker, str | None]:
         """This request's tracker, and the ``Set-Cookie`` value for a new visitor (or None).
 
-        :param raw: the ``environ`` or ``scope``, for a ``should_track`` callback.
+        :param request: the ``environ`` or ``scope``; other parts are read from it when needed.
         :param cookie: the Cookie header (several joined with ``"; "``), or None.
         :param gpc: the request carries ``Sec-GPC: 1``.
-        :param host: the Host header (or the server name), which scopes a new cookie.
         """
         client = self.client
-        if self._excluded is not None and self._excluded(path):
-            return client._web_tracker(None, None, None, False), None
-        visitor_id = read_visitor_id(cookie, self._cookie_name)
-        allowed = not (gpc and self._respect_gpc)
-        if allowed and self._should_track is not None:
-            allowed = _consents(self._should_track, self._request_info(raw))
-        if allowed and visitor_id is None:
-            visitor_id, set_cookie = new_visitor_cookie(host, scheme in _SECURE_SCHEMES, self._cookie)
-            return client._web_tracker(visitor_id, user_agent, ip, True), set_cookie
-        return client._web_tracker(visitor_id, user_agent, ip, allowed), None
+        if self._excluded is not None and self._excluded(self._reader.path(request)):
+            return RequestTracker(client, None, False, request, self._read_visitor), None
+        visitor_id = self._cookie.read(cookie)
+        if (gpc and self._respect_gpc) or (
+            self._should_track is not None and not _consents(self._should_track, self._reader.info(request))
+        ):
+            return RequestTracker(client, visitor_id, False, request, self._read_visitor), None
+        if visitor_id is None:
+            visitor_id, set_cookie = self._cookie.issue(*self._reader.site(request))
+            return RequestTracker(client, visitor_id, True, request, self._read_visitor), set_cookie
+        return RequestTracker(client, visitor_id, True, request, self._read_visitor), None
 
     def finish(self, tracker: Tracker) -> None:
         """Hand over what the handler recorded (the glue calls this when it recorded any)."""
@@ -143,9 +131,6 @@ class Visits:
             self.client.send_tracker(tracker)
         except Exception:  # the response is out: never raise into the server's close()
             logger.exception(LOG_HANDOVER_FAILED)
-
-
-_SECURE_SCHEMES = frozenset({"https", "wss"})
 
 
 def _consents(should_track: TrackDecision, info: RequestInfo) -> bool:

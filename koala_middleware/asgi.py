@@ -29,8 +29,8 @@ import anyio.to_thread
 
 from ._client import KoalaClient
 from ._cookie import may_set_cookie
-from ._request import RequestInfo
-from ._tracker import Tracker, bind, unbind
+from ._request import RequestInfo, RequestReader
+from ._tracker import bind, unbind
 from ._visit import Visits, configure
 
 __all__ = ["SCOPE_KEY", "VISITOR_ID_KEY", "KoalaASGIMiddleware", "request_info"]
@@ -59,53 +59,65 @@ _SHUTDOWN_MESSAGES = frozenset({"lifespan.shutdown.complete", "lifespan.shutdown
 
 def request_info(scope: Scope) -> RequestInfo:
     """Read what the rules need from an ``http`` or ``websocket`` scope (for ``should_track``)."""
-    cookie, gpc, host, user_agent = _read_headers(scope["headers"])
-    client = scope.get("client")
+    cookie, gpc = _cookie_and_gpc(scope["headers"])
+    host, https = _site(scope)
+    user_agent, ip = _visitor(scope)
     return RequestInfo(
         scope.get("method", "GET"),
         scope.get("scheme", "http"),
-        host or _server_name(scope),
-        scope.get("path") or "/",
+        host,
+        _path(scope),
         [cookie] if cookie is not None else [],
         user_agent,
-        client[0] if client else None,
+        ip,
         gpc,
         scope,
     )
 
 
-def _read_headers(headers: Iterable[tuple[bytes, bytes]]) -> tuple[str | None, bool, str | None, str | None]:
-    """The Cookie (every one, joined with ``"; "`` as HTTP/2 prescribes), Sec-GPC, Host and
-    User-Agent headers: one pass over the headers, on every request.
+def _cookie_and_gpc(headers: Iterable[tuple[bytes, bytes]]) -> tuple[str | None, bool]:
+    """The Cookie header (every one, joined with ``"; "`` as HTTP/2 prescribes) and Sec-GPC.
 
     Names are compared as the lower-case bytes ASGI servers send (Starlette's ``Headers``
-    relies on the same). Of a repeated Host or User-Agent, the first wins.
+    relies on the same). The middleware inlines this loop: it runs on every request.
     """
-    cookie = host = user_agent = None
+    cookie = None
     gpc = False
     for name, value in headers:
         if name == b"cookie":
             cookie = value if cookie is None else cookie + b"; " + value
-        elif name == b"user-agent":
-            if user_agent is None:
-                user_agent = value
-        elif name == b"host":
-            if host is None:
-                host = value
         elif name == b"sec-gpc":
             gpc = gpc or value.strip() == b"1"
-    return (
-        None if cookie is None else cookie.decode("latin-1"),
-        gpc,
-        None if host is None else host.decode("latin-1"),
-        user_agent.decode("latin-1") or None if user_agent is not None else None,
-    )
+    return None if cookie is None else cookie.decode("latin-1"), gpc
 
 
-def _server_name(scope: Scope) -> str | None:
-    """No Host header (HTTP/1.0): the server's name. A unix socket path is refused later."""
-    server = scope.get("server")
-    return server[0] if server else None
+def _first_header(scope: Scope, wanted: bytes) -> str | None:
+    for name, value in scope["headers"]:
+        if name == wanted:
+            return value.decode("latin-1")  # type: ignore[no-any-return]
+    return None
+
+
+def _path(scope: Scope) -> str:
+    return scope.get("path") or "/"
+
+
+def _site(scope: Scope) -> tuple[str | None, bool]:
+    """The Host header (or, without one, as in HTTP/1.0, the server's name: a unix socket
+    path is refused later) and whether the request came over TLS."""
+    host = _first_header(scope, b"host")
+    if host is None:
+        server = scope.get("server")
+        host = server[0] if server else None
+    return host, scope.get("scheme", "http") in ("https", "wss")
+
+
+def _visitor(scope: Scope) -> tuple[str | None, str | None]:
+    client = scope.get("client")
+    return _first_header(scope, b"user-agent") or None, client[0] if client else None
+
+
+SCOPE_READER = RequestReader(info=request_info, path=_path, site=_site, visitor=_visitor)
 
 
 class KoalaASGIMiddleware:
@@ -127,21 +139,21 @@ class KoalaASGIMiddleware:
         # whose signature passes the app positionally and the options by name.
         self.app = app
         self.client, settings = configure(client, options)
-        self.visits = Visits(self.client, settings, request_info)
+        self.visits = Visits(self.client, settings, SCOPE_READER)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        kind = scope["type"]
-        if kind == "http" and SCOPE_KEY not in scope:  # not already done by an outer Koala
-            await self._http(scope, receive, send)
-        elif kind == "lifespan":
-            await self._lifespan(scope, receive, send)
-        else:
-            if kind == "websocket" and VISITOR_ID_KEY not in scope:
-                scope[VISITOR_ID_KEY] = self._known_visitor(scope)
-            await self.app(scope, receive, send)
-
-    async def _http(self, scope: Scope, receive: Receive, send: Send) -> None:
-        tracker, set_cookie = self._start(scope)
+        if scope["type"] != "http" or SCOPE_KEY in scope:  # or already done by an outer Koala
+            await self._not_http(scope, receive, send)
+            return
+        # The request path, inlined (it runs on every request): _cookie_and_gpc, then start.
+        cookie = None
+        gpc = False
+        for name, value in scope["headers"]:
+            if name == b"cookie":
+                cookie = value if cookie is None else cookie + b"; " + value
+            elif name == b"sec-gpc":
+                gpc = gpc or value.strip() == b"1"
+        tracker, set_cookie = self.visits.start(scope, None if cookie is None else cookie.decode("latin-1"), gpc)
         scope[SCOPE_KEY] = tracker
         state = scope.get("state")
         if state is None:  # not setdefault: that builds a dict on every request
@@ -161,23 +173,18 @@ class KoalaASGIMiddleware:
                 else:
                     self.visits.finish(tracker)  # an append to the sender's queue
 
-    def _start(self, scope: Scope) -> tuple[Tracker, str | None]:
-        cookie, gpc, host, user_agent = _read_headers(scope["headers"])
-        client = scope.get("client")
-        return self.visits.start(
-            scope,
-            scope["path"],
-            cookie,
-            gpc,
-            host or _server_name(scope),
-            scope.get("scheme", "http"),
-            user_agent,
-            client[0] if client else None,
-        )
+    async def _not_http(self, scope: Scope, receive: Receive, send: Send) -> None:
+        kind = scope["type"]
+        if kind == "lifespan":
+            await self._lifespan(scope, receive, send)
+            return
+        if kind == "websocket" and VISITOR_ID_KEY not in scope:
+            scope[VISITOR_ID_KEY] = self._known_visitor(scope)
+        await self.app(scope, receive, send)
 
     def _known_visitor(self, scope: Scope) -> str | None:
         """A websocket's ``ko_id``, under the same exclusion and opt-out rules as HTTP."""
-        tracker, set_cookie = self._start(scope)
+        tracker, set_cookie = self.visits.start(scope, *_cookie_and_gpc(scope["headers"]))
         if not tracker.enabled or set_cookie is not None:
             return None  # opted out, excluded, or a new id no browser will ever keep
         return tracker.profile_id

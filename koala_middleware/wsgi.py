@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 from ._client import KoalaClient
 from ._cookie import may_set_cookie
-from ._request import RequestInfo
+from ._request import RequestInfo, RequestReader
 from ._tracker import Tracker, bind
 from ._visit import Visits, configure
 
@@ -37,14 +37,16 @@ __all__ = ["ENVIRON_KEY", "KoalaWSGIMiddleware", "request_info"]
 def request_info(environ: WSGIEnvironment) -> RequestInfo:
     """Read what the rules need from ``environ`` (for ``should_track``)."""
     cookie = environ.get("HTTP_COOKIE")
+    host, _ = _site(environ)
+    user_agent, ip = _visitor(environ)
     return RequestInfo(
         environ.get("REQUEST_METHOD", "GET"),
         environ.get("wsgi.url_scheme", "http"),
-        environ.get("HTTP_HOST") or environ.get("SERVER_NAME"),
+        host,
         _path(environ),
         [cookie] if cookie else [],
-        environ.get("HTTP_USER_AGENT") or None,
-        environ.get("REMOTE_ADDR") or None,
+        user_agent,
+        ip,
         environ.get("HTTP_SEC_GPC") == "1",
         environ,
     )
@@ -56,6 +58,17 @@ def _path(environ: WSGIEnvironment) -> str:
         # PEP 3333 hands the raw path bytes over as latin-1; ASGI gives decoded text.
         path = path.encode("latin-1").decode("utf-8", "replace")
     return path
+
+
+def _site(environ: WSGIEnvironment) -> tuple[str | None, bool]:
+    return environ.get("HTTP_HOST") or environ.get("SERVER_NAME"), environ.get("wsgi.url_scheme") == "https"
+
+
+def _visitor(environ: WSGIEnvironment) -> tuple[str | None, str | None]:
+    return environ.get("HTTP_USER_AGENT") or None, environ.get("REMOTE_ADDR") or None
+
+
+ENVIRON_READER = RequestReader(info=request_info, path=_path, site=_site, visitor=_visitor)
 
 
 class KoalaWSGIMiddleware:
@@ -72,19 +85,11 @@ class KoalaWSGIMiddleware:
     def __init__(self, app: WSGIApplication, client: KoalaClient | None = None, **options: Any) -> None:
         self.app = app
         self.client, settings = configure(client, options)
-        self.visits = Visits(self.client, settings, request_info)
+        self.visits = Visits(self.client, settings, ENVIRON_READER)
 
     def __call__(self, environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
-        get = environ.get
         tracker, set_cookie = self.visits.start(
-            environ,
-            _path(environ),
-            get("HTTP_COOKIE"),
-            get("HTTP_SEC_GPC") == "1",
-            get("HTTP_HOST") or get("SERVER_NAME"),
-            get("wsgi.url_scheme", "http"),
-            get("HTTP_USER_AGENT") or None,
-            get("REMOTE_ADDR") or None,
+            environ, environ.get("HTTP_COOKIE"), environ.get("HTTP_SEC_GPC") == "1"
         )
         environ[ENVIRON_KEY] = tracker
         if set_cookie is not None:
