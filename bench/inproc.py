@@ -149,6 +149,7 @@ def asgi_scope(path: str, cookie: str | None) -> dict[str, Any]:
         "headers": headers,
         "client": ("203.0.113.7", 50123),
         "server": (HOST, 443),
+        "state": {},  # as uvicorn sends it: a copy of the lifespan state, per request
     }
 
 
@@ -195,7 +196,7 @@ def asgi_runner(app: Any, scope: dict[str, Any], loop: asyncio.AbstractEventLoop
     async def many(n: int) -> int:
         start = time.perf_counter_ns()
         for _ in range(n):
-            await app(dict(scope), receive, send)
+            await app({**scope, "state": {}}, receive, send)
         return time.perf_counter_ns() - start
 
     return lambda n: loop.run_until_complete(many(n))
@@ -233,7 +234,7 @@ def asgi_response_headers(app: Any, scope: dict[str, Any], loop: asyncio.Abstrac
         if message["type"] == "http.response.start":
             seen.append(message)
 
-    loop.run_until_complete(app(dict(scope), receive, send))
+    loop.run_until_complete(app({**scope, "state": {}}, receive, send))
     return list(seen[0].get("headers") or [])
 
 

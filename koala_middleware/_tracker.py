@@ -148,7 +148,7 @@ class Tracker(_Recorder):
         """The visitor's User-Agent, sent with the batch (None: the client's)."""
         if self._request is not None:
             self._read_request()
-        return self._user_agent
+        return getattr(self, "_user_agent", None)  # unset: released unread (see RequestTracker)
 
     @user_agent.setter
     def user_agent(self, value: str | None) -> None:
@@ -161,7 +161,7 @@ class Tracker(_Recorder):
         """The visitor's IP address, sent with the batch (unless ``send_ip=False``)."""
         if self._request is not None:
             self._read_request()
-        return self._ip
+        return getattr(self, "_ip", None)
 
     @ip.setter
     def ip(self, value: str | None) -> None:
@@ -266,7 +266,9 @@ unbind: Callable[[contextvars.Token[Tracker | None]], None] = _current.reset
 class RequestTracker(Tracker):
     """The middlewares' tracker: made on every request, most never used, so it is made with
     the least work: the visitor's User-Agent and IP are read from the request only when the
-    batch (or your code) needs them.
+    batch (or your code) needs them. The middleware releases the request when it is done
+    (``_request = None``): the request holds the tracker too, and a cycle per request would
+    leave every request's objects to the garbage collector. After that, unread fields are None.
 
     :param request: the WSGI ``environ`` or ASGI ``scope``.
     :param read_visitor: ``read_visitor(request) -> (user_agent, ip)``.

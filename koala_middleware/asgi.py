@@ -172,6 +172,7 @@ class KoalaASGIMiddleware:
                     await anyio.to_thread.run_sync(self.visits.finish, tracker)
                 else:
                     self.visits.finish(tracker)  # an append to the sender's queue
+            tracker._request = None  # no tracker <-> scope cycle left behind (see RequestTracker)
 
     async def _not_http(self, scope: Scope, receive: Receive, send: Send) -> None:
         kind = scope["type"]

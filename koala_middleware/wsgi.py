@@ -103,6 +103,7 @@ class KoalaWSGIMiddleware:
         except BaseException:
             if tracker._count:
                 self.visits.finish(tracker)  # what the handler recorded before raising is still sent
+            tracker._request = None  # no tracker <-> environ cycle left behind (see RequestTracker)
             raise
         if hasattr(iterable, "__len__"):
             return _SizedResponse(iterable, context, tracker, self.visits)
@@ -142,8 +143,10 @@ class _Response:
             if close is not None:
                 self._context.run(close)
         finally:
-            if self._tracker._count:
-                visits.finish(self._tracker)
+            tracker = self._tracker
+            if tracker._count:
+                visits.finish(tracker)
+            tracker._request = None  # no tracker <-> environ cycle left behind
 
 
 class _SizedResponse(_Response):

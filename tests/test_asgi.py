@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import uuid
 import warnings
 from collections.abc import AsyncIterator, Callable, Iterable
@@ -135,6 +136,37 @@ def recording_app(seen: list[Tracker], event: str | None = "Viewed Pricing") -> 
         await respond(send)
 
     return app
+
+
+def test_requests_leave_no_reference_cycle_behind(dry: KoalaClient) -> None:
+    # The tracker reads the request lazily, and the request holds the tracker: the middleware
+    # must undo that when done, or every request's objects wait for the garbage collector.
+    async def app(scope: dict[str, Any], receive: Receive, send: Send) -> None:
+        if scope["path"] == "/track":
+            scope[SCOPE_KEY].track("Viewed Pricing")
+        await respond(send)
+
+    async def receive() -> Message:
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    async def send(message: Message) -> None:
+        pass
+
+    def request(path: str, headers: list[tuple[bytes, bytes]]) -> None:
+        coroutine = KoalaASGIMiddleware(app, client=dry)(http_scope(path, headers=headers), receive, send)
+        with pytest.raises(StopIteration):  # nothing here waits: one step runs the request
+            coroutine.send(None)
+
+    returning = [(b"cookie", f"ko_id={VISITOR}".encode())]
+    for path, headers in [("/", returning), ("/", []), ("/track", returning)]:
+        request(path, headers)  # warm up: caches, lazily built tables
+        gc.collect()
+        gc.disable()
+        try:
+            request(path, headers)
+            assert gc.collect() == 0, path
+        finally:
+            gc.enable()
 
 
 # -- the ko_id cookie ------------------------------------------------------------------------

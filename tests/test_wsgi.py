@@ -9,6 +9,7 @@ stdlib's real ``wsgiref`` server on loopback for what only a server shows (strea
 
 from __future__ import annotations
 
+import gc
 import sys
 import threading
 import time
@@ -293,6 +294,38 @@ def _returning(body: object) -> App:
         return body
 
     return app
+
+
+def test_requests_leave_no_reference_cycle_behind(dry: KoalaClient) -> None:
+    # As for ASGI: environ holds the tracker and the tracker reads environ lazily; close()
+    # (and a raising app) must undo that, or every request waits for the garbage collector.
+    def app(env: dict[str, Any], start_response: Callable[..., Any]) -> Any:
+        if env["PATH_INFO"] == "/track":
+            env[ENVIRON_KEY].track("Downloaded")
+        if env["PATH_INFO"] == "/fail":
+            raise RuntimeError("handler failed")
+        start_response("200 OK", [("Content-Type", "text/plain")])
+        return iter([b"ok"])
+
+    def request(path: str, cookie: str | None) -> None:
+        env = environ(path, **({"HTTP_COOKIE": cookie} if cookie else {}))
+        try:
+            result = KoalaWSGIMiddleware(app, client=dry)(env, lambda *a: None)
+        except RuntimeError:
+            return
+        assert list(result) == [b"ok"]
+        result.close()  # type: ignore[attr-defined]
+
+    returning = f"ko_id={VISITOR}"
+    for path, cookie in [("/", returning), ("/", None), ("/track", returning), ("/fail", returning)]:
+        request(path, cookie)  # warm up
+        gc.collect()
+        gc.disable()
+        try:
+            request(path, cookie)
+            assert gc.collect() == 0, path
+        finally:
+            gc.enable()
 
 
 def test_close_is_passed_through_once_and_len_is_kept(dry: KoalaClient) -> None:
