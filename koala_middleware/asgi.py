@@ -79,7 +79,7 @@ def _cookie_and_gpc(headers: Iterable[tuple[bytes, bytes]]) -> tuple[str | None,
     """The Cookie header (every one, joined with ``"; "`` as HTTP/2 prescribes) and Sec-GPC.
 
     Names are compared as the lower-case bytes ASGI servers send (Starlette's ``Headers``
-    relies on the same). The middleware inlines this loop: it runs on every request.
+    relies on the same).
     """
     cookie = None
     gpc = False
@@ -145,15 +145,18 @@ class KoalaASGIMiddleware:
         if scope["type"] != "http" or SCOPE_KEY in scope:  # or already done by an outer Koala
             await self._not_http(scope, receive, send)
             return
-        # The request path, inlined (it runs on every request): _cookie_and_gpc, then start.
-        cookie = None
-        gpc = False
-        for name, value in scope["headers"]:
-            if name == b"cookie":
-                cookie = value if cookie is None else cookie + b"; " + value
-            elif name == b"sec-gpc":
-                gpc = gpc or value.strip() == b"1"
-        tracker, set_cookie = self.visits.start(scope, None if cookie is None else cookie.decode("latin-1"), gpc)
+        # Every request passes here, so the headers are read by one C call when no name
+        # repeats (the usual HTTP/1.1 request), and by _cookie_and_gpc otherwise.
+        headers = scope["headers"]
+        if type(headers) is list and len(named := dict(headers)) == len(headers):
+            cookie = named.get(b"cookie")
+            tracker, set_cookie = self.visits.start(
+                scope,
+                None if cookie is None else cookie.decode("latin-1"),
+                b"sec-gpc" in named and named[b"sec-gpc"].strip() == b"1",
+            )
+        else:
+            tracker, set_cookie = self.visits.start(scope, *_cookie_and_gpc(headers))
         scope[SCOPE_KEY] = tracker
         state = scope.get("state")
         if state is None:  # not setdefault: that builds a dict on every request
