@@ -21,6 +21,7 @@ import gc
 import logging
 import threading
 import time
+import uuid
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -43,6 +44,7 @@ VISITOR_ID = "0f8fad5b-d9cb-4980-b0f2-4b2a1c6f5d3e"
 HOST = "www.example.com"
 USER_AGENT = "Mozilla/5.0 (X11; Linux x86_64) AppleWebKit/537.36 (KHTML, like Gecko) Chrome/126.0 Safari/537.36"
 SECRET = "bench-secret-key"
+UNSEEN_VISITORS = 10_000  # more than the Cookie headers a middleware remembers (_cookie._SEEN_SIZE)
 
 Runner = Callable[[int], int]  # run n requests, return the nanoseconds they took
 
@@ -186,33 +188,41 @@ def wsgi_environ(path: str, cookie: str | None) -> dict[str, Any]:
 _REQUEST = {"type": "http.request", "body": b"", "more_body": False}
 
 
-def asgi_runner(app: Any, scope: dict[str, Any], loop: asyncio.AbstractEventLoop) -> Runner:
+def asgi_runner(app: Any, scope: dict[str, Any], loop: asyncio.AbstractEventLoop,
+                others: list[dict[str, Any]] | None = None) -> Runner:
+    """Run ``n`` requests: ``scope`` each time, or ``others`` in turn (other visitors)."""
     async def receive() -> dict[str, Any]:
         return _REQUEST
 
     async def send(message: dict[str, Any]) -> None:
         pass
 
+    scopes = others or [scope]
+    count = len(scopes)
+
     async def many(n: int) -> int:
         start = time.perf_counter_ns()
-        for _ in range(n):
-            await app({**scope, "state": {}}, receive, send)
+        for index in range(n):
+            await app({**scopes[index % count], "state": {}}, receive, send)
         return time.perf_counter_ns() - start
 
     return lambda n: loop.run_until_complete(many(n))
 
 
-def wsgi_runner(app: Any, environ: dict[str, Any]) -> Runner:
+def wsgi_runner(app: Any, environ: dict[str, Any], others: list[dict[str, Any]] | None = None) -> Runner:
     def write(data: bytes) -> None:
         pass
 
     def start_response(status: str, headers: list[tuple[str, str]], exc_info: Any = None) -> Any:
         return write
 
+    environs = others or [environ]
+    count = len(environs)
+
     def many(n: int) -> int:
         start = time.perf_counter_ns()
-        for _ in range(n):
-            body = app(dict(environ), start_response)
+        for index in range(n):
+            body = app(dict(environs[index % count]), start_response)
             for _chunk in body:
                 pass
             close = getattr(body, "close", None)
@@ -294,22 +304,26 @@ def session_cookie(loop: asyncio.AbstractEventLoop) -> str:
 
 def build_cases(loop: asyncio.AbstractEventLoop) -> list[Case]:
     returning = f"ko_id={VISITOR_ID}; _ga=GA1.2.1234567890.1700000000"
+    # More visitors than the middleware remembers Cookie headers of: every request is a miss.
+    unseen = [f"ko_id={uuid.uuid4()}; _ga=GA1.2.1234567890.1700000000" for _ in range(UNSEEN_VISITORS)]
     session = session_cookie(loop)
     returning_with_session = f"{returning}; {session}"
 
     def asgi(middleware: Callable[[KoalaClient], list[Middleware]] | None, path: str, cookie: str | None,
-             expect_cookie: bool | None = None, expect_batches: int = 0) -> Callable[[], tuple[Runner, Callable[[], None]]]:
+             expect_cookie: bool | None = None, expect_batches: int = 0,
+             others: list[str] | None = None) -> Callable[[], tuple[Runner, Callable[[], None]]]:
         def make() -> tuple[Runner, Callable[[], None]]:
             client = parked_client() if middleware is not None else None
             app = starlette_app(middleware(client) if client is not None and middleware else None)
             scope = asgi_scope(path, cookie)
             headers = asgi_response_headers(app, scope, loop)
             _expect(headers, b"set-cookie", b"ko_id=", expect_cookie, client, expect_batches)
-            return asgi_runner(app, scope, loop), _stopper(client)
+            scopes = [asgi_scope(path, other) for other in others] if others else None
+            return asgi_runner(app, scope, loop, scopes), _stopper(client)
         return make
 
     def wsgi(wrapped: bool, path: str, cookie: str | None, expect_cookie: bool | None = None,
-             expect_batches: int = 0) -> Callable[[], tuple[Runner, Callable[[], None]]]:
+             expect_batches: int = 0, others: list[str] | None = None) -> Callable[[], tuple[Runner, Callable[[], None]]]:
         def make() -> tuple[Runner, Callable[[], None]]:
             app = flask_app()
             client = parked_client() if wrapped else None
@@ -318,7 +332,8 @@ def build_cases(loop: asyncio.AbstractEventLoop) -> list[Case]:
             environ = wsgi_environ(path, cookie)
             headers = wsgi_response_headers(app, environ)
             _expect(headers, "set-cookie", "ko_id=", expect_cookie, client, expect_batches)
-            return wsgi_runner(app, environ), _stopper(client)
+            environs = [wsgi_environ(path, other) for other in others] if others else None
+            return wsgi_runner(app, environ, environs), _stopper(client)
         return make
 
     def koala(client: KoalaClient) -> list[Middleware]:
@@ -344,6 +359,10 @@ def build_cases(loop: asyncio.AbstractEventLoop) -> list[Case]:
             session_variant("SessionMiddleware, returning session", returning_with_session, False),
             session_variant("SessionMiddleware, no session", returning, False),
         ]),
+        Case("1a", "Starlette, returning visitors, each header unseen", [
+            Variant("bare", asgi(None, "/", returning, others=unseen), is_baseline=True),
+            Variant("koala", asgi(koala, "/", returning, expect_cookie=False, others=unseen)),
+        ]),
         Case("1b", "Starlette, new visitor", [
             Variant("bare", asgi(None, "/", None), is_baseline=True),
             Variant("koala", asgi(koala, "/", None, expect_cookie=True), target=1.6),
@@ -355,6 +374,10 @@ def build_cases(loop: asyncio.AbstractEventLoop) -> list[Case]:
         Case("1a", "Flask, returning visitor", [
             Variant("bare", wsgi(False, "/", returning), is_baseline=True),
             Variant("koala", wsgi(True, "/", returning, expect_cookie=False), target=1.10),
+        ]),
+        Case("1a", "Flask, returning visitors, each header unseen", [
+            Variant("bare", wsgi(False, "/", returning, others=unseen), is_baseline=True),
+            Variant("koala", wsgi(True, "/", returning, expect_cookie=False, others=unseen)),
         ]),
         Case("1b", "Flask, new visitor", [
             Variant("bare", wsgi(False, "/", None), is_baseline=True),

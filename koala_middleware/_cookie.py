@@ -32,6 +32,7 @@ SHARED_CACHE_SKIP_MESSAGE = "Visitor cookie not set on responses a shared cache 
 MAX_AGE_LIMIT = 400 * 24 * 3600  # browsers clamp cookie lifetimes to 400 days (RFC 6265bis)
 _CACHE_SIZE = 1024  # Host headers are client-controlled: keep every per-host cache bounded.
 _MAX_HOST_INPUT = 300  # longer than any valid name with a port; also keeps cache keys small
+_SEEN_SIZE = 4096  # Cookie headers whose visitor id is remembered (an int and an id each)
 # RFC 6265 cookie-name: an RFC 7230 token.
 _TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
 _UUID4 = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}")
@@ -258,12 +259,16 @@ def new_visitor_cookie(host: str | None, https: bool, settings: CookieSettings) 
 class VisitorCookie:
     """One middleware's visitor cookie: reads the ``ko_id`` of each request, issues new ones.
 
-    Both run on every request, so the per-host ``Set-Cookie`` attributes are memoised here
-    (bounded: Host headers are client-controlled) and the usual Cookie header is read with
-    one ``find`` and one anchored match.
+    Both run on every request, so their per-input work is memoised, in bounded caches
+    (these inputs are client-controlled): the ``Set-Cookie`` attributes per host, and the id
+    read from a Cookie header. A visitor's page, its API calls and its assets send the same
+    header; seen before, it costs one hash and one lookup. The reading cache is keyed by the
+    header's hash, so it keeps no cookie values (sessions, tokens) in memory; a collision of
+    the keyed 64-bit hash is out of reach. Unseen headers are read with one ``find`` and one
+    anchored match (or, for unusual ones, a search).
     """
 
-    __slots__ = ("settings", "_attributes", "_name", "_plain_id", "_prefix")
+    __slots__ = ("settings", "_attributes", "_name", "_plain_id", "_prefix", "_seen")
 
     def __init__(self, settings: CookieSettings) -> None:
         self.settings = settings
@@ -271,15 +276,28 @@ class VisitorCookie:
         self._prefix = settings.name + "="
         self._plain_id = re.compile(re.escape(self._prefix) + "(" + _UUID4.pattern + ")(?=[;,]|\\Z)").match
         self._attributes: dict[tuple[str | None, bool], str] = {}
+        self._seen: dict[int, str] = {}
 
-    def read(self, cookie: str | None) -> str | None:
+    def read(self, cookie: bytes | str | None) -> str | None:
         """The visitor id in a Cookie header (several joined with ``"; "``), or None.
 
-        Same answer as :func:`read_visitor_id`: the first occurrence of the name, when it
-        starts a cookie as ``name=<id>``, is the first valid one; anything else is searched.
+        ``bytes`` (ASGI) are latin-1, as HTTP headers are; ``str`` is a WSGI header.
         """
         if cookie is None:
             return None
+        key = hash(cookie)
+        visitor_id = self._seen.get(key)
+        if visitor_id is None:
+            visitor_id = self._parse(cookie.decode("latin-1") if isinstance(cookie, bytes) else cookie)
+            if visitor_id is not None:
+                if len(self._seen) >= _SEEN_SIZE:
+                    self._seen.clear()  # a new generation: simpler and cheaper than LRU order
+                self._seen[key] = visitor_id
+        return visitor_id
+
+    def _parse(self, cookie: str) -> str | None:
+        """Same answer as :func:`read_visitor_id`: the first occurrence of the name, when it
+        starts a cookie as ``name=<id>``, is the first valid one; anything else is searched."""
         start = cookie.find(self._name)
         if start < 0:
             return None

@@ -107,11 +107,12 @@ class Visits:
         # No excluded paths and no consent callback: only the cookie decides.
         self._cookie_only = self._excluded is None and self._should_track is None
 
-    def start(self, request: Any, cookie: str | None, gpc: bool) -> tuple[Tracker, str | None]:
+    def start(self, request: Any, cookie: bytes | str | None, gpc: bool) -> tuple[Tracker, str | None]:
         """This request's tracker, and the ``Set-Cookie`` value for a new visitor (or None).
 
         :param request: the ``environ`` or ``scope``; other parts are read from it when needed.
-        :param cookie: the Cookie header (several joined with ``"; "``), or None.
+        :param cookie: the Cookie header (several joined with ``"; "``), or None; bytes
+            (latin-1) from ASGI, str from WSGI.
         :param gpc: the request carries ``Sec-GPC: 1``.
         """
         if self._cookie_only and not gpc:  # the default settings, the usual request: one rule

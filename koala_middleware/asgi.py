@@ -67,7 +67,7 @@ def request_info(scope: Scope) -> RequestInfo:
         scope.get("scheme", "http"),
         host,
         _path(scope),
-        [cookie] if cookie is not None else [],
+        [cookie.decode("latin-1")] if cookie is not None else [],
         user_agent,
         ip,
         gpc,
@@ -75,7 +75,7 @@ def request_info(scope: Scope) -> RequestInfo:
     )
 
 
-def _cookie_and_gpc(headers: Iterable[tuple[bytes, bytes]]) -> tuple[str | None, bool]:
+def _cookie_and_gpc(headers: Iterable[tuple[bytes, bytes]]) -> tuple[bytes | None, bool]:
     """The Cookie header (every one, joined with ``"; "`` as HTTP/2 prescribes) and Sec-GPC.
 
     Names are compared as the lower-case bytes ASGI servers send (Starlette's ``Headers``
@@ -88,7 +88,7 @@ def _cookie_and_gpc(headers: Iterable[tuple[bytes, bytes]]) -> tuple[str | None,
             cookie = value if cookie is None else cookie + b"; " + value
         elif name == b"sec-gpc":
             gpc = gpc or value.strip() == b"1"
-    return None if cookie is None else cookie.decode("latin-1"), gpc
+    return cookie, gpc
 
 
 def _first_header(scope: Scope, wanted: bytes) -> str | None:
@@ -149,11 +149,8 @@ class KoalaASGIMiddleware:
         # repeats (the usual HTTP/1.1 request), and by _cookie_and_gpc otherwise.
         headers = scope["headers"]
         if type(headers) is list and len(named := dict(headers)) == len(headers):
-            cookie = named.get(b"cookie")
             tracker, set_cookie = self.visits.start(
-                scope,
-                None if cookie is None else cookie.decode("latin-1"),
-                b"sec-gpc" in named and named[b"sec-gpc"].strip() == b"1",
+                scope, named.get(b"cookie"), b"sec-gpc" in named and named[b"sec-gpc"].strip() == b"1"
             )
         else:
             tracker, set_cookie = self.visits.start(scope, *_cookie_and_gpc(headers))

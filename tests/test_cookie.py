@@ -246,6 +246,20 @@ def test_read_visitor_id_odd_inputs():
     assert read_visitor_id([huge]) == VID
 
 
+def test_reader_memo_is_bounded_and_keeps_no_cookie_values() -> None:
+    reader = VisitorCookie(DEFAULT)
+    session = "session=very-secret-token"
+    assert reader.read(f"{session}; ko_id={VID}") == VID
+    assert reader.read(f"{session}; ko_id={VID}".encode()) == VID
+    assert reader.read(f"{session}; ko_id=forged") is None  # and not remembered
+    assert all(isinstance(key, int) for key in reader._seen) and set(reader._seen.values()) == {VID}
+    for index in range(_cookie._SEEN_SIZE + 10):
+        header = f"n={index}; ko_id={VID2}"
+        assert reader.read(header) == VID2
+        assert len(reader._seen) <= _cookie._SEEN_SIZE
+    assert reader.read(f"{session}; ko_id={VID}") == VID  # forgotten, read again
+
+
 # --- settings --------------------------------------------------------------------------------
 
 @pytest.mark.parametrize(
@@ -472,6 +486,9 @@ def test_read_visitor_id_property(headers):
     reader = VisitorCookie(DEFAULT)
     for header in headers:  # the middlewares' reader, with its fast path, agrees too
         assert reader.read(header) == expected_visitor_id([header])
+        assert reader.read(header) == expected_visitor_id([header])  # again: from its memo
+        if header.isascii():  # as ASGI hands it over
+            assert VisitorCookie(DEFAULT).read(header.encode()) == expected_visitor_id([header])
     assert reader.read("; ".join(headers) if headers else None) == result
     if result is not None:
         assert oracle_valid(result)
