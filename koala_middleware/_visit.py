@@ -91,8 +91,8 @@ class Visits:
     :param reader: how the glue's protocol reads its request object, part by part.
     """
 
-    __slots__ = ("client", "settings", "_cookie", "_cookie_only", "_excluded", "_reader", "_read_visitor",
-                 "_respect_gpc", "_should_track")
+    __slots__ = ("client", "settings", "_cookie", "_excluded", "_reader", "_read_visitor", "_respect_gpc",
+                 "_should_track")
 
     def __init__(self, client: KoalaClient, settings: MiddlewareSettings, reader: RequestReader) -> None:
         self.client = client
@@ -104,8 +104,6 @@ class Visits:
         self._read_visitor = reader.visitor
         self._respect_gpc = settings.respect_gpc
         self._should_track = settings.should_track
-        # No excluded paths and no consent callback: only the cookie decides.
-        self._cookie_only = self._excluded is None and self._should_track is None
 
     def start(self, request: Any, cookie: bytes | str | None, gpc: bool) -> tuple[Tracker, str | None]:
         """This request's tracker, and the ``Set-Cookie`` value for a new visitor (or None).
@@ -115,10 +113,6 @@ class Visits:
             (latin-1) from ASGI, str from WSGI.
         :param gpc: the request carries ``Sec-GPC: 1``.
         """
-        if self._cookie_only and not gpc:  # the default settings, the usual request: one rule
-            visitor_id = self._cookie.read(cookie)
-            if visitor_id is not None:
-                return RequestTracker(self.client, visitor_id, True, request, self._read_visitor), None
         client = self.client
         if self._excluded is not None and self._excluded(self._reader.path(request)):
             return RequestTracker(client, None, False, request, self._read_visitor), None

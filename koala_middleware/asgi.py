@@ -263,5 +263,8 @@ def _with_cookie(send: Send, set_cookie: str) -> Send:
 
 
 def _cache_control(headers: Iterable[tuple[bytes, bytes]]) -> str | None:
-    values = [value.decode("latin-1") for name, value in headers if name.lower() == b"cache-control"]
-    return ", ".join(values) if values else None
+    values = None
+    for name, value in headers:  # a loop, not a comprehension: no list for the usual no
+        if name.lower() == b"cache-control":
+            values = value.decode("latin-1") if values is None else values + ", " + value.decode("latin-1")
+    return values

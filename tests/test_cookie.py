@@ -1,4 +1,5 @@
 import logging
+import os
 import re
 import socket
 import string
@@ -142,6 +143,23 @@ def test_per_host_caches_are_bounded():
 
 
 # --- visitor ids -----------------------------------------------------------------------------
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+def test_ids_read_ahead_are_not_shared_with_a_forked_child():
+    new_visitor_id()  # the parent now holds ids read ahead
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: report its next ids, and leave without pytest's cleanup
+        os.write(write_end, " ".join(new_visitor_id() for _ in range(10)).encode())
+        os._exit(0)
+    os.close(write_end)
+    child = set(os.read(read_end, 4096).decode().split())
+    os.close(read_end)
+    os.waitpid(pid, 0)
+    parent = {new_visitor_id() for _ in range(10)}
+    assert len(child) == 10 and all(is_valid_visitor_id(i) for i in child)
+    assert not child & parent
+
 
 def test_new_visitor_id_is_valid_and_fresh():
     ids = {new_visitor_id() for _ in range(100)}
