@@ -52,29 +52,28 @@ def _split(
 
     Nearly every tracker fits one request: that case joins its items once, no slicing.
     """
-    longest = max(len(events), len(identifies))
-    if longest <= MAX_ITEMS_PER_TYPE:
-        return [_batch(head, events, event_ids, identifies, path, user_agent)] if longest else []
+    if len(events) <= MAX_ITEMS_PER_TYPE and len(identifies) <= MAX_ITEMS_PER_TYPE:
+        return [_batch(head, events, event_ids, identifies, path, user_agent)] if events or identifies else []
     step = MAX_ITEMS_PER_TYPE
     return [
         _batch(head, events[i : i + step], event_ids[i : i + step], identifies[i : i + step], path, user_agent)
-        for i in range(0, longest, step)
+        for i in range(0, max(len(events), len(identifies)), step)
     ]
 
 
 def _batch(
     head: str, events: Sequence[str], event_ids: Sequence[str], identifies: Sequence[str], path: str, user_agent: str
 ) -> Batch:
-    body = "{" + head
-    if events:
-        body += ',"events":[' + ",".join(events) + "]"
-    if identifies:
-        body += ',"identifies":[' + ",".join(identifies) + "]"
-    return Batch(path, (body + "}").encode(), user_agent, tuple(event_ids))
+    if events and identifies:
+        body = f'{{{head},"events":[{",".join(events)}],"identifies":[{",".join(identifies)}]}}'
+    elif events:
+        body = f'{{{head},"events":[{",".join(events)}]}}'
+    else:
+        body = f'{{{head},"identifies":[{",".join(identifies)}]}}'
+    return Batch(path, body.encode(), user_agent, tuple(event_ids))
 
 
 def visitor_batches(
-    *,
     profile_id: str | None,
     email: str | None,
     ip: str | None,
@@ -83,26 +82,29 @@ def visitor_batches(
     identifies: Sequence[str],
     user_agent: str,
 ) -> list[Batch]:
-    if profile_id is None and email is None:
-        raise ValueError("a Koala batch needs a profile_id or an email; pass one to tracker()")
-    # Concatenated, not a list joined: this runs for every request that recorded something.
-    head = '"profile_id":' + quote(profile_id) if profile_id is not None else ""
-    if email is not None:
-        head += (',"email":' if head else '"email":') + quote(email)
+    """The person's requests. Positional arguments: this runs for every request that
+    recorded something, and a call by keyword costs more."""
+    if profile_id is None:
+        if email is None:
+            raise ValueError("a Koala batch needs a profile_id or an email; pass one to tracker()")
+        head = '"email":' + quote(email)
+    elif email is None:
+        head = '"profile_id":' + quote(profile_id)
+    else:
+        head = '"profile_id":' + quote(profile_id) + ',"email":' + quote(email)
     if ip:
         head += ',"ip":' + quote(ip)
     return _split(head, events, event_ids, identifies, VISITOR_PATH, user_agent)
 
 
 def account_batches(
-    *,
     domain: str,
     events: Sequence[str],
     event_ids: Sequence[str],
     identifies: Sequence[str],
     user_agent: str,
 ) -> list[Batch]:
-    return _split(f'"domain":{quote(domain)}', events, event_ids, identifies, ACCOUNT_PATH, user_agent)
+    return _split('"domain":' + quote(domain), events, event_ids, identifies, ACCOUNT_PATH, user_agent)
 
 
 def event_item(message_id: str, event: str, properties_json: str, sent_at: str) -> str:

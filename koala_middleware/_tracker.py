@@ -101,13 +101,7 @@ class AccountRecorder(_Recorder):
             self._identifies.append(item)
 
     def _batches(self, user_agent: str) -> list[_protocol.Batch]:
-        return _protocol.account_batches(
-            domain=self.domain,
-            events=self._events,
-            event_ids=self._event_ids,
-            identifies=self._identifies,
-            user_agent=user_agent,
-        )
+        return _protocol.account_batches(self.domain, self._events, self._event_ids, self._identifies, user_agent)
 
 
 class Tracker(_Recorder):
@@ -223,23 +217,24 @@ class Tracker(_Recorder):
         """The requests this tracker's records make (empty when nothing was recorded)."""
         if not self._count:
             return []
-        user_agent = self.user_agent or self._client.user_agent
-        result: list[_protocol.Batch] = []
+        client = self._client
+        user_agent = self.user_agent or client.user_agent
         if self._has_items():
-            result.extend(
-                _protocol.visitor_batches(
-                    profile_id=self.profile_id,
-                    email=self.email,
-                    ip=self.ip if self._client.send_ip else None,
-                    events=self._events,
-                    event_ids=self._event_ids,
-                    identifies=self._identifies,
-                    user_agent=user_agent,
-                )
+            result = _protocol.visitor_batches(
+                self.profile_id,
+                self.email,
+                self.ip if client.send_ip else None,
+                self._events,
+                self._event_ids,
+                self._identifies,
+                user_agent,
             )
-        for recorder in (self._accounts or {}).values():
-            if recorder._has_items():
-                result.extend(recorder._batches(user_agent))
+        else:
+            result = []
+        if self._accounts:
+            for recorder in self._accounts.values():
+                if recorder._has_items():
+                    result.extend(recorder._batches(user_agent))
         return result
 
     def send(self) -> None:

@@ -144,7 +144,7 @@ def encode_mapping(value: Mapping[str, Any] | None, what: str) -> str:
     """Encode ``properties``/``traits`` to JSON, or raise naming the offending key."""
     if value is None:
         return "{}"
-    if not isinstance(value, Mapping):
+    if type(value) is not dict and not isinstance(value, Mapping):  # a dict skips the ABC check
         raise TypeError(f"{what} must be a dict, got {type(value).__name__}; pass e.g. {what}={{'plan': 'pro'}}")
     try:
         encoded = dumps(value)
