@@ -131,8 +131,9 @@ class _Response:
         self._visits: Visits | None = visits
 
     def __iter__(self) -> Iterator[bytes]:
-        next_chunk = self._context.run(iter, self._iterable).__next__
-        return map(self._context.run, itertools.repeat(next_chunk))
+        # iter() runs no app code for lists, generators or werkzeug's iterables (a generator's
+        # body starts at its first next()), so it is called directly.
+        return map(self._context.run, itertools.repeat(iter(self._iterable).__next__))
 
     def close(self) -> None:
         visits, self._visits = self._visits, None
