@@ -3,7 +3,7 @@
 ``Visits.start(...)`` decides, once per request: is it tracked (excluded path, Global
 Privacy Control, your consent callback), who the visitor is (their ``ko_id`` cookie or a
 fresh id), and which ``Set-Cookie`` the response needs (added only if ``may_set_cookie``
-allows it at response start). ``Visits.finish(tracker)`` hands the tracker over after the
+allows it at response start). ``finish(tracker)`` hands the tracker over after the
 response. This runs on every request: the glue passes the Cookie and Sec-GPC headers, and
 anything else is read from the request (through its ``RequestReader``) only when a rule
 needs it, so a returning visitor costs a cookie read and a tracker, nothing more.
@@ -126,12 +126,14 @@ class Visits:
             return RequestTracker(client, visitor_id, True, request, self._read_visitor), set_cookie
         return RequestTracker(client, visitor_id, True, request, self._read_visitor), None
 
-    def finish(self, tracker: Tracker) -> None:
-        """Hand over what the handler recorded (the glue calls this when it recorded any)."""
-        try:
-            self.client.send_tracker(tracker)
-        except Exception:  # the response is out: never raise into the server's close()
-            logger.exception(LOG_HANDOVER_FAILED)
+
+
+def finish(tracker: Tracker) -> None:
+    """Hand over what a request's handler recorded (the glue calls this when it recorded any)."""
+    try:
+        tracker._client.send_tracker(tracker)
+    except Exception:  # the response is out: never raise into the server's close()
+        logger.exception(LOG_HANDOVER_FAILED)
 
 
 def _consents(should_track: TrackDecision, info: RequestInfo) -> bool:

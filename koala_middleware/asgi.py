@@ -31,7 +31,7 @@ from ._client import KoalaClient
 from ._cookie import may_set_cookie
 from ._request import RequestInfo, RequestReader
 from ._tracker import bind, unbind
-from ._visit import Visits, configure
+from ._visit import Visits, configure, finish
 
 __all__ = ["SCOPE_KEY", "VISITOR_ID_KEY", "KoalaASGIMiddleware", "request_info"]
 
@@ -169,9 +169,9 @@ class KoalaASGIMiddleware:
             unbind(token)
             if tracker._count:
                 if self.client.sync:  # sync mode posts: not on the event loop
-                    await anyio.to_thread.run_sync(self.visits.finish, tracker)
+                    await anyio.to_thread.run_sync(finish, tracker)
                 else:
-                    self.visits.finish(tracker)  # an append to the sender's queue
+                    finish(tracker)  # an append to the sender's queue
             tracker._request = None  # no tracker <-> scope cycle left behind (see RequestTracker)
 
     async def _not_http(self, scope: Scope, receive: Receive, send: Send) -> None:

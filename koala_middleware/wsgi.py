@@ -24,7 +24,7 @@ from ._client import KoalaClient
 from ._cookie import may_set_cookie
 from ._request import RequestInfo, RequestReader
 from ._tracker import Tracker, bind
-from ._visit import Visits, configure
+from ._visit import Visits, configure, finish
 
 if TYPE_CHECKING:
     from _typeshed.wsgi import StartResponse, WSGIApplication, WSGIEnvironment
@@ -102,12 +102,12 @@ class KoalaWSGIMiddleware:
             iterable = context.run(self.app, environ, start_response)
         except BaseException:
             if tracker._count:
-                self.visits.finish(tracker)  # what the handler recorded before raising is still sent
+                finish(tracker)  # what the handler recorded before raising is still sent
             tracker._request = None  # no tracker <-> environ cycle left behind (see RequestTracker)
             raise
         if hasattr(iterable, "__len__"):
-            return _SizedResponse(iterable, context, tracker, self.visits)
-        return _Response(iterable, context, tracker, self.visits)
+            return _SizedResponse(iterable, context, tracker)
+        return _Response(iterable, context, tracker)
 
 
 class _Response:
@@ -120,15 +120,12 @@ class _Response:
     cleanup may still record), then hands the tracker over, even if that ``close()`` raised.
     """
 
-    __slots__ = ("_context", "_iterable", "_tracker", "_visits")
+    __slots__ = ("_context", "_iterable", "_tracker")
 
-    def __init__(
-        self, iterable: Iterable[bytes], context: contextvars.Context, tracker: Tracker, visits: Visits
-    ) -> None:
+    def __init__(self, iterable: Iterable[bytes], context: contextvars.Context, tracker: Tracker) -> None:
         self._iterable = iterable
         self._context = context
-        self._tracker = tracker
-        self._visits: Visits | None = visits
+        self._tracker: Tracker | None = tracker  # None once closed
 
     def __iter__(self) -> Iterator[bytes]:
         # iter() runs no app code for lists, generators or werkzeug's iterables (a generator's
@@ -136,17 +133,16 @@ class _Response:
         return map(self._context.run, itertools.repeat(iter(self._iterable).__next__))
 
     def close(self) -> None:
-        visits, self._visits = self._visits, None
-        if visits is None:  # some servers close twice
+        tracker, self._tracker = self._tracker, None
+        if tracker is None:  # some servers close twice
             return
         try:
             close = getattr(self._iterable, "close", None)
             if close is not None:
                 self._context.run(close)
         finally:
-            tracker = self._tracker
             if tracker._count:
-                visits.finish(tracker)
+                finish(tracker)
             tracker._request = None  # no tracker <-> environ cycle left behind
 
 
