@@ -268,7 +268,7 @@ class VisitorCookie:
     anchored match (or, for unusual ones, a search).
     """
 
-    __slots__ = ("settings", "_attributes", "_name", "_plain_id", "_prefix", "_seen")
+    __slots__ = ("_attributes", "_name", "_plain_id", "_prefix", "_seen", "settings")
 
     def __init__(self, settings: CookieSettings) -> None:
         self.settings = settings

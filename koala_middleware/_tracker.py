@@ -43,7 +43,7 @@ def current_tracker() -> Tracker | None:
 
 
 class _Recorder:
-    __slots__ = ("_events", "_event_ids", "_identifies")
+    __slots__ = ("_event_ids", "_events", "_identifies")
 
     def __init__(self) -> None:
         self._events: list[str] = []
@@ -81,7 +81,7 @@ class _Recorder:
 class AccountRecorder(_Recorder):
     """Records traits and events of one account (company), sent to ``/accounts/batch``."""
 
-    __slots__ = ("domain", "_tracker")
+    __slots__ = ("_tracker", "domain")
 
     def __init__(self, tracker: Tracker, domain: str) -> None:
         super().__init__()
@@ -112,8 +112,20 @@ class Tracker(_Recorder):
     ``with client.tracker(email=...) as tracker:``, which sends on exit.
     """
 
-    __slots__ = ("profile_id", "email", "enabled", "_accounts", "_client", "_count", "_ip", "_read_visitor",
-                 "_request", "_user_agent")
+    __slots__ = (
+        "_accounts",
+        "_client",
+        "_count",
+        "_ip",
+        "_read_visitor",
+        "_request",
+        "_user_agent",
+        "email",
+        "enabled",
+        "profile_id",
+    )
+
+    _read_visitor: Callable[[Any], tuple[str | None, str | None]]  # set by RequestTracker
 
     def __init__(
         self,

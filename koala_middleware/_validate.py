@@ -17,7 +17,7 @@ import re
 import time
 import uuid
 from collections.abc import Iterator, Mapping
-from json.encoder import c_make_encoder as _c_make_encoder
+from json.encoder import c_make_encoder as _c_make_encoder  # type: ignore[attr-defined]
 from json.encoder import encode_basestring_ascii
 from typing import Any
 

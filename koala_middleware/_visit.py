@@ -91,8 +91,16 @@ class Visits:
     :param reader: how the glue's protocol reads its request object, part by part.
     """
 
-    __slots__ = ("client", "settings", "_cookie", "_excluded", "_reader", "_read_visitor", "_respect_gpc",
-                 "_should_track")
+    __slots__ = (
+        "_cookie",
+        "_excluded",
+        "_read_visitor",
+        "_reader",
+        "_respect_gpc",
+        "_should_track",
+        "client",
+        "settings",
+    )
 
     def __init__(self, client: KoalaClient, settings: MiddlewareSettings, reader: RequestReader) -> None:
         self.client = client

@@ -60,7 +60,7 @@ _SHUTDOWN_MESSAGES = frozenset({"lifespan.shutdown.complete", "lifespan.shutdown
 def request_info(scope: Scope) -> RequestInfo:
     """Read what the rules need from an ``http`` or ``websocket`` scope (for ``should_track``)."""
     cookie, gpc = _cookie_and_gpc(scope["headers"])
-    host, https = _site(scope)
+    host, _ = _site(scope)
     user_agent, ip = _visitor(scope)
     return RequestInfo(
         scope.get("method", "GET"),

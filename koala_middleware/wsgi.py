@@ -162,7 +162,7 @@ class _StartWithCookie:
     need the cookie too, and the server decides whether to re-raise.
     """
 
-    __slots__ = ("_start_response", "_set_cookie")
+    __slots__ = ("_set_cookie", "_start_response")
 
     def __init__(self, start_response: StartResponse, set_cookie: str) -> None:
         self._start_response = start_response
