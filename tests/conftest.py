@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import gc
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -43,3 +44,16 @@ def run_tour(example: Path, home: Path) -> str:
     )
     assert result.returncode == 0, result.stderr
     return result.stdout
+
+
+def assert_no_garbage_cycles(run: Callable[[], None]) -> None:
+    """``run()`` once to warm up (caches, lazily built tables), then again with the garbage
+    collector off: it must leave nothing that only the collector could free."""
+    run()
+    gc.collect()
+    gc.disable()
+    try:
+        run()
+        assert gc.collect() == 0
+    finally:
+        gc.enable()

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import gc
 import uuid
 import warnings
 from collections.abc import AsyncIterator, Callable, Iterable
@@ -30,7 +29,7 @@ with warnings.catch_warnings():  # recent Starlette asks for httpx2; httpx works
     warnings.simplefilter("ignore")
     from starlette.testclient import TestClient
 
-from conftest import FAST_RETRIES
+from conftest import FAST_RETRIES, assert_no_garbage_cycles
 
 from koala_middleware import KoalaClient, Tracker, current_tracker
 from koala_middleware.asgi import SCOPE_KEY, VISITOR_ID_KEY, KoalaASGIMiddleware
@@ -159,14 +158,7 @@ def test_requests_leave_no_reference_cycle_behind(dry: KoalaClient) -> None:
 
     returning = [(b"cookie", f"ko_id={VISITOR}".encode())]
     for path, headers in [("/", returning), ("/", []), ("/track", returning)]:
-        request(path, headers)  # warm up: caches, lazily built tables
-        gc.collect()
-        gc.disable()
-        try:
-            request(path, headers)
-            assert gc.collect() == 0, path
-        finally:
-            gc.enable()
+        assert_no_garbage_cycles(lambda: request(path, headers))  # noqa: B023 (called at once)
 
 
 # -- the ko_id cookie ------------------------------------------------------------------------

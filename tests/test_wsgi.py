@@ -9,7 +9,6 @@ stdlib's real ``wsgiref`` server on loopback for what only a server shows (strea
 
 from __future__ import annotations
 
-import gc
 import sys
 import threading
 import time
@@ -25,6 +24,7 @@ from wsgiref.validate import validator
 
 import httpx
 import pytest
+from conftest import assert_no_garbage_cycles
 from werkzeug.middleware.proxy_fix import ProxyFix
 
 from koala_middleware import KoalaClient, Tracker, current_tracker
@@ -318,14 +318,7 @@ def test_requests_leave_no_reference_cycle_behind(dry: KoalaClient) -> None:
 
     returning = f"ko_id={VISITOR}"
     for path, cookie in [("/", returning), ("/", None), ("/track", returning), ("/fail", returning)]:
-        request(path, cookie)  # warm up
-        gc.collect()
-        gc.disable()
-        try:
-            request(path, cookie)
-            assert gc.collect() == 0, path
-        finally:
-            gc.enable()
+        assert_no_garbage_cycles(lambda: request(path, cookie))  # noqa: B023 (called at once)
 
 
 def test_close_is_passed_through_once_and_len_is_kept(dry: KoalaClient) -> None:
