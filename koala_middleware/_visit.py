@@ -135,7 +135,6 @@ class Visits:
         return RequestTracker(client, visitor_id, True, request, self._read_visitor), None
 
 
-
 def finish(tracker: Tracker) -> None:
     """Hand over what a request's handler recorded (the glue calls this when it recorded any)."""
     try:
