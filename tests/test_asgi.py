@@ -137,6 +137,20 @@ def recording_app(seen: list[Tracker], event: str | None = "Viewed Pricing") -> 
     return app
 
 
+@pytest.mark.anyio
+async def test_user_agent_and_ip_are_read_when_needed_and_the_request_let_go_after(dry: KoalaClient) -> None:
+    seen: list[Tracker] = []
+    mw = KoalaASGIMiddleware(recording_app(seen, event=None), client=dry)
+    await serve(mw, http_scope(headers=[(b"cookie", f"ko_id={VISITOR}".encode())]))
+    unused = seen[-1]
+    assert unused._request is None and (unused.user_agent, unused.ip) == (None, None)  # never needed
+
+    mw = KoalaASGIMiddleware(recording_app(seen), client=dry)  # records: the batch needs them
+    await serve(mw, http_scope(headers=[(b"cookie", f"ko_id={VISITOR}".encode())]))
+    assert (seen[-1].user_agent, seen[-1].ip) == (UA, "203.0.113.7")
+    assert dry.dry_run_batches[-1].user_agent == UA and dry.dry_run_batches[-1].json()["ip"] == "203.0.113.7"
+
+
 def test_requests_leave_no_reference_cycle_behind(dry: KoalaClient) -> None:
     # The tracker reads the request lazily, and the request holds the tracker: the middleware
     # must undo that when done, or every request's objects wait for the garbage collector.
