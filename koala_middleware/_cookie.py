@@ -250,32 +250,24 @@ def set_cookie_header(visitor_id: str, host: str | None, https: bool, settings: 
     return _set_cookie_header(visitor_id, host, https, settings)
 
 
-def new_visitor_cookie(host: str | None, https: bool, settings: CookieSettings) -> tuple[str, str]:
-    """A fresh visitor id and its Set-Cookie header value (the id is valid by construction)."""
-    visitor_id = random_uuid4()
-    return visitor_id, _set_cookie_header(visitor_id, host, https, settings)
-
-
 class VisitorCookie:
     """One middleware's visitor cookie: reads the ``ko_id`` of each request, issues new ones.
 
-    Both run on every request, so their per-input work is memoised, in bounded caches
-    (these inputs are client-controlled): the ``Set-Cookie`` attributes per host, and the id
-    read from a Cookie header. A visitor's page, its API calls and its assets send the same
-    header; seen before, it costs one hash and one lookup. The reading cache is keyed by the
+    Reading runs on every request, so the id read from a Cookie header is memoised, in a
+    bounded cache (the header is client-controlled; the ``Set-Cookie`` attributes per host
+    have theirs in ``_cookie_attributes``). A visitor's page, its API calls and its assets
+    send the same header; seen before, it costs one hash and one lookup. The reading cache is keyed by the
     header's hash, so it keeps no cookie values (sessions, tokens) in memory; a collision of
     the keyed 64-bit hash is out of reach. Unseen headers are read with one ``find`` and one
     anchored match (or, for unusual ones, a search).
     """
 
-    __slots__ = ("_attributes", "_name", "_plain_id", "_prefix", "_seen", "settings")
+    __slots__ = ("_name", "_plain_id", "_seen", "settings")
 
     def __init__(self, settings: CookieSettings) -> None:
         self.settings = settings
         self._name = settings.name
-        self._prefix = settings.name + "="
-        self._plain_id = re.compile(re.escape(self._prefix) + "(" + _UUID4.pattern + ")(?=[;,]|\\Z)").match
-        self._attributes: dict[tuple[str | None, bool], str] = {}
+        self._plain_id = re.compile(re.escape(settings.name + "=") + "(" + _UUID4.pattern + ")(?=[;,]|\\Z)").match
         self._seen: dict[int, str] = {}
 
     def read(self, cookie: bytes | str | None) -> str | None:
@@ -309,15 +301,8 @@ class VisitorCookie:
 
     def issue(self, host: str | None, https: bool) -> tuple[str, str]:
         """A fresh visitor id and its ``Set-Cookie`` value for a request to ``host``."""
-        visitor_id = random_uuid4()
-        attributes = self._attributes.get((host, https))
-        if attributes is None:
-            if not isinstance(host, str) or len(host) > _MAX_HOST_INPUT:
-                return visitor_id, self._prefix + visitor_id + _cookie_attributes(None, https, self.settings)
-            if len(self._attributes) >= _CACHE_SIZE:
-                self._attributes.clear()
-            attributes = self._attributes[host, https] = _cookie_attributes(host, https, self.settings)
-        return visitor_id, self._prefix + visitor_id + attributes
+        visitor_id = random_uuid4()  # valid by construction: no check needed
+        return visitor_id, _set_cookie_header(visitor_id, host, https, self.settings)
 
 
 def _set_cookie_header(visitor_id: str, host: str | None, https: bool, settings: CookieSettings) -> str:
