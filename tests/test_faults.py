@@ -22,11 +22,8 @@ from conftest import FAST_RETRIES
 from e2e.servers import Server, free_port, serve, wait_until
 
 from koala_middleware import Batch, DeliveryError, KoalaClient
-from koala_middleware._delivery import (
-    LOG_HOOK_FAILED,
-    LOG_SHUTDOWN_LOST,
-    LOG_UNAVAILABLE,
-)
+from koala_middleware._delivery._sender import LOG_HOOK_FAILED, LOG_UNAVAILABLE
+from koala_middleware._delivery._worker import LOG_SHUTDOWN_LOST
 from koala_middleware.testing import Collector, Received
 
 

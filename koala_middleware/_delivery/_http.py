@@ -1,0 +1,84 @@
+"""Posting one batch to Koala and reading the answer: the sender's HTTP layer."""
+
+from __future__ import annotations
+
+import ssl
+
+import httpx
+
+from .._protocol import Batch
+from ._settings import DeliverySettings
+
+
+def transports(settings: DeliverySettings) -> list[httpx.AsyncBaseTransport]:
+    """The pools batches are spread over (one httpx pool slows down as it grows)."""
+    if isinstance(settings.transport, httpx.AsyncBaseTransport):
+        return [settings.transport]
+    per_pool = max(1, settings.connections_per_pool)
+    pools = max(1, -(-settings.max_in_flight // per_pool))
+    limits = httpx.Limits(max_connections=per_pool, max_keepalive_connections=per_pool)
+    # One TLS context for all pools: each costs about 20 ms of CPU to build (with
+    # verify=True every pool builds its own, even for plain HTTP). Over http:// it is
+    # never used; a bare one, verifying with no CA, costs under a millisecond.
+    verify = (
+        httpx.create_ssl_context()
+        if settings.base_url.startswith("https:")
+        else ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    )
+    return [httpx.AsyncHTTPTransport(limits=limits, verify=verify) for _ in range(pools)]
+
+
+class Poster:
+    """Posts a batch straight through a transport, with what every request shares built once.
+
+    ``httpx.AsyncClient`` would merge default headers, cookies, auth and redirects into
+    each request, none of which a post to Koala needs; skipping them saves about a fifth
+    of the sender's CPU per batch. The request carries what Koala reads (``Host``,
+    ``Content-Type``, ``Content-Length``, ``User-Agent``; not httpx's ``Accept*`` and
+    ``Connection`` defaults) and the same per-request timeouts; the response is read in
+    full, so retries classify it as before. A ``transport=`` given for tests goes the
+    same way.
+    """
+
+    __slots__ = ("_base", "_extensions", "_host", "_urls")
+
+    def __init__(self, settings: DeliverySettings) -> None:
+        self._base = settings.base_url
+        self._urls: dict[str, httpx.URL] = {}
+        self._host = httpx.URL(settings.base_url).netloc
+        self._extensions = {"timeout": httpx.Timeout(settings.timeout).as_dict()}
+
+    def _url(self, path: str) -> httpx.URL:
+        url = self._urls.get(path)
+        if url is None:
+            url = self._urls[path] = httpx.URL(self._base + path)
+        return url
+
+    async def __call__(self, transport: httpx.AsyncBaseTransport, batch: Batch) -> httpx.Response:
+        headers = [
+            (b"Host", self._host),
+            (b"Content-Type", b"application/json"),
+            (b"Content-Length", b"%d" % len(batch.body)),
+            (b"User-Agent", batch.user_agent.encode("ascii")),
+        ]
+        request = httpx.Request(
+            "POST", self._url(batch.path), headers=headers, stream=httpx.ByteStream(batch.body),
+            extensions=self._extensions,
+        )
+        response = await transport.handle_async_request(request)
+        response.request = request
+        try:
+            await response.aread()
+        finally:
+            await response.aclose()
+        return response
+
+
+def declare_asyncio() -> None:
+    """Tell sniffio this thread runs asyncio: httpcore and anyio ask it about 18 times a
+    batch, and a thread's own answer is its cheapest lookup (some 7 µs, 1-2% of the CPU)."""
+    try:
+        import sniffio
+    except ImportError:  # a declared dependency, but its absence must not stop delivery
+        return
+    sniffio.thread_local.name = "asyncio"
