@@ -6,7 +6,7 @@ import ssl
 
 import httpx
 
-from .._protocol import Batch
+from ._request import Request
 from ._settings import DeliverySettings
 
 
@@ -40,33 +40,20 @@ class Poster:
     same way.
     """
 
-    __slots__ = ("_base", "_extensions", "_host", "_urls")
+    __slots__ = ("_extensions", "_host")
 
     def __init__(self, settings: DeliverySettings) -> None:
-        self._base = settings.base_url
-        self._urls: dict[str, httpx.URL] = {}
         self._host = httpx.URL(settings.base_url).netloc
         self._extensions = {"timeout": httpx.Timeout(settings.timeout).as_dict()}
 
-    def _url(self, path: str) -> httpx.URL:
-        url = self._urls.get(path)
-        if url is None:
-            url = self._urls[path] = httpx.URL(self._base + path)
-        return url
-
-    async def __call__(self, transport: httpx.AsyncBaseTransport, batch: Batch) -> httpx.Response:
-        headers = [
-            (b"Host", self._host),
-            (b"Content-Type", b"application/json"),
-            (b"Content-Length", b"%d" % len(batch.body)),
-            (b"User-Agent", batch.user_agent.encode("ascii")),
-        ]
-        request = httpx.Request(
-            "POST", self._url(batch.path), headers=headers, stream=httpx.ByteStream(batch.body),
-            extensions=self._extensions,
+    async def __call__(self, transport: httpx.AsyncBaseTransport, request: Request) -> httpx.Response:
+        headers = [(b"Host", self._host), (b"Content-Length", b"%d" % len(request.body))]
+        headers += [(name.encode(), value.encode()) for name, value in request.headers.items()]
+        outgoing = httpx.Request(
+            "POST", request.url, headers=headers, stream=httpx.ByteStream(request.body), extensions=self._extensions
         )
-        response = await transport.handle_async_request(request)
-        response.request = request
+        response = await transport.handle_async_request(outgoing)
+        response.request = outgoing
         try:
             await response.aread()
         finally:

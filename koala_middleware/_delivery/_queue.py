@@ -12,7 +12,11 @@ import threading
 import time
 
 from .._protocol import Batch
+from ._request import Request
 from ._settings import DeliverySettings
+
+#: A batch waiting for its first attempt, or its request waiting for another one.
+Waiting = Batch | Request
 
 
 def cost(batch: Batch) -> int:
@@ -30,7 +34,7 @@ class BatchQueue:
     def __init__(self, settings: DeliverySettings) -> None:
         self.lock = threading.Lock()
         self._idle = threading.Condition(self.lock)
-        self.waiting: collections.deque[Batch] = collections.deque()
+        self.waiting: collections.deque[Waiting] = collections.deque()
         self.pending = 0
         self.pending_bytes = 0
         self.closed = False
@@ -51,12 +55,12 @@ class BatchQueue:
         self.pending_bytes += size
         return ""
 
-    def requeue(self, batch: Batch) -> bool:
+    def requeue(self, request: Request) -> bool:
         """Back of the queue, for another attempt; False once closed (the caller gives up)."""
         with self.lock:
             if self.closed:
                 return False
-            self.waiting.append(batch)
+            self.waiting.append(request)
             return True
 
     def finish(self, batch: Batch) -> None:
@@ -71,16 +75,17 @@ class BatchQueue:
         """Refuse new batches; (batches not finished, those of them still waiting)."""
         with self.lock:
             self.closed = True
-            leftover = list(self.waiting)
-            self.waiting.clear()
-            return self.pending, leftover
+            return self.pending, self._take_all()
 
     def strand(self) -> list[Batch]:
         """Take every waiting batch out (no sender can post them)."""
         with self.lock:
-            stranded = list(self.waiting)
-            self.waiting.clear()
-            return stranded
+            return self._take_all()
+
+    def _take_all(self) -> list[Batch]:
+        waiting = [item if isinstance(item, Batch) else item.batch for item in self.waiting]
+        self.waiting.clear()
+        return waiting
 
     def wait_idle(self, timeout: float) -> bool:
         """Wait until every batch handed over so far is finished; False on timeout."""

@@ -19,6 +19,8 @@ import re
 
 from .._protocol import Batch
 
+DETAIL_UNBUILDABLE = "no HTTP request can carry this batch, not retried: %s: %s"
+
 #: Control characters HTTP forbids in a field value (tab is allowed).
 _FORBIDDEN = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
 

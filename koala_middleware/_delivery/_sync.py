@@ -8,6 +8,7 @@ import time
 import httpx
 
 from .._protocol import Batch
+from ._request import DETAIL_UNBUILDABLE, Request, build
 from ._sender import Sender
 from ._settings import DeliverySettings
 from ._stats import DeliveryError, ErrorHook
@@ -42,20 +43,27 @@ class SyncSender(Sender):
     def submit(self, batch: Batch) -> bool:
         self.counters.add("enqueued")
         try:
-            self._send(batch)
+            request = build(self.settings.base_url, batch)
+        except Exception as error:  # this batch alone: Koala is not to blame, nothing to retry
+            self._give_up(batch, DeliveryError("error", DETAIL_UNBUILDABLE % (type(error).__name__, error)))
+            return True
+        try:
+            self._send(request)
         except Exception as error:  # never into the host's request
             self._give_up(batch, DeliveryError("error", f"{type(error).__name__}: {error}"))
         return True
 
-    def _send(self, batch: Batch) -> None:
+    def _send(self, request: Request) -> None:
+        batch = request.batch
         deadline = time.monotonic() + self.settings.timeout
-        url = self.settings.base_url + batch.path
-        headers = {"Content-Type": "application/json", "User-Agent": batch.user_agent}
+        headers = [(name.encode(), value.encode()) for name, value in request.headers.items()]
         while True:
             remaining = deadline - time.monotonic()
             response = exc = None
             try:
-                response = self._http().post(url, content=batch.body, headers=headers, timeout=max(remaining, 0.01))
+                response = self._http().post(
+                    request.url, content=request.body, headers=headers, timeout=max(remaining, 0.01)
+                )
             except httpx.HTTPError as error:
                 exc = error
             delay = self._outcome(batch, response, exc, probe=True)

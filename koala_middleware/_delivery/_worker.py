@@ -24,7 +24,8 @@ import httpx
 
 from .._protocol import Batch
 from ._http import Poster, declare_asyncio, transports
-from ._queue import BatchQueue
+from ._queue import BatchQueue, Waiting
+from ._request import DETAIL_UNBUILDABLE, Request, build
 from ._sender import Sender
 from ._settings import DeliverySettings
 from ._stats import DeliveryError, ErrorHook
@@ -170,7 +171,7 @@ class BackgroundSender(Sender):
         if self._wakeup is not None:
             self._wakeup.set()
 
-    def _take(self, in_flight: int) -> tuple[Batch | None, float | None, bool]:
+    def _take(self, in_flight: int) -> tuple[Waiting | None, float | None, bool]:
         """The next batch to send (and whether it is a probe), or how long to wait."""
         queue = self._queue
         with queue.lock:
@@ -201,8 +202,8 @@ class BackgroundSender(Sender):
         try:
             while not self._queue.closed:
                 wakeup.clear()
-                batch, wait, probe = self._take(len(tasks))
-                if batch is None:
+                item, wait, probe = self._take(len(tasks))
+                if item is None:
                     try:
                         await asyncio.wait_for(wakeup.wait(), wait)
                     except asyncio.TimeoutError:
@@ -210,7 +211,7 @@ class BackgroundSender(Sender):
                     continue
                 shard = load.index(min(load))
                 load[shard] += 1
-                task = loop.create_task(self._deliver(post, pools[shard], batch, probe))
+                task = loop.create_task(self._deliver(post, pools[shard], item, probe))
                 tasks.add(task)
 
                 def done(task: asyncio.Task[None], shard: int = shard) -> None:
@@ -229,10 +230,29 @@ class BackgroundSender(Sender):
                 except Exception:  # closing sockets Koala left half-open: nothing to do
                     pass
 
-    async def _deliver(self, post: Poster, transport: httpx.AsyncBaseTransport, batch: Batch, probe: bool) -> None:
+    def _build(self, batch: Batch) -> Request | None:
+        """The batch's request, or None when none can be built: then it is dropped alone."""
+        try:
+            return build(self.settings.base_url, batch)
+        except Exception as error:
+            self._give_up(batch, DeliveryError("error", DETAIL_UNBUILDABLE % (type(error).__name__, error)))
+            self._queue.finish(batch)
+            return None
+
+    async def _deliver(self, post: Poster, transport: httpx.AsyncBaseTransport, item: Waiting, probe: bool) -> None:
+        try:
+            request = self._build(item) if isinstance(item, Batch) else item
+            if request is not None:
+                await self._attempt(post, transport, request, probe)
+        finally:
+            if probe:
+                self._probing = False
+
+    async def _attempt(self, post: Poster, transport: httpx.AsyncBaseTransport, request: Request, probe: bool) -> None:
+        batch = request.batch
         response = exc = None
         try:
-            response = await post(transport, batch)
+            response = await post(transport, request)
         except asyncio.CancelledError:  # shutdown while in flight: Koala may have it or not
             self._give_up(batch, DeliveryError("shutdown", "in flight at shutdown"))
             self._queue.finish(batch)
@@ -245,14 +265,11 @@ class BackgroundSender(Sender):
             logger.exception(LOG_UNEXPECTED)
             self._give_up(batch, DeliveryError("error", f"{type(error).__name__}: {error}"))
             delay = None
-        finally:
-            if probe:
-                self._probing = False
         if delay is None:
             self._queue.finish(batch)
         else:
             self.counters.add("retried")
-            if not self._queue.requeue(batch):
+            if not self._queue.requeue(request):
                 self._give_up(batch, DeliveryError("shutdown", f"failed at shutdown after {batch.attempts} attempt(s)"))
                 self._queue.finish(batch)
 
