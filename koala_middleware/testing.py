@@ -44,6 +44,8 @@ class Received:
     body: bytes
     status: int | None = None
     at: float = field(default_factory=time.monotonic)
+    #: When the answer was written (``time.monotonic()``), None before.
+    answered_at: float | None = None
 
     def json(self) -> Any:
         return json.loads(self.body)
@@ -53,7 +55,7 @@ class Received:
         return self.status is not None and 200 <= self.status < 300
 
 
-Responder = Callable[[Received], "int | tuple[int, dict[str, str]]"]
+Responder = Callable[[Received], "int | tuple[int, dict[str, str]] | tuple[int, dict[str, str], bytes]"]
 
 
 class Collector:
@@ -61,7 +63,7 @@ class Collector:
 
     :param delay: seconds to wait before answering each request (concurrently, not in turn).
     :param status: the status to answer (default 200), or ``respond(received) -> status`` /
-        ``(status, headers)`` for per-request behaviour.
+        ``(status, headers)`` / ``(status, headers, body)`` for per-request behaviour.
     :param public_key: the project key that URLs are expected to carry (informational).
 
     Faults to inject while it runs: :meth:`down` / :meth:`up` (connection refused),
@@ -221,12 +223,14 @@ class Collector:
         self._unhang.set()
         self._unhang = asyncio.Event()
 
-    def _answer(self, received: Received) -> tuple[int, dict[str, str]]:
+    def _answer(self, received: Received) -> tuple[int, dict[str, str], bytes | None]:
         with self._lock:
             if self._fail_next:
-                return self._fail_next.pop(0)
+                return (*self._fail_next.pop(0), None)
         result = self.status(received) if callable(self.status) else self.status
-        return result if isinstance(result, tuple) else (result, {})
+        if not isinstance(result, tuple):
+            return result, {}, None
+        return (result[0], result[1], result[2]) if len(result) == 3 else (result[0], result[1], None)
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self._writers.add(writer)
@@ -252,12 +256,14 @@ class Collector:
                     await self._unhang.wait()
                 if self.delay:
                     await asyncio.sleep(self.delay)
-                status, extra = self._answer(received)
+                status, extra, payload = self._answer(received)
                 with self._changed:
                     received.status = status
+                    received.answered_at = time.monotonic()
                     self._accepted += 200 <= status < 300
                     self._changed.notify_all()
-                payload = b'{"ok":true}' if status < 300 else b'{"error":"stand-in failure"}'
+                if payload is None:
+                    payload = b'{"ok":true}' if status < 300 else b'{"error":"stand-in failure"}'
                 out = [f"HTTP/1.1 {status} {_REASONS.get(status, 'Status')}", f"Content-Length: {len(payload)}",
                        "Content-Type: application/json"]
                 out += [f"{k}: {v}" for k, v in extra.items()]

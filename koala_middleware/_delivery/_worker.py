@@ -180,6 +180,9 @@ class BackgroundSender(Sender):
                 return None, None, False
             if in_flight >= self.settings.max_in_flight:
                 return None, None, False  # a finishing task wakes us
+            held = self._health.held()
+            if held:
+                return None, held, False  # Retry-After: whatever else succeeds meanwhile
             probe = False
             if self._health.failures:
                 if self._probing:
@@ -250,9 +253,9 @@ class BackgroundSender(Sender):
 
     async def _attempt(self, post: Poster, transport: httpx.AsyncBaseTransport, request: Request, probe: bool) -> None:
         batch = request.batch
-        response = exc = None
+        answer = exc = None
         try:
-            response = await post(transport, request)
+            answer = await post(transport, request)
         except asyncio.CancelledError:  # shutdown while in flight: Koala may have it or not
             self._give_up(batch, DeliveryError("shutdown", "in flight at shutdown"))
             self._queue.finish(batch)
@@ -260,7 +263,7 @@ class BackgroundSender(Sender):
         except Exception as error:  # httpx errors, and anything a custom transport raises
             exc = error
         try:
-            delay = self._outcome(batch, response, exc, probe)
+            delay = self._outcome(batch, answer, exc, probe)
         except Exception as error:  # a bug here must not strand the batch (flush would wait)
             logger.exception(LOG_UNEXPECTED)
             self._give_up(batch, DeliveryError("error", f"{type(error).__name__}: {error}"))
