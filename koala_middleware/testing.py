@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import ssl
 import threading
 import time
 from collections.abc import Callable
@@ -65,18 +66,27 @@ class Collector:
     :param status: the status to answer (default 200), or ``respond(received) -> status`` /
         ``(status, headers)`` / ``(status, headers, body)`` for per-request behaviour.
     :param public_key: the project key that URLs are expected to carry (informational).
+    :param tls: a server-side ``ssl.SSLContext`` to serve HTTPS with (``url`` says https).
 
     Faults to inject while it runs: :meth:`down` / :meth:`up` (connection refused),
     :meth:`fail_next` (error statuses, optionally with headers such as ``Retry-After``),
-    ``hang = True`` (read requests, never answer, until set back to False) and ``delay``.
+    ``hang = True`` (read requests, never answer, until set back to False) and ``delay``;
+    ``drip = True`` (the status line and headers at once, then the body one byte a second)
+    and ``answer_size = n`` (answer bodies of ``n`` bytes, streamed, never held in memory).
     """
 
-    def __init__(self, delay: float = 0.0, status: int | Responder = 200, public_key: str = "pk_test") -> None:
+    def __init__(
+        self, delay: float = 0.0, status: int | Responder = 200, public_key: str = "pk_test",
+        tls: ssl.SSLContext | None = None,
+    ) -> None:
         self.delay = delay
+        self.tls = tls
         self.status = status
         self.public_key = public_key
         self._hang = False
         self._unhang: asyncio.Event | None = None
+        self.drip = False
+        self.answer_size = 0
         self.received: list[Received] = []
         self._accepted = 0
         self._fail_next: list[tuple[int, dict[str, str]]] = []
@@ -93,7 +103,7 @@ class Collector:
     @property
     def url(self) -> str:
         """The ``api_url`` to give ``KoalaClient``."""
-        return f"http://127.0.0.1:{self.port}"
+        return f"{'https' if self.tls else 'http'}://127.0.0.1:{self.port}"
 
     def start(self) -> Collector:
         ready = threading.Event()
@@ -202,7 +212,7 @@ class Collector:
         loop.close()
 
     async def _listen(self) -> None:
-        self._server = await asyncio.start_server(self._serve, "127.0.0.1", self.port, backlog=1024)
+        self._server = await asyncio.start_server(self._serve, "127.0.0.1", self.port, backlog=1024, ssl=self.tls)
         self.port = self._server.sockets[0].getsockname()[1]
 
     async def _close(self, stop: bool) -> None:
@@ -264,10 +274,25 @@ class Collector:
                     self._changed.notify_all()
                 if payload is None:
                     payload = b'{"ok":true}' if status < 300 else b'{"error":"stand-in failure"}'
-                out = [f"HTTP/1.1 {status} {_REASONS.get(status, 'Status')}", f"Content-Length: {len(payload)}",
+                size = self.answer_size or len(payload)
+                out = [f"HTTP/1.1 {status} {_REASONS.get(status, 'Status')}", f"Content-Length: {size}",
                        "Content-Type: application/json"]
                 out += [f"{k}: {v}" for k, v in extra.items()]
-                writer.write(("\r\n".join(out) + "\r\n\r\n").encode() + payload)
+                head = ("\r\n".join(out) + "\r\n\r\n").encode()
+                if self.drip:
+                    writer.write(head)
+                    for byte in range(len(payload)):
+                        await writer.drain()
+                        await asyncio.sleep(1.0)
+                        writer.write(payload[byte : byte + 1])
+                elif self.answer_size:
+                    writer.write(head)
+                    chunk = b" " * 65536
+                    for start in range(0, size, len(chunk)):
+                        await writer.drain()
+                        writer.write(chunk[: size - start])
+                else:
+                    writer.write(head + payload)
                 await writer.drain()
         except (ConnectionError, asyncio.IncompleteReadError, asyncio.CancelledError):
             return

@@ -9,6 +9,8 @@ from __future__ import annotations
 import gc
 import json
 import logging
+import sys
+import time
 import threading
 import tracemalloc
 import uuid
@@ -44,8 +46,9 @@ def test_retry_after_holds_every_request_even_while_others_succeed(collector: Co
     assert len(refused) == 5 and all(at is not None for at in refused)
     first_refusal = min(at for at in refused if at is not None)
     started_after = [r.at for r in received[20:]]
-    assert len(started_after) == 10, "the 5 refused batches again, and the 5 later ones"
-    assert min(started_after) - first_refusal >= 1.95, "no request starts within Retry-After"
+    timeline = [(round(r.at - first_refusal, 3), r.status) for r in received]
+    assert len(started_after) == 10, f"the 5 refused batches again, and the 5 later ones: {timeline}"
+    assert min(started_after) - first_refusal >= 1.95, f"no request starts within Retry-After: {timeline}"
     stats = client.stats
     assert (stats.delivered, stats.retried, stats.dropped) == (25, 5, {})
 
@@ -141,3 +144,59 @@ def test_submits_racing_a_hold_are_all_delivered(collector: Collector) -> None:
     assert client.flush(10)
     client.shutdown(1)
     assert client.stats.delivered == 81 and len(collector.requests()) == 81
+
+
+# -- answers that never end, or never stop ------------------------------------------------------
+
+
+@pytest.mark.parametrize("sync", [False, True], ids=["background", "sync"])
+def test_an_answer_dripping_1_byte_a_second_ends_each_attempt_within_timeout(collector: Collector, sync: bool) -> None:
+    """Status line and headers at once, then the body at 1 byte/s: each attempt ends within
+    ``timeout`` (plus a little), the batch is retried then counted, and the sender goes on."""
+    collector.drip = True
+    client = KoalaClient(
+        "pk_test", api_url=collector.url, sync=sync, timeout=1.0, max_retries=2, backoff_base=0.05, max_backoff=0.1
+    )
+    started = time.monotonic()
+    with client.tracker(profile_id=str(uuid.uuid4())) as tracker:  # the probe, once the first fails
+        tracker.track("Dripped")
+    assert client.flush(10)
+    attempts = collector.requests(accepted_only=False)
+    if sync:  # one budget of `timeout` for the whole batch
+        assert len(attempts) == 1 and time.monotonic() - started < 1.5
+    else:
+        assert len(attempts) == 3
+        gaps = [later.at - earlier.at for earlier, later in zip(attempts, attempts[1:])]
+        assert all(gap < 1.0 + 0.1 + 0.4 for gap in gaps), gaps
+    assert client.stats.dropped == {"retries_exhausted": 1} and client.stats.delivered == 0
+    collector.drip = False
+    with client.tracker(profile_id=str(uuid.uuid4())) as tracker:
+        tracker.track("After")
+    assert client.flush(5) and client.stats.delivered == 1, "the sender never stalls"
+    client.shutdown(1)
+
+
+def rss() -> int:
+    with open("/proc/self/statm") as statm:
+        return int(statm.read().split()[1]) * 4096
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/statm")
+@pytest.mark.parametrize("sync", [False, True], ids=["background", "sync"])
+def test_a_256_mb_answer_costs_little_memory(collector: Collector, sync: bool) -> None:
+    """Bodies are read up to a small cap; past it the connection is dropped, not drained."""
+    client = KoalaClient("pk_test", api_url=collector.url, sync=sync, **FAST_RETRIES)
+    with client.tracker(profile_id=str(uuid.uuid4())) as tracker:  # warm up: thread, session, imports
+        tracker.track("Warm-up")
+    assert client.flush(5)
+    collector.answer_size = 256 * 1024 * 1024
+    gc.collect()
+    before = rss()
+    for n in range(3):
+        with client.tracker(profile_id=str(uuid.uuid4())) as tracker:
+            tracker.track("Huge answer", {"n": n})
+    assert client.flush(10)
+    grown = rss() - before
+    client.shutdown(1)
+    assert client.stats.delivered == 4 and client.stats.retried == 0
+    assert grown < 20 * 1024 * 1024, f"memory grew by {grown / 1e6:.0f} MB"

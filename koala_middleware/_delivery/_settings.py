@@ -21,3 +21,10 @@ class DeliverySettings:
     backoff_base: float = 0.5
     max_backoff: float = 30.0
     transport: httpx.AsyncBaseTransport | httpx.BaseTransport | None = None
+    proxy: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.proxy is not None:
+            from ._http import check_proxy
+
+            check_proxy(self.proxy)

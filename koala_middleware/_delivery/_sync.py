@@ -36,9 +36,12 @@ class SyncSender(Sender):
         with self._lock:
             if self._client is None:
                 transport = self.settings.transport
+                # trust_env (the default): the same proxy environment and trust store as the
+                # background sender; proxy= overrides the environment there too.
                 self._client = httpx.Client(
                     timeout=self.settings.timeout,
                     transport=transport if isinstance(transport, httpx.BaseTransport) else None,
+                    proxy=self.settings.proxy,
                 )
             return self._client
 
