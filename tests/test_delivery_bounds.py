@@ -17,6 +17,7 @@ import uuid
 
 import pytest
 from conftest import FAST_RETRIES
+from e2e.servers import wait_until
 
 from koala_middleware import Batch, KoalaClient
 from koala_middleware._delivery._stats import EXCERPT_CHARS, LOG_DROPPED
@@ -35,6 +36,8 @@ def test_retry_after_holds_every_request_even_while_others_succeed(collector: Co
             tracker.track("Viewed", {"n": n})
     assert collector.wait_for(20, accepted_only=False, timeout=5)
     assert collector.wait_for(15)
+    # The client has read the refusals (answers on the wire are not read yet).
+    assert wait_until(lambda: client.stats.retried == 5 and client.stats.delivered == 15, timeout=5)
     collector.delay = 0.0
     for n in range(5):  # more to send while the hold lasts
         with client.tracker(profile_id=str(uuid.uuid4())) as tracker:

@@ -23,6 +23,7 @@ from urllib.parse import unquote, urlsplit
 
 import aiohttp
 import httpx
+import yarl
 
 from ._policy import Answer
 from ._request import Request
@@ -119,6 +120,7 @@ class SessionPoster:
         connector = aiohttp.TCPConnector(
             limit=max(1, settings.max_in_flight), limit_per_host=0, keepalive_timeout=KEEPALIVE, ssl=context
         )
+        self._urls: dict[str, yarl.URL] = {}
         self._session = aiohttp.ClientSession(
             connector=connector,
             timeout=aiohttp.ClientTimeout(total=settings.timeout),
@@ -131,20 +133,32 @@ class SessionPoster:
         )
 
     async def __call__(self, request: Request) -> Answer:
+        url = self._urls.get(request.url)
+        if url is None:  # two URLs in all (/batch, /accounts/batch): parsed once each
+            url = self._urls[request.url] = yarl.URL(request.url)
         async with self._session.post(
-            request.url, data=request.body, headers=request.headers, proxy=self._proxy,
-            proxy_auth=self._proxy_auth, allow_redirects=False,
+            url, data=request.body, headers=request.headers, proxy=self._proxy, proxy_auth=self._proxy_auth,
+            allow_redirects=False,
         ) as response:
-            content = response.content
-            body = b""
-            while len(body) < BODY_CAP:
-                chunk = await content.read(BODY_CAP - len(body))
-                if not chunk:
-                    break
-                body += chunk
-            if not content.at_eof():
-                response.close()  # more than the cap: drop the connection, never drain it
+            length = response.content_length
+            if length is not None and length <= BODY_CAP:  # Koala's usual answer: read it all
+                body = await response.read()
+            else:
+                body = await self._read_capped(response)
             return Answer(response.status, response.headers.get("Retry-After"), body.decode("utf-8", "replace"))
+
+    @staticmethod
+    async def _read_capped(response: aiohttp.ClientResponse) -> bytes:
+        content = response.content
+        body = b""
+        while len(body) < BODY_CAP:
+            chunk = await content.read(BODY_CAP - len(body))
+            if not chunk:
+                break
+            body += chunk
+        if not content.at_eof():
+            response.close()  # more than the cap: drop the connection, never drain it
+        return body
 
     async def close(self) -> None:
         await self._session.close()
