@@ -15,6 +15,7 @@ the same environment) and the ``transport=`` hook for tests (``httpx.MockTranspo
 
 from __future__ import annotations
 
+import base64
 import logging
 import ssl
 import urllib.request
@@ -108,13 +109,19 @@ class SessionPoster:
         context = ssl_context(settings)
         proxy = proxy_for(settings.base_url, settings.proxy)
         self._proxy: str | None = None
-        self._proxy_auth: aiohttp.BasicAuth | None = None
+        # Credentials in the proxy's URL go in Proxy-Authorization: on the CONNECT request
+        # for https (never through the tunnel to Koala), on each request for http.
+        self._proxy_headers: dict[str, str] | None = None
+        session_headers: dict[str, str] = {}
         if proxy is not None:
             parts = urlsplit(proxy)
-            if parts.username is not None:  # credentials go in Proxy-Authorization, not the URL
-                self._proxy_auth = aiohttp.BasicAuth(
-                    unquote(parts.username), unquote(parts.password or "")
-                )
+            if parts.username is not None:
+                credentials = f"{unquote(parts.username)}:{unquote(parts.password or '')}".encode()
+                authorization = {"Proxy-Authorization": "Basic " + base64.b64encode(credentials).decode()}
+                if settings.base_url.startswith("https:"):
+                    self._proxy_headers = authorization
+                else:
+                    session_headers = authorization
                 proxy = parts._replace(netloc=parts.netloc.rsplit("@", 1)[1]).geturl()
             self._proxy = proxy
         connector = aiohttp.TCPConnector(
@@ -123,6 +130,7 @@ class SessionPoster:
         self._urls: dict[str, yarl.URL] = {}
         self._session = aiohttp.ClientSession(
             connector=connector,
+            headers=session_headers,
             timeout=aiohttp.ClientTimeout(total=settings.timeout),
             # Nothing a post to Koala needs: cookies, decompression, Accept* headers, or the
             # environment's proxies and .netrc (resolved above, as curl does).
@@ -137,7 +145,7 @@ class SessionPoster:
         if url is None:  # two URLs in all (/batch, /accounts/batch): parsed once each
             url = self._urls[request.url] = yarl.URL(request.url)
         async with self._session.post(
-            url, data=request.body, headers=request.headers, proxy=self._proxy, proxy_auth=self._proxy_auth,
+            url, data=request.body, headers=request.headers, proxy=self._proxy, proxy_headers=self._proxy_headers,
             allow_redirects=False,
         ) as response:
             length = response.content_length
