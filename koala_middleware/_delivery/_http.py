@@ -102,28 +102,27 @@ def ssl_context(settings: DeliverySettings) -> ssl.SSLContext:
     return ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
 
 
+def split_credentials(proxy: str | None) -> tuple[str | None, dict[str, str] | None]:
+    """A proxy URL without its ``user:password@`` part, and the header carrying them."""
+    parts = urlsplit(proxy) if proxy else None
+    if parts is None or parts.username is None:
+        return proxy, None
+    credentials = f"{unquote(parts.username)}:{unquote(parts.password or '')}".encode()
+    bare = parts._replace(netloc=parts.netloc.rsplit("@", 1)[1]).geturl()
+    return bare, {"Proxy-Authorization": "Basic " + base64.b64encode(credentials).decode()}
+
+
 class SessionPoster:
     """aiohttp: one session, kept-alive connections, a deadline per attempt, capped answers."""
 
     def __init__(self, settings: DeliverySettings) -> None:
         context = ssl_context(settings)
-        proxy = proxy_for(settings.base_url, settings.proxy)
-        self._proxy: str | None = None
-        # Credentials in the proxy's URL go in Proxy-Authorization: on the CONNECT request
-        # for https (never through the tunnel to Koala), on each request for http.
-        self._proxy_headers: dict[str, str] | None = None
-        session_headers: dict[str, str] = {}
-        if proxy is not None:
-            parts = urlsplit(proxy)
-            if parts.username is not None:
-                credentials = f"{unquote(parts.username)}:{unquote(parts.password or '')}".encode()
-                authorization = {"Proxy-Authorization": "Basic " + base64.b64encode(credentials).decode()}
-                if settings.base_url.startswith("https:"):
-                    self._proxy_headers = authorization
-                else:
-                    session_headers = authorization
-                proxy = parts._replace(netloc=parts.netloc.rsplit("@", 1)[1]).geturl()
-            self._proxy = proxy
+        self._proxy, authorization = split_credentials(proxy_for(settings.base_url, settings.proxy))
+        # Proxy-Authorization goes on the CONNECT request for https (never through the
+        # tunnel to Koala), on each request through an http proxy otherwise.
+        tunnel = settings.base_url.startswith("https:")
+        self._proxy_headers = authorization if tunnel else None
+        session_headers = authorization if authorization and not tunnel else {}
         connector = aiohttp.TCPConnector(
             limit=max(1, settings.max_in_flight), limit_per_host=0, keepalive_timeout=KEEPALIVE, ssl=context
         )
