@@ -17,7 +17,7 @@ import ipaddress
 import logging
 import re
 import threading
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 from publicsuffixlist import PublicSuffixList
@@ -50,7 +50,7 @@ class CookieSettings:
 
     name: str = "ko_id"
     domain: str | None = None
-    allowed_hosts: tuple[str, ...] | None = None
+    allowed_hosts: Sequence[str] | None = None  # made a tuple of normalised hosts
     max_age: int = 365 * 24 * 3600
     secure: bool | None = None
     samesite: str = "lax"
