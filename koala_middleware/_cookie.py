@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 from publicsuffixlist import PublicSuffixList
 
-from ._validate import random_uuid4
+from ._ids import random_uuid4
 
 logger = logging.getLogger("koala_middleware")
 

@@ -388,11 +388,15 @@ async def test_exceptions_propagate_unchanged_and_what_was_recorded_is_sent(
 
 @pytest.mark.anyio
 async def test_concurrent_requests_each_see_their_own_tracker(dry: KoalaClient) -> None:
-    barrier = asyncio.Barrier(4)
+    inside: list[str] = []
+    all_inside = asyncio.Event()  # a barrier (asyncio.Barrier is 3.11+)
     mismatches: list[str] = []
 
     async def app(scope: dict[str, Any], receive: Receive, send: Send) -> None:
-        await barrier.wait()  # all four are inside the app at once
+        inside.append(scope["path"])
+        if len(inside) == 4:
+            all_inside.set()
+        await all_inside.wait()  # all four are inside the app at once
         await asyncio.sleep(0)
         if current_tracker() is not scope[SCOPE_KEY]:
             mismatches.append(scope["path"])
