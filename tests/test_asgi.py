@@ -29,7 +29,7 @@ with warnings.catch_warnings():  # recent Starlette asks for httpx2; httpx works
     warnings.simplefilter("ignore")
     from starlette.testclient import TestClient
 
-from conftest import FAST_RETRIES, assert_no_garbage_cycles
+from helpers import FAST_RETRIES, assert_no_garbage_cycles
 
 from koala_middleware import KoalaClient, Tracker, current_tracker
 from koala_middleware.asgi import SCOPE_KEY, VISITOR_ID_KEY, KoalaASGIMiddleware
@@ -52,11 +52,6 @@ class Boom(Exception):
 def anyio_backend() -> str:
     return "asyncio"  # the harness below uses asyncio primitives
 
-
-@pytest.fixture
-def dry() -> KoalaClient:
-    """A client that keeps what it would send, for checks of what and when."""
-    return KoalaClient(dry_run=True)
 
 
 def http_scope(path: str = "/", headers: Iterable[tuple[bytes, bytes]] = (), **extra: Any) -> dict[str, Any]:

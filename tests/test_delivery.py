@@ -14,7 +14,7 @@ import uuid
 
 import httpx
 import pytest
-from conftest import FAST_RETRIES
+from helpers import FAST_RETRIES
 
 from koala_middleware import DeliveryError, KoalaClient
 from koala_middleware._delivery import (

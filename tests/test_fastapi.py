@@ -17,7 +17,7 @@ from types import ModuleType
 from typing import Annotated
 
 import pytest
-from conftest import FAST_RETRIES, run_tour
+from helpers import FAST_RETRIES, run_tour
 from fastapi import BackgroundTasks, Depends, FastAPI, Request, Response, WebSocket
 
 from koala_middleware import KoalaClient, Tracker, current_tracker
@@ -203,10 +203,6 @@ def test_a_fastapi_lifespan_app_still_flushes_before_shutdown_completes() -> Non
         finally:
             client.shutdown(2)
 
-
-@pytest.fixture
-def dry() -> KoalaClient:
-    return KoalaClient(dry_run=True)
 
 
 # -- packaging and the example -------------------------------------------------------------

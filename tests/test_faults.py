@@ -18,7 +18,7 @@ from typing import Any
 
 import httpx
 import pytest
-from conftest import FAST_RETRIES
+from helpers import FAST_RETRIES
 from e2e.servers import Server, free_port, serve, wait_until
 
 from koala_middleware import Batch, DeliveryError, KoalaClient

@@ -17,7 +17,7 @@ from pathlib import Path
 from types import ModuleType
 
 import pytest
-from conftest import run_tour
+from helpers import run_tour
 from flask import Flask, Request, request, stream_with_context
 from werkzeug.middleware.proxy_fix import ProxyFix
 
