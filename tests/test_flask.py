@@ -380,3 +380,11 @@ def test_example_app_sends_sign_ups_and_account_traits_to_koala(client: KoalaCli
     assert {"plan": "enterprise", "seats": 40} in [a["identifies"][0]["traits"] for a in accounts]
     page = browser.get("/").text
     assert "Grace Hopper" in page and browser.get_cookie("ko_id").value in page  # type: ignore[union-attr]
+
+
+def test_example_page_shows_the_tour_s_batches_in_dry_run_mode(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("KOALA_PUBLIC_KEY", raising=False)
+    example = load_example()
+    example.tour(example.client)  # as main() does before serving, in dry-run mode
+    page = example.app.test_client().get("/").text
+    assert "Nothing yet" not in page and "ada@acme-robotics.com" in page
