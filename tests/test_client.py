@@ -83,7 +83,7 @@ def test_batches_are_sent_concurrently() -> None:
 
 def test_flush_returns_within_its_timeout_when_koala_never_answers() -> None:
     with Collector() as koala:
-        koala.hang = True
+        koala.hang()
         client = KoalaClient("pk_test", api_url=koala.url, timeout=30)
         with client.tracker(email="ada@example.com") as tracker:
             tracker.track("Stuck")

@@ -375,7 +375,7 @@ def test_example_app_sends_sign_ups_and_account_traits_to_koala(client: KoalaCli
     assert sorted(e["event"] for e in collector.events()) == ["Signed Up", "Upgraded Plan"]
     (signup,) = [b for b in collector.batches() if "identifies" in b]
     assert signup["email"] == "grace@navy-labs.com" and signup["identifies"][0]["traits"]["name"] == "Grace Hopper"
-    accounts = collector.batches("/accounts/batch")
+    accounts = collector.account_batches()
     assert [a["domain"] for a in accounts] == ["navy-labs.com", "navy-labs.com"]
     assert {"plan": "enterprise", "seats": 40} in [a["identifies"][0]["traits"] for a in accounts]
     page = browser.get("/").text
