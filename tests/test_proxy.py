@@ -16,8 +16,8 @@ from typing import Any
 
 import pytest
 import trustme
-from e2e.servers import Server, free_port, serve
 
+from e2e.servers import Server, free_port, serve
 from koala_middleware import KoalaClient
 from koala_middleware._delivery._http import proxy_for
 from koala_middleware.testing import Collector
@@ -28,8 +28,22 @@ PROXY_VARIABLES = ["http_proxy", "https_proxy", "all_proxy", "no_proxy"]
 
 def proxy_process(*options: str) -> Any:
     port = free_port()
-    args = [sys.executable, "-m", "proxy", "--hostname", "127.0.0.1", "--port", str(port), "--num-workers", "1",
-            "--num-acceptors", "1", "--plugins", "e2e.proxy_hosts.LoopbackHosts", *options]
+    args = [
+        sys.executable,
+        "-m",
+        "proxy",
+        "--hostname",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--num-workers",
+        "1",
+        "--num-acceptors",
+        "1",
+        "--plugins",
+        "e2e.proxy_hosts.LoopbackHosts",
+        *options,
+    ]
     return serve(args, port)
 
 

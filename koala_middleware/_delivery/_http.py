@@ -64,7 +64,9 @@ def poster(settings: DeliverySettings) -> Poster:
 def check_proxy(proxy: str) -> None:
     """Raise at the call site for a ``proxy=`` the sender cannot use."""
     if not proxy.startswith(PROXY_SCHEMES) or not urlsplit(proxy).hostname:
-        raise ValueError(f"proxy must be an http:// or https:// URL such as 'http://proxy.internal:3128', got {proxy!r}")
+        raise ValueError(
+            f"proxy must be an http:// or https:// URL such as 'http://proxy.internal:3128', got {proxy!r}"
+        )
 
 
 def proxy_for(url: str, proxy: str | None = None) -> str | None:
@@ -144,7 +146,11 @@ class SessionPoster:
         if url is None:  # two URLs in all (/batch, /accounts/batch): parsed once each
             url = self._urls[request.url] = yarl.URL(request.url)
         async with self._session.post(
-            url, data=request.body, headers=request.headers, proxy=self._proxy, proxy_headers=self._proxy_headers,
+            url,
+            data=request.body,
+            headers=request.headers,
+            proxy=self._proxy,
+            proxy_headers=self._proxy_headers,
             allow_redirects=False,
         ) as response:
             length = response.content_length

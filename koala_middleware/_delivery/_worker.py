@@ -15,6 +15,7 @@ libraries import lazily, on first use).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import selectors
 import threading
@@ -69,24 +70,25 @@ class BackgroundSender(Sender):
             if not reason:
                 self.counters.enqueued_locked()
                 if self._thread is None:
-                    start = self._thread = threading.Thread(
-                        target=self._run_thread, name="koala-sender", daemon=True
-                    )
+                    start = self._thread = threading.Thread(target=self._run_thread, name="koala-sender", daemon=True)
                 elif self._loop_idle:
                     self._loop_idle = False
                     wake = self._loop
         if reason:
-            self._give_up(batch, DeliveryError(reason, "not queued: " + (
-                "the client is shut down" if reason == "shutdown" else "the queue is at its bound"
-            )))
+            self._give_up(
+                batch,
+                DeliveryError(
+                    reason,
+                    "not queued: "
+                    + ("the client is shut down" if reason == "shutdown" else "the queue is at its bound"),
+                ),
+            )
             return False
         if start is not None:
             self._start(start)
         elif wake is not None:
-            try:
+            with contextlib.suppress(RuntimeError):  # the loop closed under us (interpreter exit)
                 wake.call_soon_threadsafe(self._wake)
-            except RuntimeError:  # the loop closed under us (interpreter exit)
-                pass
         return True
 
     def pending(self) -> int:
@@ -116,10 +118,8 @@ class BackgroundSender(Sender):
             self._give_up(batch, DeliveryError("shutdown", "still queued at shutdown"))
             self._queue.finish(batch)
         if thread is not None and loop is not None and thread.is_alive():
-            try:
+            with contextlib.suppress(RuntimeError):  # already closed
                 loop.call_soon_threadsafe(self._wake)  # it sees the queue closed and stops
-            except RuntimeError:  # already closed
-                pass
             if thread is not threading.current_thread():
                 thread.join(max(deadline - time.monotonic(), 0.05))
         self.counters.report()
@@ -207,10 +207,8 @@ class BackgroundSender(Sender):
                 wakeup.clear()
                 item, wait, probe = self._take(len(tasks))
                 if item is None:
-                    try:
+                    with contextlib.suppress(asyncio.TimeoutError):
                         await asyncio.wait_for(wakeup.wait(), wait)
-                    except asyncio.TimeoutError:
-                        pass
                     continue
                 task = loop.create_task(self._deliver(post, item, probe))
                 tasks.add(task)
@@ -219,10 +217,8 @@ class BackgroundSender(Sender):
             for task in list(tasks):
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
-            try:
+            with contextlib.suppress(Exception):  # closing sockets Koala left half-open: nothing to do
                 await post.close()
-            except Exception:  # closing sockets Koala left half-open: nothing to do
-                pass
 
     def _build(self, batch: Batch) -> Request | None:
         """The batch's request, or None when none can be built: then it is dropped alone."""
