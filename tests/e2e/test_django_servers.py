@@ -1,0 +1,96 @@
+"""The Django test project (tests/django_project) served by gunicorn (WSGI) and uvicorn (ASGI,
+through ``koala_middleware.django.get_asgi_application``), both at once against one slow
+collector: the cookie on the wire, Django's 400 for a disallowed host, a streamed body, and
+SIGTERM delivering the batches still pending."""
+
+from __future__ import annotations
+
+import json
+import signal
+import threading
+from contextlib import ExitStack
+
+import httpx
+
+from e2e.servers import Server, free_port, ko_id_cookie, serve
+from koala_middleware.testing import Collector
+
+STOPPED = (0, -signal.SIGTERM)  # uvicorn re-raises SIGTERM once it has shut down
+REQUESTS = 5
+
+
+def start(kind: str, koala: Collector, stack: ExitStack) -> Server:
+    port = free_port()
+    args = {
+        "gunicorn": ["gunicorn", "-w", "1", "--threads", "2", "django_project.wsgi:application",
+                     "-b", f"127.0.0.1:{port}"],
+        "uvicorn": ["uvicorn", "django_project.asgi:application", "--no-access-log", "--port", str(port)],
+    }[kind]
+    env = {
+        "DJANGO_SETTINGS_MODULE": "django_project.settings",
+        "KOALA_API_URL": koala.url,
+        "KOALA_PUBLIC_KEY": "pk_test",
+        # One batch in flight at a time against a slow Koala: most are still queued at SIGTERM
+        # (the collector counts a request it answers even if the sender is gone by then).
+        "KOALA_DJANGO_OPTIONS": json.dumps({"shutdown_timeout": 5, "max_in_flight": 1, "exclude_paths": ["/healthz"]}),
+    }
+    return stack.enter_context(serve(args, port, env=env))
+
+
+def exercise(server: Server, ua: str) -> None:
+    with httpx.Client(base_url=server.url, timeout=10, headers={"User-Agent": ua}) as http:
+        first = http.get("/track", params={"n": 0}, headers={"Host": "app.example.com"})
+        cookie = ko_id_cookie(first)
+        assert first.status_code == 200 and cookie is not None, server.output
+        attributes = set(cookie.split("; ")[1:])
+        assert attributes == {"Domain=example.com", "Path=/", "Max-Age=31536000", "SameSite=Lax"}, cookie
+        assert cookie.startswith(f"ko_id={first.json()['ko_id']};")
+        http.cookies.set("ko_id", first.json()["ko_id"])
+        for n in range(1, REQUESTS):  # a returning visitor: no Set-Cookie
+            again = http.get("/track", params={"n": n}, headers={"Host": "app.example.com"})
+            assert again.status_code == 200 and ko_id_cookie(again) is None
+        bad_host = httpx.get(f"{server.url}/track", headers={"Host": "evil.test"})  # a new visitor
+        assert bad_host.status_code == 400 and ko_id_cookie(bad_host) is None
+        with http.stream("GET", "/stream") as streamed:
+            assert list(streamed.iter_lines()) == ["chunk 0", "chunk 1", "chunk 2"]
+
+
+def test_django_under_gunicorn_and_uvicorn_delivers_pending_batches_at_sigterm() -> None:
+    with Collector(delay=0.3) as koala, ExitStack() as stack:
+        servers = {kind: start(kind, koala, stack) for kind in ("gunicorn", "uvicorn")}
+        workers = [threading.Thread(target=exercise, args=(s, f"ua-{k}")) for k, s in servers.items()]
+        failures: list[BaseException] = []
+        for worker in workers:
+            worker.run = _catching(worker.run, failures)  # type: ignore[method-assign]
+            worker.start()
+        for worker in workers:
+            worker.join(30)
+        assert not failures, failures
+        assert len(koala.requests()) < 2 * (REQUESTS + 1), "precondition: batches are pending at SIGTERM"
+        codes: dict[str, int] = {}
+        stoppers = [threading.Thread(target=lambda k=k, s=s: codes.__setitem__(k, s.terminate())) for k, s in
+                    servers.items()]
+        for stopper in stoppers:
+            stopper.start()
+        for stopper in stoppers:
+            stopper.join(30)
+        for kind, server in servers.items():
+            assert codes[kind] in STOPPED, f"{kind}: {codes[kind]}\n{server.output}"
+            numbers = sorted(
+                e["properties"]["n"] for r in koala.requests("/batch") if r.headers["user-agent"] == f"ua-{kind}"
+                for e in r.json()["events"] if e["event"] == "Sync View"
+            )
+            assert numbers == list(range(REQUESTS)), f"{kind}: {numbers}\n{server.output}"
+            streamed = [e for r in koala.requests("/batch") if r.headers["user-agent"] == f"ua-{kind}"
+                        for e in r.json()["events"] if e["event"] == "Streamed Chunk"]
+            assert len(streamed) == 3, server.output
+
+
+def _catching(run, failures):  # type: ignore[no-untyped-def]
+    def wrapped() -> None:
+        try:
+            run()
+        except BaseException as exc:  # reported by the test's thread
+            failures.append(exc)
+
+    return wrapped
