@@ -64,6 +64,10 @@ class Collector:
         ``(status, headers)`` for per-request behaviour.
     :param public_key: the project key that URLs are expected to carry (informational).
 
+    It answers Koala's key check (``GET /web/projects/{key}/auth``, what
+    ``python -m koala_middleware check`` asks) like any other request (200 by default),
+    but with 404 for the keys given to :meth:`reject_keys`.
+
     Faults to inject while it runs: :meth:`down` / :meth:`up` (connection refused),
     :meth:`fail_next` (error statuses, optionally with headers such as ``Retry-After``),
     ``hang = True`` (read requests, never answer, until set back to False) and ``delay``.
@@ -78,6 +82,7 @@ class Collector:
         self.received: list[Received] = []
         self._accepted = 0
         self._fail_next: list[tuple[int, dict[str, str]]] = []
+        self._rejected_keys: set[str] = set()
         self._lock = threading.Lock()
         self._changed = threading.Condition(self._lock)
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -128,6 +133,11 @@ class Collector:
         """Answer the next ``count`` requests with ``status`` (and extra ``headers``)."""
         with self._lock:
             self._fail_next.extend([(status, dict(headers or {}))] * count)
+
+    def reject_keys(self, *keys: str) -> None:
+        """Answer the key check (``GET /web/projects/{key}/auth``) for these keys with 404."""
+        with self._lock:
+            self._rejected_keys.update(keys)
 
     @property
     def hang(self) -> bool:
@@ -225,6 +235,8 @@ class Collector:
         with self._lock:
             if self._fail_next:
                 return self._fail_next.pop(0)
+            if received.path.endswith("/auth") and received.path.rsplit("/", 2)[-2] in self._rejected_keys:
+                return 404, {}
         result = self.status(received) if callable(self.status) else self.status
         return result if isinstance(result, tuple) else (result, {})
 
