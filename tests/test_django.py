@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import os
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -19,7 +20,7 @@ from django.core.exceptions import ImproperlyConfigured  # noqa: E402
 from django.test import AsyncClient, Client, override_settings  # noqa: E402
 from django_project import views  # noqa: E402
 
-from conftest import FAST_RETRIES  # noqa: E402
+from conftest import FAST_RETRIES, run_tour  # noqa: E402
 from koala_middleware import KoalaClient  # noqa: E402
 from koala_middleware.django import KoalaMiddleware, _from_settings  # noqa: E402
 from koala_middleware.testing import Collector  # noqa: E402
@@ -187,3 +188,16 @@ def test_an_outer_wsgi_middleware_tracker_is_handed_on(client: KoalaClient) -> N
         cookies = response.headers.getlist("Set-Cookie")
         assert len([c for c in cookies if c.startswith("ko_id=")]) == 1
         assert cookies[0].startswith(f"ko_id={response.json['ko_id']};")
+
+
+EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "django_app" / "app.py"
+
+
+def test_example_tour_prints_each_batch_koala_would_receive(tmp_path: Path) -> None:
+    out = run_tour(EXAMPLE, tmp_path)
+    assert "GET / -> 200; new visitor, Set-Cookie: ko_id=" in out
+    assert "POST https://api2.getkoala.com/web/projects/<your public key>/batch" in out
+    assert '"event": "Signed Up"' in out and '"domain": "acme-robotics.com"' in out
+    assert '"event": "Upgraded Plan"' in out  # from the async view, through current_tracker()
+    assert '"ip": "203.0.113.50"' in out and "User-Agent: Mozilla/5.0" in out
+    assert "8 batches in all" in out

@@ -6,7 +6,9 @@ SIGTERM delivering the batches still pending."""
 from __future__ import annotations
 
 import json
+import re
 import signal
+import sys
 import threading
 from contextlib import ExitStack
 
@@ -94,3 +96,18 @@ def _catching(run, failures):  # type: ignore[no-untyped-def]
             failures.append(exc)
 
     return wrapped
+
+
+def test_the_django_example_serves_and_records_a_sign_up() -> None:
+    port = free_port()
+    env = {"PORT": str(port), "KOALA_PUBLIC_KEY": "", "KOALA_API_URL": ""}
+    with serve([sys.executable, "examples/django_app/app.py"], port, env=env) as server:
+        with httpx.Client(base_url=server.url, timeout=10) as http:
+            home = http.get("/")
+            assert home.status_code == 200 and f"<code>{http.cookies['ko_id']}</code>" in home.text
+            token = re.search(r'name="csrfmiddlewaretoken" value="([^"]+)"', home.text)
+            assert token is not None
+            form = {"name": "Ada", "email": "ada@acme-robotics.com", "csrfmiddlewaretoken": token[1]}
+            assert http.post("/signup", data=form).status_code == 302
+            page = http.get("/").text
+            assert "Signed in as <b>Ada</b>" in page and "&quot;event&quot;: &quot;Signed Up&quot;" in page
