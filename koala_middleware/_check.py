@@ -90,10 +90,8 @@ def _proxy(url: httpx.URL) -> tuple[str | None, str]:
     proxy = proxies.get(url.scheme) or proxies.get("all")
     if not proxy:
         return None, "none (no HTTP_PROXY, HTTPS_PROXY or ALL_PROXY in the environment)"
-    variable = next(
-        (name for name in (f"{url.scheme}_proxy", "all_proxy") for name in (name.upper(), name) if os.environ.get(name)),
-        "the environment",
-    )
+    names = [case(name) for name in (f"{url.scheme}_proxy", "all_proxy") for case in (str.upper, str.lower)]
+    variable = next((name for name in names if os.environ.get(name)), "the environment")
     shown = _hide_password(proxy)
     if urllib.request.proxy_bypass(url.host):
         return None, f"none for {url.host}: NO_PROXY excludes it (else {shown} from {variable})"

@@ -210,7 +210,13 @@ def _morsel(set_cookie: str) -> Morsel[str]:
 
 def _bind_stream(response: Any, tracker: Tracker) -> None:
     """Make ``current_tracker()`` work while a streaming response's body is produced, which
-    happens after the middleware returned (as in the WSGI middleware's ``_Response``)."""
+    happens after the middleware returned (as in the WSGI middleware's ``_Response``).
+
+    A ``FileResponse`` is left as it is: its body runs no code of yours, and replacing its
+    content would cost the server's ``wsgi.file_wrapper`` (sendfile).
+    """
+    if getattr(response, "file_to_stream", None) is not None:
+        return
     content = response.streaming_content
     if response.is_async:
         response.streaming_content = _bound_chunks(content, tracker)

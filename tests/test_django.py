@@ -107,6 +107,16 @@ def test_streaming_response_streams_and_current_tracker_works_in_its_body(
     assert [e["properties"]["n"] for e in batch["events"]] == [0, 1, 2]
 
 
+def test_a_file_response_keeps_its_file_for_sendfile(koala_client: KoalaClient, collector: Collector) -> None:
+    from django.test import RequestFactory
+
+    middleware = KoalaMiddleware(views.file)  # called as Django's handler would, without a test client
+    response = middleware(RequestFactory().get("/file"))
+    assert response.file_to_stream is not None  # what WSGIHandler hands to wsgi.file_wrapper
+    response.close()  # what the server does once the file went out
+    assert [e["event"] for b in delivered(koala_client, collector) for e in b["events"]] == ["Downloaded"]
+
+
 def test_an_exception_in_a_view_still_delivers_what_was_recorded(
     koala_client: KoalaClient, collector: Collector
 ) -> None:

@@ -171,7 +171,8 @@ def test_exclude_paths_under_a_wsgi_script_name_prefix(client: KoalaClient) -> N
         )
 
     not_found = Response("no", status=404)
-    mounted = DispatcherMiddleware(not_found, {"/sub": KoalaWSGIMiddleware(app, client=client, exclude_paths=["/healthz"])})
+    sub = KoalaWSGIMiddleware(app, client=client, exclude_paths=["/healthz"])
+    mounted = DispatcherMiddleware(not_found, {"/sub": sub})
     http = Client(mounted)
     health = http.get("/sub/healthz")
     assert health.text == "/sub /healthz enabled=False" and "Set-Cookie" not in health.headers

@@ -11,4 +11,5 @@ urlpatterns = [
     path("cached", views.cached),
     path("healthz", views.healthz),
     path("who", views.who),
+    path("file", views.file),
 ]

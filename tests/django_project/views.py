@@ -6,7 +6,7 @@ import asyncio
 import threading
 from collections.abc import AsyncIterator, Iterator
 
-from django.http import HttpRequest, HttpResponse, JsonResponse, StreamingHttpResponse
+from django.http import FileResponse, HttpRequest, HttpResponse, JsonResponse, StreamingHttpResponse
 
 from koala_middleware import current_tracker
 
@@ -75,3 +75,8 @@ def healthz(request: HttpRequest) -> HttpResponse:
 
 def who(request: HttpRequest) -> HttpResponse:
     return JsonResponse({"ko_id": request.koala.profile_id, "ip": request.koala.ip})  # type: ignore[attr-defined]
+
+
+def file(request: HttpRequest) -> FileResponse:
+    request.koala.track("Downloaded")  # type: ignore[attr-defined]
+    return FileResponse(open(__file__, "rb"))  # noqa: SIM115 - the response closes it
