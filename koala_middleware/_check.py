@@ -45,8 +45,10 @@ def check(key: str | None, api_url: str | None, timeout: float, out: TextIO) -> 
     proxy, report = _proxy(httpx.URL(client.api_url))
     say(f"Proxy: {report}")
     if client.public_key is None:
-        say("Public key: none. Set KOALA_PUBLIC_KEY or pass --key; without a key the middleware runs in "
-            "dry-run mode: it logs what it would send and sends nothing.")
+        say(
+            "Public key: none. Set KOALA_PUBLIC_KEY or pass --key; without a key the middleware runs in "
+            "dry-run mode: it logs what it would send and sends nothing."
+        )
         return EXIT_KEY_PROBLEM
     say(f"Public key: {client.public_key} ({_origin(key, 'KOALA_PUBLIC_KEY', None)})")
     auth_url = f"{client.api_url}/web/projects/{client.public_key}/auth"
@@ -55,23 +57,31 @@ def check(key: str | None, api_url: str | None, timeout: float, out: TextIO) -> 
             response = http.get(auth_url)
     except httpx.HTTPError as exc:
         if proxy is not None:
-            say(f"Result: Koala unreachable through the proxy {proxy} ({_describe(exc)}). Check that proxy, "
-                "or NO_PROXY if Koala should be reached directly.")
+            say(
+                f"Result: Koala unreachable through the proxy {proxy} ({_describe(exc)}). Check that proxy, "
+                "or NO_PROXY if Koala should be reached directly."
+            )
         else:
-            say(f"Result: Koala unreachable at {client.api_url} ({_describe(exc)}). Check the URL, DNS, "
-                "the firewall, or whether this machine needs a proxy (HTTPS_PROXY).")
+            say(
+                f"Result: Koala unreachable at {client.api_url} ({_describe(exc)}). Check the URL, DNS, "
+                "the firewall, or whether this machine needs a proxy (HTTPS_PROXY)."
+            )
         return EXIT_CANNOT_CHECK
     status = response.status_code
     if 200 <= status < 300:
         say(f"Result: key accepted (Koala answered {status} to GET {auth_url}). Events will be delivered.")
         return EXIT_ACCEPTED
     if status in _REJECTED:
-        say(f"Result: key rejected (Koala answered {status}): Koala has no workspace with this public key. "
+        say(
+            f"Result: key rejected (Koala answered {status}): Koala has no workspace with this public key. "
             "Copy the key from Koala (Settings > Workspace) into KOALA_PUBLIC_KEY; events sent with it "
-            "are dropped as 'rejected'.")
+            "are dropped as 'rejected'."
+        )
         return EXIT_KEY_PROBLEM
-    say(f"Result: could not check the key: Koala answered {status} to GET {auth_url}. Try again later; "
-        "if it persists, the API URL may not be Koala's.")
+    say(
+        f"Result: could not check the key: Koala answered {status} to GET {auth_url}. Try again later; "
+        "if it persists, the API URL may not be Koala's."
+    )
     return EXIT_CANNOT_CHECK
 
 

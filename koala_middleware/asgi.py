@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Awaitable, Callable, Iterable, MutableMapping
-from typing import Any, overload
+from typing import TYPE_CHECKING, Any
 
 import anyio.to_thread
 
@@ -31,7 +31,10 @@ from ._client import KoalaClient
 from ._cookie import may_set_cookie
 from ._request import RequestInfo, RequestReader
 from ._tracker import bind, unbind
-from ._visit import Visits, configure, finish
+from ._visit import VisitorOptions, Visits, configure, finish
+
+if TYPE_CHECKING:
+    from typing_extensions import Unpack
 
 __all__ = ["SCOPE_KEY", "VISITOR_ID_KEY", "KoalaASGIMiddleware", "request_info"]
 
@@ -135,28 +138,16 @@ class KoalaASGIMiddleware:
     :param app: the ASGI application to wrap.
     :param client: a shared :class:`~koala_middleware.KoalaClient`; when omitted, one is
         made from ``options``.
-    :param options: ``KoalaClient`` options and middleware options, as for the WSGI one.
+    :param options: the visitor options and, without ``client``, the ``KoalaClient``
+        options, as for :class:`~koala_middleware.KoalaWSGIMiddleware`.
         Note that Starlette builds its middleware when the app first runs, so with
         ``add_middleware`` a wrong option is reported at startup.
     """
 
-    @overload
-    def __init__(self, app: ASGIApp, /, client: KoalaClient | None = None, **options: Any) -> None: ...
-
-    @overload
-    def __init__(self, *, app: ASGIApp, client: KoalaClient | None = None, **options: Any) -> None: ...
-
-    def __init__(  # type: ignore[misc]  # ``app=`` arrives in ``options``: checked below
-        self, app: ASGIApp | None = None, /, client: KoalaClient | None = None, **options: Any
-    ) -> None:
-        # ``app`` by position (what type checkers see for ``add_middleware(...)``: by name it
-        # could clash with ``**options``) or by name (Litestar's ``DefineMiddleware``).
-        if app is None:
-            app = options.pop("app", None)
-            if app is None:
-                raise TypeError("KoalaASGIMiddleware needs the ASGI app to wrap: KoalaASGIMiddleware(app, ...)")
+    def __init__(self, app: ASGIApp, client: KoalaClient | None = None, **options: Unpack[VisitorOptions]) -> None:
+        # ``app`` also by name: Litestar's ``DefineMiddleware`` passes ``app=``.
         self.app = app
-        self.client, settings = configure(client, options)
+        self.client, settings = configure(client, **options)
         self.visits = Visits(self.client, settings, SCOPE_READER)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:

@@ -263,7 +263,7 @@ def _from_settings() -> tuple[KoalaClient, MiddlewareSettings]:
             if client is not None and not isinstance(client, KoalaClient):
                 raise ImproperlyConfigured('settings.KOALA["client"] must be a koala_middleware.KoalaClient')
             try:
-                made, middleware_settings = configure(client, rest)
+                made, middleware_settings = configure(client, **rest)
             except (TypeError, ValueError) as exc:
                 raise ImproperlyConfigured(f"settings.KOALA: {exc}") from exc
             _configured = (options, made, middleware_settings)

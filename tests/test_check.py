@@ -11,8 +11,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-
 from e2e.servers import free_port
+
 from koala_middleware.__main__ import main
 from koala_middleware.testing import Collector
 
@@ -25,8 +25,13 @@ def run(*args: str, **env: str) -> subprocess.CompletedProcess[str]:
     """``python -m koala_middleware ...`` in a subprocess, as a user runs it, in an environment
     without the caller's Koala and proxy settings."""
     return subprocess.run(
-        [sys.executable, "-m", "koala_middleware", *args], cwd=ROOT, env={**clean_environment(), **env},
-        capture_output=True, text=True, timeout=60, check=False,
+        [sys.executable, "-m", "koala_middleware", *args],
+        cwd=ROOT,
+        env={**clean_environment(), **env},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
     )
 
 
@@ -72,9 +77,12 @@ def test_command_line_options_override_the_environment_and_the_script_is_install
     if not SCRIPT.exists():
         pytest.skip("the koala-middleware script is installed by pip install (not found next to python)")
     done = subprocess.run(
-        [str(SCRIPT), "check", "--key", "pk_from_flag", "--api-url", collector.url], capture_output=True, text=True,
+        [str(SCRIPT), "check", "--key", "pk_from_flag", "--api-url", collector.url],
+        capture_output=True,
+        text=True,
         env={**clean_environment(), "KOALA_PUBLIC_KEY": "pk_from_env", "KOALA_API_URL": "http://127.0.0.1:9"},
-        timeout=60, check=False,
+        timeout=60,
+        check=False,
     )
     assert done.returncode == 0, done.stdout + done.stderr
     assert "Public key: pk_from_flag (from the command line)" in done.stdout
@@ -129,8 +137,9 @@ def test_the_environment_proxy_is_reported_and_used(collector: Collector, check:
         assert [r.path for r in proxy.requests()] == [f"{collector.url}/web/projects/pk_test/auth"]
         assert collector.requests() == []
 
-        bypassed = check("check", "--key", "pk_test", "--api-url", collector.url, HTTP_PROXY=proxy_url,
-                       NO_PROXY="127.0.0.1")
+        bypassed = check(
+            "check", "--key", "pk_test", "--api-url", collector.url, HTTP_PROXY=proxy_url, NO_PROXY="127.0.0.1"
+        )
         assert bypassed.returncode == 0 and "Proxy: none for 127.0.0.1: NO_PROXY excludes it" in bypassed.stdout
         assert len(collector.requests()) == 1
 

@@ -32,7 +32,7 @@ def test_litestar_define_middleware_cookie_tracker_delivery_and_shutdown_flush(c
     from litestar.testing import TestClient
 
     client = KoalaClient("pk_test", api_url=collector.url)
-    collector.delay = 0.5  # the batch is still on its way when the app shuts down
+    collector.slow(0.5)  # the batch is still on its way when the app shuts down
 
     @get("/signup")
     async def signup(request: Request[Any, Any, Any]) -> dict[str, str]:

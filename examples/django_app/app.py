@@ -47,9 +47,9 @@ settings.configure(
 )
 django.setup()
 
-from django.http import HttpRequest, HttpResponse, HttpResponseRedirect  # noqa: E402
-from django.template import engines  # noqa: E402
-from django.urls import path  # noqa: E402
+from django.http import HttpRequest, HttpResponse, HttpResponseRedirect
+from django.template import engines
+from django.urls import path
 
 FREE_MAIL = {"gmail.com", "outlook.com", "yahoo.com", "hotmail.com", "icloud.com", "proton.me"}
 
@@ -209,8 +209,13 @@ def tour() -> None:
     tour_client = KoalaClient(dry_run=True)  # the tour never sends, even with a key set
     try:
         with override_settings(KOALA={"client": tour_client}):
-            _tour(Client(HTTP_USER_AGENT="Mozilla/5.0 (Macintosh; Intel Mac OS X 14_5) Safari/605.1.15",
-                         REMOTE_ADDR="203.0.113.50"), tour_client)
+            _tour(
+                Client(
+                    HTTP_USER_AGENT="Mozilla/5.0 (Macintosh; Intel Mac OS X 14_5) Safari/605.1.15",
+                    REMOTE_ADDR="203.0.113.50",
+                ),
+                tour_client,
+            )
     finally:
         quiet.setLevel(level)
 
@@ -221,8 +226,12 @@ def _tour(browser: object, tour_client: KoalaClient) -> None:
         ("They sign up", "post", "/signup", {"name": "Ada Lovelace", "email": "ada@acme-robotics.com"}),
         ("They create a project", "post", "/projects", {"name": "Q3 pipeline"}),
         ("They invite a teammate", "post", "/invite", {"email": "charles@acme-robotics.com"}),
-        ("They upgrade the company's plan (an async view; account traits)", "post", "/upgrade",
-         {"plan": "team", "seats": "12"}),
+        (
+            "They upgrade the company's plan (an async view; account traits)",
+            "post",
+            "/upgrade",
+            {"plan": "team", "seats": "12"},
+        ),
         ("They log out", "post", "/logout", None),
         ("They log back in", "post", "/login", {"email": "ada@acme-robotics.com"}),
     ]
@@ -257,7 +266,7 @@ def main(argv: list[str]) -> int:
     return 0
 
 
-from django.core.wsgi import get_wsgi_application  # noqa: E402
+from django.core.wsgi import get_wsgi_application
 
 # gunicorn app:application (WSGI), or for ASGI: koala_middleware.django.get_asgi_application()
 application = get_wsgi_application()

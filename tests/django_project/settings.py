@@ -24,4 +24,3 @@ MIDDLEWARE = [
 
 # Key and URL from KOALA_PUBLIC_KEY / KOALA_API_URL, as for every Koala client.
 KOALA = json.loads(os.environ.get("KOALA_DJANGO_OPTIONS") or '{"exclude_paths": ["/healthz"]}')
-

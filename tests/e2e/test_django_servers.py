@@ -9,7 +9,7 @@ import json
 import re
 import signal
 import sys
-import threading
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack
 
 import httpx
@@ -24,8 +24,16 @@ REQUESTS = 5
 def start(kind: str, koala: Collector, stack: ExitStack) -> Server:
     port = free_port()
     args = {
-        "gunicorn": ["gunicorn", "-w", "1", "--threads", "2", "django_project.wsgi:application",
-                     "-b", f"127.0.0.1:{port}"],
+        "gunicorn": [
+            "gunicorn",
+            "-w",
+            "1",
+            "--threads",
+            "2",
+            "django_project.wsgi:application",
+            "-b",
+            f"127.0.0.1:{port}",
+        ],
         "uvicorn": ["uvicorn", "django_project.asgi:application", "--no-access-log", "--port", str(port)],
     }[kind]
     env = {
@@ -58,56 +66,37 @@ def exercise(server: Server, ua: str) -> None:
 
 
 def test_django_under_gunicorn_and_uvicorn_delivers_pending_batches_at_sigterm() -> None:
-    with Collector(delay=0.3) as koala, ExitStack() as stack:
+    with Collector(delay=0.3) as koala, ExitStack() as stack, ThreadPoolExecutor(2) as pool:
         servers = {kind: start(kind, koala, stack) for kind in ("gunicorn", "uvicorn")}
-        workers = [threading.Thread(target=exercise, args=(s, f"ua-{k}")) for k, s in servers.items()]
-        failures: list[BaseException] = []
-        for worker in workers:
-            worker.run = _catching(worker.run, failures)  # type: ignore[method-assign]
-            worker.start()
-        for worker in workers:
-            worker.join(30)
-        assert not failures, failures
+        for done in [pool.submit(exercise, server, f"ua-{kind}") for kind, server in servers.items()]:
+            done.result(30)  # both served at once; a failed assertion is raised here
         assert len(koala.requests()) < 2 * (REQUESTS + 1), "precondition: batches are pending at SIGTERM"
-        codes: dict[str, int] = {}
-        stoppers = [threading.Thread(target=lambda k=k, s=s: codes.__setitem__(k, s.terminate())) for k, s in
-                    servers.items()]
-        for stopper in stoppers:
-            stopper.start()
-        for stopper in stoppers:
-            stopper.join(30)
+        codes = dict(zip(servers, pool.map(lambda server: server.terminate(), servers.values())))
         for kind, server in servers.items():
             assert codes[kind] in STOPPED, f"{kind}: {codes[kind]}\n{server.output}"
-            numbers = sorted(
-                e["properties"]["n"] for r in koala.requests("/batch") if r.headers["user-agent"] == f"ua-{kind}"
-                for e in r.json()["events"] if e["event"] == "Sync View"
-            )
+            sent = [
+                e
+                for r in koala.requests("/batch")
+                if r.headers["user-agent"] == f"ua-{kind}"
+                for e in r.json()["events"]
+            ]
+            numbers = sorted(e["properties"]["n"] for e in sent if e["event"] == "Sync View")
             assert numbers == list(range(REQUESTS)), f"{kind}: {numbers}\n{server.output}"
-            streamed = [e for r in koala.requests("/batch") if r.headers["user-agent"] == f"ua-{kind}"
-                        for e in r.json()["events"] if e["event"] == "Streamed Chunk"]
-            assert len(streamed) == 3, server.output
-
-
-def _catching(run, failures):  # type: ignore[no-untyped-def]
-    def wrapped() -> None:
-        try:
-            run()
-        except BaseException as exc:  # reported by the test's thread
-            failures.append(exc)
-
-    return wrapped
+            assert len([e for e in sent if e["event"] == "Streamed Chunk"]) == 3, server.output
 
 
 def test_the_django_example_serves_and_records_a_sign_up() -> None:
     port = free_port()
     env = {"PORT": str(port), "KOALA_PUBLIC_KEY": "", "KOALA_API_URL": ""}
-    with serve([sys.executable, "examples/django_app/app.py"], port, env=env) as server:
-        with httpx.Client(base_url=server.url, timeout=10) as http:
-            home = http.get("/")
-            assert home.status_code == 200 and f"<code>{http.cookies['ko_id']}</code>" in home.text
-            token = re.search(r'name="csrfmiddlewaretoken" value="([^"]+)"', home.text)
-            assert token is not None
-            form = {"name": "Ada", "email": "ada@acme-robotics.com", "csrfmiddlewaretoken": token[1]}
-            assert http.post("/signup", data=form).status_code == 302
-            page = http.get("/").text
-            assert "Signed in as <b>Ada</b>" in page and "&quot;event&quot;: &quot;Signed Up&quot;" in page
+    with (
+        serve([sys.executable, "examples/django_app/app.py"], port, env=env) as server,
+        httpx.Client(base_url=server.url, timeout=10) as http,
+    ):
+        home = http.get("/")
+        assert home.status_code == 200 and f"<code>{http.cookies['ko_id']}</code>" in home.text
+        token = re.search(r'name="csrfmiddlewaretoken" value="([^"]+)"', home.text)
+        assert token is not None
+        form = {"name": "Ada", "email": "ada@acme-robotics.com", "csrfmiddlewaretoken": token[1]}
+        assert http.post("/signup", data=form).status_code == 302
+        page = http.get("/").text
+        assert "Signed in as <b>Ada</b>" in page and "&quot;event&quot;: &quot;Signed Up&quot;" in page
