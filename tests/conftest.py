@@ -6,16 +6,15 @@ from collections.abc import Iterator
 
 import pytest
 
+from helpers import FAST_RETRIES
 from koala_middleware import KoalaClient
 from koala_middleware.testing import Collector
 
-from helpers import FAST_RETRIES
-
 
 @pytest.fixture
-def collector() -> Iterator[Collector]:
-    with Collector() as koala:
-        yield koala
+def collector(koala_collector: Collector) -> Collector:
+    """The package's own pytest fixture (``koala_middleware.pytest_plugin``), as users get it."""
+    return koala_collector
 
 
 @pytest.fixture

@@ -11,8 +11,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from e2e.servers import free_port
 
+from e2e.servers import free_port
 from koala_middleware.__main__ import main
 from koala_middleware.testing import Collector
 

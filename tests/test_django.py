@@ -16,14 +16,14 @@ import django
 
 django.setup()
 
-from django.core.exceptions import ImproperlyConfigured
-from django.test import AsyncClient, Client, override_settings
-from django_project import views
-from helpers import FAST_RETRIES, run_tour
+from django.core.exceptions import ImproperlyConfigured  # noqa: E402
+from django.test import AsyncClient, Client, override_settings  # noqa: E402
+from django_project import views  # noqa: E402
 
-from koala_middleware import KoalaClient
-from koala_middleware.django import KoalaMiddleware, _from_settings
-from koala_middleware.testing import Collector
+from helpers import FAST_RETRIES, run_tour  # noqa: E402
+from koala_middleware import KoalaClient  # noqa: E402
+from koala_middleware.django import KoalaMiddleware, _from_settings  # noqa: E402
+from koala_middleware.testing import Collector  # noqa: E402
 
 UA = "Mozilla/5.0 (X11; Linux x86_64) Firefox/128.0 django-test"
 ID = "0b5e8a4c-3f1d-4a2b-9c7e-1d2e3f4a5b6c"

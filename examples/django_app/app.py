@@ -21,6 +21,10 @@ import sys
 import django
 from asgiref.sync import sync_to_async
 from django.conf import settings
+from django.core.wsgi import get_wsgi_application
+from django.http import HttpRequest, HttpResponse, HttpResponseRedirect
+from django.template import engines
+from django.urls import path
 
 from koala_middleware import KoalaClient, current_tracker
 
@@ -47,9 +51,6 @@ settings.configure(
 )
 django.setup()
 
-from django.http import HttpRequest, HttpResponse, HttpResponseRedirect
-from django.template import engines
-from django.urls import path
 
 FREE_MAIL = {"gmail.com", "outlook.com", "yahoo.com", "hotmail.com", "icloud.com", "proton.me"}
 
@@ -265,8 +266,6 @@ def main(argv: list[str]) -> int:
     call_command("runserver", f"127.0.0.1:{port}", use_reloader=False)
     return 0
 
-
-from django.core.wsgi import get_wsgi_application
 
 # gunicorn app:application (WSGI), or for ASGI: koala_middleware.django.get_asgi_application()
 application = get_wsgi_application()

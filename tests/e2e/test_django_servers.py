@@ -71,7 +71,7 @@ def test_django_under_gunicorn_and_uvicorn_delivers_pending_batches_at_sigterm()
         for done in [pool.submit(exercise, server, f"ua-{kind}") for kind, server in servers.items()]:
             done.result(30)  # both served at once; a failed assertion is raised here
         assert len(koala.requests()) < 2 * (REQUESTS + 1), "precondition: batches are pending at SIGTERM"
-        codes = dict(zip(servers, pool.map(lambda server: server.terminate(), servers.values())))
+        codes = dict(zip(servers, pool.map(lambda server: server.terminate(), servers.values()), strict=True))
         for kind, server in servers.items():
             assert codes[kind] in STOPPED, f"{kind}: {codes[kind]}\n{server.output}"
             sent = [
