@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import os
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -211,3 +213,16 @@ def test_example_tour_prints_each_batch_koala_would_receive(tmp_path: Path) -> N
     assert '"event": "Upgraded Plan"' in out  # from the async view, through current_tracker()
     assert '"ip": "203.0.113.50"' in out and "User-Agent: Mozilla/5.0" in out
     assert "8 batches in all" in out
+
+
+def test_without_django_the_import_says_what_to_install() -> None:
+    code = (
+        "import sys\n"
+        "sys.modules['django'] = None  # as if Django were not installed\n"
+        "try:\n"
+        "    import koala_middleware.django\n"
+        "except ImportError as exc:\n"
+        "    print(exc)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=False)
+    assert done.stdout.strip() == "koala_middleware.django needs Django: pip install 'koala-middleware[django]'"
