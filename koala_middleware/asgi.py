@@ -133,9 +133,10 @@ class KoalaASGIMiddleware:
     """Sets the ``ko_id`` cookie and gives every HTTP request a tracker.
 
     ``app.add_middleware(KoalaASGIMiddleware, client=client)`` in FastAPI and Starlette,
-    or ``KoalaASGIMiddleware(app, client=client)`` around any ASGI app.
+    ``DefineMiddleware(KoalaASGIMiddleware, client=client)`` in Litestar, or
+    ``KoalaASGIMiddleware(app, client=client)`` around any ASGI app.
 
-    :param app: the ASGI application to wrap.
+    :param app: the ASGI application to wrap (by position or by name).
     :param client: a shared :class:`~koala_middleware.KoalaClient`; when omitted, one is
         made from ``options``.
     :param options: the visitor options and, without ``client``, the ``KoalaClient``
