@@ -78,6 +78,14 @@ def test_a_returning_visitor_keeps_the_id_and_gets_no_set_cookie(koala_client: K
     assert response.json()["ko_id"] == ID and ko_id_header(response) is None
 
 
+def test_the_cookie_is_secure_when_django_says_the_request_is(koala_client: KoalaClient) -> None:
+    browser = Client()
+    secure = ko_id_header(browser.get("/who", secure=True, HTTP_HOST="app.example.com"))
+    plain = ko_id_header(Client().get("/who", HTTP_HOST="app.example.com"))
+    assert secure is not None and secure.endswith("; Secure") and "Domain=example.com" in secure
+    assert plain is not None and "Secure" not in plain
+
+
 def test_a_disallowed_host_gets_djangos_400_and_no_cookie(koala_client: KoalaClient) -> None:
     response = Client().get("/track", HTTP_HOST="evil.test")
     assert response.status_code == 400 and ko_id_header(response) is None
