@@ -99,6 +99,24 @@ def test_excluded_paths_and_shared_cacheable_responses_get_no_cookie(koala_clien
     assert ko_id_header(browser.get("/who", HTTP_SEC_GPC="1")) is None  # Global Privacy Control
 
 
+def test_should_track_sees_djangos_request(client: KoalaClient) -> None:
+    from django.http import HttpRequest
+
+    seen: list[tuple[str, str | None, bool]] = []
+
+    def consent(info: Any) -> bool:
+        assert isinstance(info.raw, HttpRequest)
+        seen.append((info.path, info.host, info.https))
+        return "consent=yes" in (info.raw.META.get("HTTP_COOKIE") or "")
+
+    with override_settings(KOALA={"client": client, "should_track": consent}):
+        declined = Client().get("/who", HTTP_HOST="app.example.com")
+        accepted = Client(HTTP_COOKIE="consent=yes").get("/who", HTTP_HOST="app.example.com")
+    assert declined.json()["ko_id"] is None and ko_id_header(declined) is None
+    assert ko_id_header(accepted) is not None
+    assert seen == [("/who", "app.example.com", False)] * 2
+
+
 def test_the_ip_is_remote_addr_as_django_sees_it(koala_client: KoalaClient) -> None:
     response = Client(REMOTE_ADDR="203.0.113.9").get("/who", HTTP_X_FORWARDED_FOR="6.6.6.6")
     assert response.json()["ip"] == "203.0.113.9"
