@@ -17,9 +17,9 @@ from dataclasses import dataclass, fields
 from typing import Any
 
 from ._client import CLIENT_ARGUMENTS, KoalaClient, client_from_options
-from ._cookie import CookieSettings, VisitorCookie
+from ._cookie import WRITE_BOTH, CookieSettings, VisitorCookie, may_set_cookie
 from ._request import RequestInfo, RequestReader
-from ._tracker import RequestTracker, Tracker
+from ._tracker import STARTED, RequestTracker, Tracker
 
 TrackDecision = Callable[[RequestInfo], bool]
 
@@ -94,11 +94,11 @@ class Visits:
     __slots__ = (
         "_cookie",
         "_excluded",
-        "_read_visitor",
         "_reader",
         "_respect_gpc",
         "_should_track",
         "client",
+        "read_visitor",
         "settings",
     )
 
@@ -109,12 +109,14 @@ class Visits:
         # Read once: ``start`` runs on every request.
         self._cookie = VisitorCookie(settings.cookie)
         self._excluded = settings.excluded if settings.exclude_paths else None
-        self._read_visitor = reader.visitor
+        #: ``read_visitor(request) -> (user_agent, ip)``, for a tracker's batch.
+        self.read_visitor = reader.visitor
         self._respect_gpc = settings.respect_gpc
         self._should_track = settings.should_track
 
-    def start(self, request: Any, cookie: bytes | str | None, gpc: bool) -> tuple[Tracker, str | None]:
-        """This request's tracker, and the ``Set-Cookie`` value for a new visitor (or None).
+    def start(self, request: Any, cookie: bytes | str | None, gpc: bool) -> RequestTracker:
+        """This request's tracker; ``tracker._set_cookies`` are the ``Set-Cookie`` values its
+        response needs (added at response start by ``response_cookies``), or None.
 
         :param request: the ``environ`` or ``scope``; other parts are read from it when needed.
         :param cookie: the Cookie header (several joined with ``"; "``), or None; bytes
@@ -123,20 +125,50 @@ class Visits:
         """
         client = self.client
         if self._excluded is not None and self._excluded(self._reader.path(request)):
-            return RequestTracker(client, None, False, request, self._read_visitor), None
-        visitor_id = self._cookie.read(cookie)
+            return RequestTracker(client, None, False, request, self)
+        found = self._cookie.resolve(cookie)
         if (gpc and self._respect_gpc) or (
             self._should_track is not None and not _consents(self._should_track, self._reader.info(request))
         ):
-            return RequestTracker(client, visitor_id, False, request, self._read_visitor), None
-        if visitor_id is None:
-            visitor_id, set_cookie = self._cookie.issue(*self._reader.site(request))
-            return RequestTracker(client, visitor_id, True, request, self._read_visitor), set_cookie
-        return RequestTracker(client, visitor_id, True, request, self._read_visitor), None
+            return RequestTracker(client, found[0] if found is not None else None, False, request, self)
+        if found is None:
+            visitor_id, set_cookies = self.new_visitor(request)
+            return RequestTracker(client, visitor_id, True, request, self, set_cookies, True)
+        visitor_id, writes = found
+        if writes:  # a returning visitor with one of the two cookies missing or stale
+            host, https = self._reader.site(request)
+            return RequestTracker(
+                client, visitor_id, True, request, self, self._cookie.set_cookies(visitor_id, writes, host, https)
+            )
+        return RequestTracker(client, visitor_id, True, request, self)
+
+    def new_visitor(self, request: Any) -> tuple[str, list[str]]:
+        """A fresh visitor id and the ``Set-Cookie`` values that give it to the browser."""
+        visitor_id = self._cookie.issue()
+        host, https = self._reader.site(request)
+        return visitor_id, self._cookie.set_cookies(visitor_id, WRITE_BOTH, host, https)
+
+
+def response_cookies(tracker: Tracker, status: int, cache_control: Callable[[], str | None]) -> list[str] | None:
+    """At response start: the ``Set-Cookie`` values to add (None: none), and the tracker
+    told that its response started (and whether its new id went out with it).
+
+    :param cache_control: reads the response's Cache-Control (only needed with cookies).
+    """
+    tracker._stage = STARTED
+    cookies = tracker._set_cookies
+    if cookies is None:
+        return None
+    if not may_set_cookie(status, cache_control()):
+        return None
+    tracker._fresh = False  # a browser holds the id now
+    return cookies
 
 
 def finish(tracker: Tracker) -> None:
-    """Hand over what a request's handler recorded (the glue calls this when it recorded any)."""
+    """Hand over what a request's handler recorded (the glue calls this when it recorded
+    any, after setting ``tracker._stage = HANDED_OVER``: records made after that are sent
+    as follow-up batches by the tracker itself)."""
     try:
         tracker._client.send_tracker(tracker)
     except Exception:  # the response is out: never raise into the server's close()
