@@ -222,34 +222,39 @@ class Tracker:
     @property
     def user_agent(self) -> str | None:
         """The visitor's User-Agent, sent with the batch (None: the client's)."""
-        if self._request is not None:
+        try:
+            return self._user_agent
+        except AttributeError:  # a request's tracker: read when first needed
             self._read_request()
-        return getattr(self, "_user_agent", None)  # unset: released unread (see RequestTracker)
+            return self._user_agent
 
     @user_agent.setter
     def user_agent(self, value: str | None) -> None:
-        if self._request is not None:
-            self._read_request()
         self._user_agent = value
 
     @property
     def ip(self) -> str | None:
         """The visitor's IP address, sent with the batch (unless ``send_ip=False``)."""
-        if self._request is not None:
+        try:
+            return self._ip
+        except AttributeError:
             self._read_request()
-        return getattr(self, "_ip", None)
+            return self._ip
 
     @ip.setter
     def ip(self, value: str | None) -> None:
-        if self._request is not None:
-            self._read_request()
         self._ip = value
 
     def _read_request(self) -> None:
+        """Fill in the User-Agent and IP not set yet, from the request while it is held
+        (None once the middleware let go of it)."""
         request = self._request  # once: the middleware may let go of it meanwhile
-        if request is not None and self._visits is not None:
-            self._user_agent, self._ip = self._visits.read_visitor(request)
-        self._request = None
+        visits = self._visits
+        user_agent, ip = visits.read_visitor(request) if request is not None and visits is not None else (None, None)
+        if not hasattr(self, "_user_agent"):
+            self._user_agent = user_agent
+        if not hasattr(self, "_ip"):
+            self._ip = ip
 
     def __repr__(self) -> str:
         return f"<Tracker profile_id={self.profile_id!r} enabled={self.enabled}>"
