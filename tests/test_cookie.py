@@ -564,3 +564,65 @@ def test_invalid_incoming_value_is_never_echoed(headers, host):
     if incoming is None:
         for value in junk:
             assert value not in header or value in host
+
+
+# --- issue 15: configuration refused, the list's age --------------------------------------------
+
+@pytest.mark.parametrize(
+    "domain, problem",
+    [
+        ("co.uk", "a public suffix"),
+        ("github.io", "a public suffix"),
+        ("com", "a public suffix"),
+        ("codepen.dev", "a public suffix"),
+        ("127.0.0.1", "an IP address"),
+        ("10.0.0.1", "an IP address"),
+    ],
+)
+def test_cookie_domain_that_browsers_would_refuse_fails_at_configuration(domain, problem):
+    with pytest.raises(ValueError, match=rf"CookieSettings\.domain '{re.escape(domain)}' is {problem}"):
+        CookieSettings(domain=domain)
+    assert CookieSettings(domain="example.co.uk").domain == "example.co.uk"
+
+
+def test_public_suffix_list_is_from_2026_or_later():
+    """``codepen.dev`` became a public suffix in August 2026 (publicsuffixlist 1.0.2.20260821):
+    with an older list the middleware would set ``Domain=codepen.dev``, which browsers refuse,
+    so every visitor of ``pen.codepen.dev`` would get a new id on every request. Fails when
+    the installed ``publicsuffixlist`` is older: upgrade the package (the list is its data)."""
+    assert top_domain("pen.codepen.dev") == "pen.codepen.dev", "publicsuffixlist predates 2026-08: upgrade it"
+    assert cookie_domain("x.pen.codepen.dev", DEFAULT) == "pen.codepen.dev"
+
+
+def test_copy_settings_are_checked():
+    with pytest.raises(ValueError, match="server_copy_name must differ"):
+        CookieSettings(server_copy_name="ko_id")
+    with pytest.raises(ValueError, match="CookieSettings.server_copy_name"):
+        CookieSettings(server_copy_name="bad name")
+    with pytest.raises(TypeError, match="CookieSettings.server_copy must be"):
+        CookieSettings(server_copy="yes")  # type: ignore[arg-type]
+    assert CookieSettings(server_copy=False, server_copy_name="ko_id").server_copy is False
+
+
+@pytest.mark.parametrize(
+    "header, resolved",
+    [
+        (f"ko_id={VID}; ko_id_server={VID}", (VID, _cookie.WRITE_NONE)),
+        (f"ko_id_server={VID}; ko_id={VID}", (VID, _cookie.WRITE_NONE)),
+        (f"ko_id={VID}", (VID, _cookie.WRITE_COPY)),
+        (f"ko_id={VID}; ko_id_server={VID2}", (VID, _cookie.WRITE_COPY)),  # ko_id wins
+        (f"ko_id={VID}; ko_id_server=<bad>", (VID, _cookie.WRITE_COPY)),
+        (f"ko_id_server={VID2}", (VID2, _cookie.WRITE_ID)),
+        (f"ko_id=<bad>; ko_id_server={VID2}", (VID2, _cookie.WRITE_ID)),
+        ("ko_id=<bad>; ko_id_server=" + "0" * 8 + "-0000-0000-0000-" + "0" * 12, None),
+        ("theme=dark", None),
+    ],
+)
+def test_resolve_reads_ko_id_and_its_server_kept_copy(header, resolved):
+    cookie = VisitorCookie(DEFAULT)
+    assert cookie.resolve(header) == resolved
+    assert cookie.resolve(header.encode()) == resolved  # as ASGI hands it over
+    assert cookie.resolve(header) == resolved  # again, from the memo
+    off = VisitorCookie(CookieSettings(server_copy=False))
+    expected_off = (VID, _cookie.WRITE_NONE) if header.startswith(f"ko_id={VID}") or f"; ko_id={VID}" in header else None
+    assert off.resolve(header) == expected_off
