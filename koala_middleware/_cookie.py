@@ -360,12 +360,12 @@ class VisitorCookie:
     def set_cookies(self, visitor_id: str, writes: int, host: str | None, https: bool) -> list[str]:
         """The ``Set-Cookie`` values that write ``visitor_id`` to the cookies in ``writes``:
         the same attributes for both, and HttpOnly for the copy (only the server writes it)."""
-        settings = self.settings
+        attributes = _attributes(host, https, self.settings)  # one cache lookup for both
         headers = []
         if writes & WRITE_ID:
-            headers.append(_set_cookie_header(visitor_id, host, https, settings))
+            headers.append(self._name + "=" + visitor_id + attributes)
         if writes & WRITE_COPY and self._copy:
-            headers.append(_set_cookie_header(visitor_id, host, https, settings, self._copy_name) + "; HttpOnly")
+            headers.append(self._copy_name + "=" + visitor_id + attributes + "; HttpOnly")
         return headers
 
 
@@ -386,12 +386,14 @@ def _first_id(cookie: str, name: str, plain: Callable[[str, int], re.Match[str] 
     return _search_visitor_id((cookie,), name)
 
 
-def _set_cookie_header(
-    visitor_id: str, host: str | None, https: bool, settings: CookieSettings, name: str | None = None
-) -> str:
+def _set_cookie_header(visitor_id: str, host: str | None, https: bool, settings: CookieSettings) -> str:
+    return settings.name + "=" + visitor_id + _attributes(host, https, settings)
+
+
+def _attributes(host: str | None, https: bool, settings: CookieSettings) -> str:
     if not isinstance(host, str) or len(host) > _MAX_HOST_INPUT:
-        host = None
-    return (name or settings.name) + "=" + visitor_id + _cookie_attributes(host, bool(https), settings)
+        host = None  # client-controlled: odd or oversized hosts stay out of the cache
+    return _cookie_attributes(host, bool(https), settings)
 
 
 _logged_shared_cache_skip = False

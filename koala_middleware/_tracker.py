@@ -70,6 +70,7 @@ _current: contextvars.ContextVar[Tracker | None] = contextvars.ContextVar(
     "koala_tracker", default=None
 )
 _logged_follow_up = False
+_UNREAD: Any = object()  # a request tracker's User-Agent and IP before they are read
 
 
 def current_tracker() -> Tracker | None:
@@ -191,6 +192,10 @@ class Tracker:
     _events: list[str]
     _event_ids: list[str]
     _identifies: list[str]
+    #: A request tracker's ``Set-Cookie`` values for its response (see RequestTracker).
+    _set_cookies: list[str] | None
+    #: Batches made by ``reset()`` from the records before it, handed over with the rest.
+    _pending: list[_protocol.Batch] | None
 
     def __init__(
         self,
@@ -214,6 +219,7 @@ class Tracker:
         self._count = 0
         self._request: Any = None  # see RequestTracker
         self._stage = OPEN
+        self._pending = None
         #: True while ``profile_id`` is an id made for this request whose cookie has not gone
         #: out: no browser holds it, so it must not reach Koala (see ``_build``).
         self._fresh = False
@@ -222,11 +228,11 @@ class Tracker:
     @property
     def user_agent(self) -> str | None:
         """The visitor's User-Agent, sent with the batch (None: the client's)."""
-        try:
-            return self._user_agent
-        except AttributeError:  # a request's tracker: read when first needed
+        value = self._user_agent
+        if value is _UNREAD:  # a request's tracker: read when first needed
             self._read_request()
-            return self._user_agent
+            value = self._user_agent
+        return value
 
     @user_agent.setter
     def user_agent(self, value: str | None) -> None:
@@ -235,11 +241,11 @@ class Tracker:
     @property
     def ip(self) -> str | None:
         """The visitor's IP address, sent with the batch (unless ``send_ip=False``)."""
-        try:
-            return self._ip
-        except AttributeError:
+        value = self._ip
+        if value is _UNREAD:
             self._read_request()
-            return self._ip
+            value = self._ip
+        return value
 
     @ip.setter
     def ip(self, value: str | None) -> None:
@@ -251,9 +257,9 @@ class Tracker:
         request = self._request  # once: the middleware may let go of it meanwhile
         visits = self._visits
         user_agent, ip = visits.read_visitor(request) if request is not None and visits is not None else (None, None)
-        if not hasattr(self, "_user_agent"):
+        if self._user_agent is _UNREAD:
             self._user_agent = user_agent
-        if not hasattr(self, "_ip"):
+        if self._ip is _UNREAD:
             self._ip = ip
 
     def __repr__(self) -> str:
@@ -394,7 +400,8 @@ class Tracker:
         """The batches of what was recorded, and how many person items were left out
         because ``unheld``: the id is one no browser holds, and there is no email to send
         them under instead. Holds ``_lock``."""
-        result: list[_protocol.Batch] = list(getattr(self, "_pending", None) or ())
+        pending = self._pending
+        result: list[_protocol.Batch] = list(pending) if pending is not None else []
         if not self._count:
             return result, 0
         client = self._client
@@ -504,6 +511,8 @@ class RequestTracker(Tracker):
         self._set_cookies = set_cookies
         self._fresh = fresh
         self._stage = OPEN
+        self._pending = None
+        self._user_agent = self._ip = _UNREAD
 
     def reset(self) -> None:
         """Forget who this visitor is, as Koala's ``ko.reset()`` does at logout.

@@ -94,7 +94,7 @@ class KoalaWSGIMiddleware:
         tracker = self.visits.start(environ, environ.get("HTTP_COOKIE"), environ.get("HTTP_SEC_GPC") == "1")
         environ[ENVIRON_KEY] = tracker
         # Always wrapped: the handler may call tracker.reset(), which needs a Set-Cookie.
-        start_response = _StartWithCookies(start_response, tracker)
+        start_response = _start_with_cookies(start_response, tracker)
         # The app runs in its own copy of the server's context with the tracker bound: the
         # call, each chunk and close() (see _Response), and nothing leaks into the server's.
         context = contextvars.copy_context()
@@ -158,29 +158,25 @@ class _SizedResponse(_Response):
         return len(self._iterable)  # type: ignore[arg-type]
 
 
-class _StartWithCookies:
+def _start_with_cookies(start_response: StartResponse, tracker: Tracker) -> StartResponse:
     """``start_response`` that adds the visitor's ``Set-Cookie`` values the response may carry
     (a new visitor's, a missing copy, a ``reset()``), and tells the tracker it started.
 
     Called again with ``exc_info`` when an error replaces the response: the new headers
-    need the cookies too, and the server decides whether to re-raise.
+    need the cookies too, and the server decides whether to re-raise. A closure, not an
+    object with ``__call__``: every request passes here, and calling a closure is cheaper.
     """
 
-    __slots__ = ("_start_response", "_tracker")
-
-    def __init__(self, start_response: StartResponse, tracker: Tracker) -> None:
-        self._start_response = start_response
-        self._tracker = tracker
-
-    def __call__(self, status: str, headers: list[tuple[str, str]], exc_info: Any = None) -> Any:
-        tracker = self._tracker
+    def start_with_cookies(status: str, headers: list[tuple[str, str]], exc_info: Any = None) -> Any:
         if tracker._set_cookies is None:  # most requests: nothing to add
             tracker._stage = STARTED
-            return self._start_response(status, headers, exc_info)
+            return start_response(status, headers, exc_info)
         cookies = response_cookies(tracker, _status_code(status), lambda: _cache_control(headers))
         if cookies is not None:
             headers = [*headers, *[("Set-Cookie", cookie) for cookie in cookies]]
-        return self._start_response(status, headers, exc_info)
+        return start_response(status, headers, exc_info)
+
+    return start_with_cookies
 
 
 def _status_code(status: str) -> int:
