@@ -23,14 +23,17 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Awaitable, Callable, Iterable, MutableMapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import anyio.to_thread
 
 from ._client import KoalaClient
 from ._request import RequestInfo, RequestReader
 from ._tracker import HANDED_OVER, STARTED, RequestTracker, bind, unbind
-from ._visit import Visits, configure, finish, response_cookies
+from ._visit import VisitorOptions, Visits, configure, finish, response_cookies
+
+if TYPE_CHECKING:
+    from typing_extensions import Unpack
 
 __all__ = ["SCOPE_KEY", "VISITOR_ID_KEY", "KoalaASGIMiddleware", "request_info"]
 
@@ -128,16 +131,17 @@ class KoalaASGIMiddleware:
     :param app: the ASGI application to wrap.
     :param client: a shared :class:`~koala_middleware.KoalaClient`; when omitted, one is
         made from ``options``.
-    :param options: ``KoalaClient`` options and middleware options, as for the WSGI one.
+    :param options: the visitor options and, without ``client``, the ``KoalaClient``
+        options, as for :class:`~koala_middleware.KoalaWSGIMiddleware`.
         Note that Starlette builds its middleware when the app first runs, so with
         ``add_middleware`` a wrong option is reported at startup.
     """
 
-    def __init__(self, app: ASGIApp, /, client: KoalaClient | None = None, **options: Any) -> None:
+    def __init__(self, app: ASGIApp, /, client: KoalaClient | None = None, **options: Unpack[VisitorOptions]) -> None:
         # ``app`` is positional-only so that type checkers accept ``add_middleware(...)``,
         # whose signature passes the app positionally and the options by name.
         self.app = app
-        self.client, settings = configure(client, options)
+        self.client, settings = configure(client, **options)
         self.visits = Visits(self.client, settings, SCOPE_READER)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:

@@ -25,13 +25,12 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from http import HTTPStatus
 from typing import Any
 
-__all__ = ["Collector", "Received"]
+__all__ = ["Collector", "Received", "Responder"]
 
-_REASONS = {200: "OK", 202: "Accepted", 400: "Bad Request", 404: "Not Found", 408: "Request Timeout",
-            429: "Too Many Requests", 500: "Internal Server Error", 502: "Bad Gateway",
-            503: "Service Unavailable", 504: "Gateway Timeout"}
+_PROJECT_PATH = "/web/projects/"
 
 
 @dataclass
@@ -49,6 +48,12 @@ class Received:
         return json.loads(self.body)
 
     @property
+    def route(self) -> str:
+        """The Koala route, after ``/web/projects/<key>/``: ``batch``, ``accounts/batch``, ..."""
+        _, _, rest = self.path.partition(_PROJECT_PATH)
+        return rest.partition("/")[2].partition("?")[0]
+
+    @property
     def accepted(self) -> bool:
         return self.status is not None and 200 <= self.status < 300
 
@@ -62,17 +67,17 @@ class Collector:
     :param delay: seconds to wait before answering each request (concurrently, not in turn).
     :param status: the status to answer (default 200), or ``respond(received) -> status`` /
         ``(status, headers)`` for per-request behaviour.
-    :param public_key: the project key that URLs are expected to carry (informational).
 
-    Faults to inject while it runs: :meth:`down` / :meth:`up` (connection refused),
-    :meth:`fail_next` (error statuses, optionally with headers such as ``Retry-After``),
-    ``hang = True`` (read requests, never answer, until set back to False) and ``delay``.
+    Faults to inject while it runs, each a method: :meth:`down` / :meth:`up` (connection
+    refused), :meth:`hang` / :meth:`release` (read requests, never answer), :meth:`slow`
+    (answer late), :meth:`answer_with` (another status, or a responder),
+    :meth:`fail_next` (the next few requests fail, optionally with headers such as
+    ``Retry-After``); :meth:`reset` undoes all but ``down``.
     """
 
-    def __init__(self, delay: float = 0.0, status: int | Responder = 200, public_key: str = "pk_test") -> None:
-        self.delay = delay
-        self.status = status
-        self.public_key = public_key
+    def __init__(self, *, delay: float = 0.0, status: int | Responder = 200) -> None:
+        self._delay = delay
+        self._status = status
         self._hang = False
         self._unhang: asyncio.Event | None = None
         self.received: list[Received] = []
@@ -129,37 +134,60 @@ class Collector:
         with self._lock:
             self._fail_next.extend([(status, dict(headers or {}))] * count)
 
-    @property
-    def hang(self) -> bool:
-        """When True, read requests but never answer; setting it back answers the held ones."""
-        return self._hang
+    def hang(self) -> None:
+        """Read requests but never answer them, until :meth:`release`."""
+        self._hang = True
 
-    @hang.setter
-    def hang(self, value: bool) -> None:
-        self._hang = bool(value)
-        if not value and self._loop is not None:
+    def release(self) -> None:
+        """Answer again, the held requests included (late)."""
+        self._hang = False
+        if self._loop is not None:
             self._loop.call_soon_threadsafe(self._release)
+
+    def slow(self, seconds: float) -> None:
+        """Wait ``seconds`` before answering each request (``slow(0)``: answer at once)."""
+        self._delay = seconds
+
+    def answer_with(self, status: int | Responder) -> None:
+        """Answer every request with ``status`` from now on, or ask ``respond(received)``."""
+        self._status = status
+
+    def reset(self) -> None:
+        """Back to answering 200 at once: no hang, no delay, no failures pending."""
+        with self._lock:
+            self._fail_next.clear()
+        self._status = 200
+        self._delay = 0.0
+        self.release()
 
     # -- what arrived -----------------------------------------------------------------------
 
     def requests(self, path_suffix: str = "", accepted_only: bool = True) -> list[Received]:
+        """What arrived (accepted requests only, by default) whose path ends with ``path_suffix``."""
         with self._lock:
             return [
                 r for r in self.received
                 if r.path.endswith(path_suffix) and (r.accepted or not accepted_only)
             ]
 
-    def batches(self, path_suffix: str = "/batch") -> list[dict[str, Any]]:
-        """Bodies of accepted visitor batches (``/accounts/batch`` with that suffix)."""
-        def wanted(path: str) -> bool:
-            if path_suffix == "/batch" and path.endswith("/accounts/batch"):
-                return False
-            return path.endswith(path_suffix)
+    def batches(self) -> list[dict[str, Any]]:
+        """Bodies of the accepted visitor batches (``/batch``), in order of arrival."""
+        return self._bodies("batch")
 
-        return [r.json() for r in self.requests() if wanted(r.path)]
+    def account_batches(self) -> list[dict[str, Any]]:
+        """Bodies of the accepted account batches (``/accounts/batch``)."""
+        return self._bodies("accounts/batch")
 
-    def events(self, path_suffix: str = "/batch") -> list[dict[str, Any]]:
-        return [e for body in self.batches(path_suffix) for e in body.get("events", [])]
+    def events(self) -> list[dict[str, Any]]:
+        """The events of the accepted visitor batches."""
+        return [event for body in self.batches() for event in body.get("events", [])]
+
+    def account_events(self) -> list[dict[str, Any]]:
+        """The events of the accepted account batches."""
+        return [event for body in self.account_batches() for event in body.get("events", [])]
+
+    def _bodies(self, route: str) -> list[dict[str, Any]]:
+        return [r.json() for r in self.requests() if r.route == route]
 
     def message_ids(self, accepted_only: bool = True) -> list[str]:
         """Every event ``message_id`` received (visitor and account batches), in order.
@@ -225,7 +253,8 @@ class Collector:
         with self._lock:
             if self._fail_next:
                 return self._fail_next.pop(0)
-        result = self.status(received) if callable(self.status) else self.status
+        status = self._status
+        result = status(received) if callable(status) else status
         return result if isinstance(result, tuple) else (result, {})
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -250,15 +279,15 @@ class Collector:
                     self._changed.notify_all()
                 if self._hang and self._unhang is not None:
                     await self._unhang.wait()
-                if self.delay:
-                    await asyncio.sleep(self.delay)
+                if self._delay:
+                    await asyncio.sleep(self._delay)
                 status, extra = self._answer(received)
                 with self._changed:
                     received.status = status
                     self._accepted += 200 <= status < 300
                     self._changed.notify_all()
                 payload = b'{"ok":true}' if status < 300 else b'{"error":"stand-in failure"}'
-                out = [f"HTTP/1.1 {status} {_REASONS.get(status, 'Status')}", f"Content-Length: {len(payload)}",
+                out = [f"HTTP/1.1 {status} {_phrase(status)}", f"Content-Length: {len(payload)}",
                        "Content-Type: application/json"]
                 out += [f"{k}: {v}" for k, v in extra.items()]
                 writer.write(("\r\n".join(out) + "\r\n\r\n").encode() + payload)
@@ -268,3 +297,10 @@ class Collector:
         finally:
             self._writers.discard(writer)
             writer.close()
+
+
+def _phrase(status: int) -> str:
+    try:
+        return HTTPStatus(status).phrase
+    except ValueError:
+        return "Status"

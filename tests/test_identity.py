@@ -159,9 +159,9 @@ def make_stack(request: pytest.FixtureRequest) -> Callable[..., Stack]:
     return make
 
 
-def delivered(client: KoalaClient, collector: Collector, path: str = "/batch") -> list[dict[str, Any]]:
+def delivered(client: KoalaClient, collector: Collector) -> list[dict[str, Any]]:
     assert client.flush(10)
-    return collector.batches(path)
+    return collector.batches()
 
 
 @pytest.fixture
@@ -304,7 +304,7 @@ def test_account_links_the_visitor_with_dollar_account_and_still_sends_account_t
     assert identify["traits"] == {"email": "ada@acme.com"}
     assert link["type"] == "identify" and link["traits"]["$account"] == {"domain": "acme.com", "group_id": "g1", "plan": "pro"}
     assert list(link["traits"]["$account"]) == ["domain", "group_id", "plan"]  # as Koala's docs write it
-    (account,) = collector.batches("/accounts/batch")
+    (account,) = collector.account_batches()
     assert account == {"domain": "acme.com", "identifies": [{"type": "identify", "traits": {"plan": "pro", "group_id": "g1"}}]}
 
 
