@@ -15,6 +15,7 @@ right, ``KoalaWSGIMiddleware(ProxyFix(app))`` sees the proxy's address. A raw
 
 from __future__ import annotations
 
+import contextlib
 import contextvars
 import itertools
 from collections.abc import Iterable, Iterator
@@ -59,10 +60,8 @@ def _path(environ: WSGIEnvironment) -> str:
     if not path.isascii():
         # PEP 3333 hands the raw path bytes over as latin-1; ASGI gives decoded text. A
         # character above U+00FF means a server (or a test client) already decoded it.
-        try:
+        with contextlib.suppress(UnicodeEncodeError):
             path = path.encode("latin-1").decode("utf-8", "replace")
-        except UnicodeEncodeError:
-            pass
     return path
 
 

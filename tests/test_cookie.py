@@ -3,7 +3,6 @@ import os
 import re
 import socket
 import string
-import uuid
 
 import pytest
 from hypothesis import given, settings as hsettings, strategies as st
@@ -597,9 +596,9 @@ def test_public_suffix_list_is_from_2026_or_later():
 def test_copy_settings_are_checked():
     with pytest.raises(ValueError, match="server_copy_name must differ"):
         CookieSettings(server_copy_name="ko_id")
-    with pytest.raises(ValueError, match="CookieSettings.server_copy_name"):
+    with pytest.raises(ValueError, match=r"CookieSettings\.server_copy_name"):
         CookieSettings(server_copy_name="bad name")
-    with pytest.raises(TypeError, match="CookieSettings.server_copy must be"):
+    with pytest.raises(TypeError, match=r"CookieSettings\.server_copy must be"):
         CookieSettings(server_copy="yes")  # type: ignore[arg-type]
     assert CookieSettings(server_copy=False, server_copy_name="ko_id").server_copy is False
 

@@ -14,7 +14,6 @@ import json
 import logging
 import re
 import string
-import uuid
 import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
