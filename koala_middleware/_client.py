@@ -49,6 +49,7 @@ class ClientOptions(TypedDict, total=False):
     max_queue_bytes: int
     max_in_flight: int
     connections_per_pool: int
+    proxy: str | None
     max_retries: int
     backoff_base: float
     max_backoff: float
@@ -67,13 +68,18 @@ class KoalaClient:
     :param public_key: your Koala workspace's public key; falls back to ``KOALA_PUBLIC_KEY``.
         With neither, the client runs in dry-run mode (logs, sends nothing).
     :param api_url: falls back to ``KOALA_API_URL``, then ``https://api2.getkoala.com``.
-    :param timeout: seconds for each HTTP call to Koala.
+    :param timeout: seconds for each whole attempt to post a batch (connect, send, read the
+        answer); with ``sync=True``, for all of a batch's attempts.
     :param max_queue_batches: the queue's bound in batches; past it new batches are dropped
         (counted in :attr:`stats`), never blocking a request.
     :param max_queue_bytes: the queue's bound in bytes, likewise.
-    :param max_in_flight: how many batches are posted at once.
-    :param connections_per_pool: kept-alive connections per pool (the in-flight batches are
-        spread over several small pools).
+    :param max_in_flight: how many batches are posted at once, over as many kept-alive
+        connections.
+    :param connections_per_pool: no longer used (the sender keeps one pool of
+        ``max_in_flight`` connections); accepted so existing configurations keep working.
+    :param proxy: an ``http://`` or ``https://`` proxy URL (credentials allowed) for every
+        request to Koala, overriding the environment's ``HTTPS_PROXY`` / ``HTTP_PROXY`` /
+        ``ALL_PROXY`` / ``NO_PROXY``, which apply otherwise.
     :param max_retries: failed attempts after which a batch is given up (network errors,
         408, 429 and 5xx are retried; other 4xx are final).
     :param backoff_base: seconds of the first retry's backoff (doubling, with jitter).
@@ -98,6 +104,7 @@ class KoalaClient:
         max_queue_bytes: int = 32 * 1024 * 1024,
         max_in_flight: int = 100,
         connections_per_pool: int = 5,
+        proxy: str | None = None,
         max_retries: int = 8,
         backoff_base: float = 0.5,
         max_backoff: float = 30.0,
@@ -135,6 +142,7 @@ class KoalaClient:
             max_queue_bytes=max_queue_bytes,
             max_in_flight=max_in_flight,
             connections_per_pool=connections_per_pool,
+            proxy=proxy,
             max_retries=max_retries,
             backoff_base=backoff_base,
             max_backoff=max_backoff,
