@@ -273,7 +273,9 @@ def _with_cookies(send: Send, tracker: RequestTracker) -> Send:
 
     def send_with_cookies(message: Message) -> Awaitable[None]:
         if message["type"] == "http.response.start":
-            headers = message.get("headers") or ()
+            headers = message.get("headers") or []
+            if not isinstance(headers, list):
+                headers = list(headers)  # any iterable: read once
             cookies = tracker.start_response(message["status"], lambda: _cache_control(headers))
             if cookies is not None:
                 headers = [*headers, *[(b"set-cookie", cookie.encode("latin-1")) for cookie in cookies]]
