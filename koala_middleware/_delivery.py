@@ -39,12 +39,17 @@ import ssl
 import threading
 import time
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
 
 import httpx
 
+from . import _native
 from ._protocol import Batch
+
+if TYPE_CHECKING:
+    from _typeshed import FileDescriptorLike
 
 logger = logging.getLogger("koala_middleware")
 
@@ -147,7 +152,7 @@ class _Counters:
     WARN_EVERY = 10.0
 
     def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
-        self._lock = threading.Lock()
+        self._lock = _native.Lock()
         self._stats = Stats()
         self._clock = clock
         self._unlogged: dict[str, _Unlogged] = {}
@@ -288,7 +293,7 @@ class _Health:
     def __init__(self) -> None:
         self.failures = 0
         self.gate = 0.0
-        self._lock = threading.Lock()
+        self._lock = _native.Lock()
 
     def failed(self, settings: DeliverySettings, probe: bool, retry_after: float | None) -> tuple[float, bool]:
         """Record a failure; (seconds until the next attempt, whether it is the first)."""
@@ -461,15 +466,16 @@ class BackgroundSender(_Sender):
         self._init_state()
 
     def _init_state(self) -> None:
-        self._lock = threading.Lock()
+        # Native locks: the sender is an OS thread even under gevent (see _native).
+        self._lock = _native.Lock()
         self._idle = threading.Condition(self._lock)
         self._queue: collections.deque[Batch] = collections.deque()
         self._pending = 0
         self._pending_bytes = 0
         self._closed = False
-        self._thread: threading.Thread | None = None
+        self._thread: _native.SenderThread | None = None
         # Held by the sender thread except while it waits in select(): see park().
-        self._running = threading.Lock()
+        self._running = _native.Lock()
         # The loop's side; set by the sender thread.
         self._loop: asyncio.AbstractEventLoop | None = None
         self._wakeup: asyncio.Event | None = None
@@ -500,9 +506,7 @@ class BackgroundSender(_Sender):
                 self._pending_bytes += size
                 self.counters.enqueued_locked()
                 if self._thread is None:
-                    start = self._thread = threading.Thread(
-                        target=self._run_thread, name="koala-sender", daemon=True
-                    )
+                    start = self._thread = _native.SenderThread(self._run_thread, "koala-sender")
                 elif self._loop_idle:
                     self._loop_idle = False
                     wake = self._loop
@@ -526,7 +530,8 @@ class BackgroundSender(_Sender):
     def flush(self, timeout: float) -> bool:
         """Wait until all batches handed over so far are delivered or given up."""
         deadline = time.monotonic() + max(timeout, 0.0)
-        if threading.current_thread() is self._thread:  # an on_error hook: never wait on ourselves
+        thread = self._thread
+        if thread is not None and thread.is_current():  # an on_error hook: never wait on ourselves
             return not self._pending
         with self._idle:
             while self._pending:
@@ -561,14 +566,14 @@ class BackgroundSender(_Sender):
                 loop.call_soon_threadsafe(self._wake)  # it sees _closed and stops
             except RuntimeError:  # already closed
                 pass
-            if thread is not threading.current_thread():
+            if not thread.is_current():
                 thread.join(max(deadline - time.monotonic(), 0.05))
         self.counters.report()
         return flushed
 
     # -- the sender thread ------------------------------------------------------------------
 
-    def _start(self, thread: threading.Thread) -> None:
+    def _start(self, thread: _native.SenderThread) -> None:
         try:
             thread.start()
         except RuntimeError as error:  # "can't create new thread" (interpreter exit, limits)
@@ -584,14 +589,14 @@ class BackgroundSender(_Sender):
         running = self._running
         running.acquire()
         _declare_asyncio()
-        loop = asyncio.SelectorEventLoop(_ParkingSelector(running))
+        loop = _native.new_event_loop(_ParkingSelector(running))
         try:
             loop.run_until_complete(self._main())
         except Exception:
             logger.exception(LOG_SENDER_FAILED)
         finally:
             with self._lock:
-                if self._thread is threading.current_thread():
+                if self._thread is not None and self._thread.is_current():
                     self._thread = None  # a later submit starts a new one
                     self._loop = None
                     self._loop_idle = False
@@ -600,7 +605,7 @@ class BackgroundSender(_Sender):
 
     def park(self) -> bool:
         thread = self._thread
-        if thread is None or not thread.is_alive() or thread is threading.current_thread():
+        if thread is None or not thread.is_alive() or thread.is_current():
             return False
         # Bounded: a sender stuck in an on_error hook must not block the host's fork.
         return self._running.acquire(timeout=FORK_PARK_TIMEOUT)
@@ -791,23 +796,44 @@ def _declare_asyncio() -> None:
 FORK_PARK_TIMEOUT = 1.0
 
 
-class _ParkingSelector(selectors.DefaultSelector):
+class _ParkingSelector(selectors.BaseSelector):
     """The sender loop's selector: ``running`` is released only while waiting for I/O.
 
     So whoever holds ``running`` (a fork about to happen) knows the sender thread is in
     ``select()``, in no import and holding no lock of any library.
+
+    It wraps the selector :mod:`._native` picks when the thread starts: the original one
+    even where gevent or eventlet patched ``selectors`` after this module was imported.
     """
 
-    def __init__(self, running: threading.Lock) -> None:
-        super().__init__()
+    def __init__(self, running: _native.LockType) -> None:
+        self._selector = _native.new_selector()
         self._running = running
 
     def select(self, timeout: float | None = None) -> list[tuple[selectors.SelectorKey, int]]:
         self._running.release()
         try:
-            return super().select(timeout)
+            return self._selector.select(timeout)
         finally:
             self._running.acquire()
+
+    def register(self, fileobj: FileDescriptorLike, events: int, data: Any = None) -> selectors.SelectorKey:
+        return self._selector.register(fileobj, events, data)
+
+    def unregister(self, fileobj: FileDescriptorLike) -> selectors.SelectorKey:
+        return self._selector.unregister(fileobj)
+
+    def modify(self, fileobj: FileDescriptorLike, events: int, data: Any = None) -> selectors.SelectorKey:
+        return self._selector.modify(fileobj, events, data)
+
+    def get_key(self, fileobj: FileDescriptorLike) -> selectors.SelectorKey:
+        return self._selector.get_key(fileobj)
+
+    def get_map(self) -> Mapping[FileDescriptorLike, selectors.SelectorKey]:
+        return self._selector.get_map()
+
+    def close(self) -> None:
+        self._selector.close()
 
 
 _live_senders: weakref.WeakSet[_Sender] = weakref.WeakSet()
