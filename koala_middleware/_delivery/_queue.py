@@ -13,6 +13,7 @@ import threading
 import time
 from collections.abc import Callable
 
+from .. import _native
 from .._protocol import Batch
 from ._request import Request
 from ._settings import DeliverySettings
@@ -47,7 +48,8 @@ class BatchQueue:
     """
 
     def __init__(self, settings: DeliverySettings) -> None:
-        self.lock = threading.Lock()
+        # Native: the sender is an OS thread even under gevent (see _native).
+        self.lock = _native.Lock()
         self._idle = threading.Condition(self.lock)
         self.waiting: collections.deque[Waiting] = collections.deque()
         self.pending = 0
