@@ -78,6 +78,10 @@ class Collector:
     :meth:`fail_next` (the next few requests fail, optionally with headers such as
     ``Retry-After``), :meth:`drip` (answer a byte a second), :meth:`answer_bytes` (huge
     answers); :meth:`reset` undoes all but ``down``.
+
+    It answers Koala's key check (``GET /web/projects/{key}/auth``, what
+    ``python -m koala_middleware check`` asks) like any other request (200 by default),
+    but with 404 for the keys given to :meth:`reject_keys`.
     """
 
     def __init__(
@@ -93,6 +97,7 @@ class Collector:
         self.received: list[Received] = []
         self._accepted = 0
         self._fail_next: list[tuple[int, dict[str, str]]] = []
+        self._rejected_keys: set[str] = set()
         self._lock = threading.Lock()
         self._changed = threading.Condition(self._lock)
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -144,6 +149,11 @@ class Collector:
         with self._lock:
             self._fail_next.extend([(status, dict(headers or {}))] * count)
 
+    def reject_keys(self, *keys: str) -> None:
+        """Answer the key check (``GET /web/projects/{key}/auth``) for these keys with 404."""
+        with self._lock:
+            self._rejected_keys.update(keys)
+
     def hang(self) -> None:
         """Read requests but never answer them, until :meth:`release`."""
         self._hang = True
@@ -174,6 +184,7 @@ class Collector:
         """Back to answering 200 at once: no hang, no delay, no failures pending."""
         with self._lock:
             self._fail_next.clear()
+            self._rejected_keys.clear()
         self._status = 200
         self._delay = 0.0
         self._drip = False
@@ -273,6 +284,8 @@ class Collector:
         with self._lock:
             if self._fail_next:
                 return (*self._fail_next.pop(0), None)
+            if received.path.endswith("/auth") and received.path.rsplit("/", 2)[-2] in self._rejected_keys:
+                return 404, {}, None
         status = self._status
         result = status(received) if callable(status) else status
         if not isinstance(result, tuple):

@@ -3,6 +3,7 @@
 
     python3 scripts/dev.py demo    # the Flask example, offline, showing what it would send
     python3 scripts/dev.py demo fastapi --tour   # the FastAPI twin; --tour: print and exit
+    python3 scripts/dev.py demo django   # the Django twin (settings.MIDDLEWARE, request.koala)
     python3 scripts/dev.py test    # lint, types, and the tests on every CPython 3.10-3.13 here
     python3 scripts/dev.py test -k cookie   # with arguments: pytest on this Python only
     python3 scripts/dev.py bench   # the benchmarks in bench/
@@ -69,7 +70,7 @@ def pyenv_pythons() -> dict[str, str]:
 def main(argv: list[str]) -> int:
     command, rest = (argv[0], argv[1:]) if argv else ("test", [])
     if command == "demo":
-        stack = rest.pop(0) if rest and rest[0] in ("flask", "fastapi") else "flask"
+        stack = rest.pop(0) if rest and rest[0] in ("flask", "fastapi", "django") else "flask"
         setup(stack)
         return run(PYTHON, f"examples/{stack}_app/app.py", *rest, check=False)
     if command == "test":
