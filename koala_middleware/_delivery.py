@@ -803,7 +803,7 @@ class _ParkingSelector(selectors.BaseSelector):
     ``select()``, in no import and holding no lock of any library.
 
     It wraps the selector :mod:`._native` picks when the thread starts: the original one
-    even where gevent or eventlet patched ``selectors`` after this module was imported.
+    even where gevent patched ``selectors`` after this module was imported.
     """
 
     def __init__(self, running: _native.LockType) -> None:

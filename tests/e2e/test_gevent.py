@@ -6,7 +6,7 @@ so every request of the worker waited for Koala (2 s), or for the backoff while 
 down. Now it runs on a native thread (see ``koala_middleware/_native.py``).
 
 One gunicorn per mode, one collector for the module; each test changes the collector's
-state, measures 50 requests from 5 kept-alive clients, puts it back and waits for the
+state, measures 100 requests from 5 kept-alive clients, puts it back and waits for the
 events. The app posts to ``localhost`` rather than an IP, so the sender resolves a host
 name from its own thread as in production.
 """
@@ -31,7 +31,7 @@ APP = "tests.e2e.apps.gevent_app:app"
 NO_CONTROL_SOCKET = [
     cli for s in gunicorn.config.KNOWN_SETTINGS if s.name == "control_socket_disable" for cli in s.cli
 ]
-CLIENTS, REQUESTS_EACH = 5, 10
+CLIENTS, REQUESTS_EACH = 5, 20  # 100 requests: p99 is the second slowest
 P99_LIMIT = 0.1  # seconds, for an app that does nothing
 
 
@@ -87,6 +87,7 @@ def load(server: Server, ua: str) -> list[float]:
 
 
 def p99(durations: list[float]) -> float:
+    """Nearest rank, of sorted durations."""
     return durations[max(0, round(len(durations) * 0.99) - 1)]
 
 
@@ -118,7 +119,8 @@ def test_responses_stay_fast_and_events_arrive_once_koala_answers(
         koala.delay = 0.0
         if koala_state == "down":
             koala.up()
-    print(f"{koala_state}: p50 {durations[len(durations) // 2] * 1000:.1f} ms, p99 {p99(durations) * 1000:.1f} ms")
+    print(f"{koala_state}: p50 {durations[len(durations) // 2] * 1000:.1f} ms, p99 {p99(durations) * 1000:.1f} ms, "
+          f"max {durations[-1] * 1000:.1f} ms")
     assert p99(durations) < P99_LIMIT, [round(d, 3) for d in durations[-5:]]
     sent = CLIENTS * REQUESTS_EACH
     assert wait_until(lambda: len(batches_from(koala, ua)) == sent, timeout=20), (len(batches_from(koala, ua)), sent)
