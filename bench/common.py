@@ -11,8 +11,17 @@ import sys
 from collections.abc import Sequence
 
 PACKAGES = (
-    "koala-middleware", "starlette", "flask", "werkzeug", "uvicorn", "gunicorn", "httpx", "h11",
-    "posthog", "segment-analytics-python",
+    "koala-middleware",
+    "starlette",
+    "flask",
+    "werkzeug",
+    "uvicorn",
+    "gunicorn",
+    "httpx",
+    "h11",
+    "aiohttp",
+    "posthog",
+    "segment-analytics-python",
 )
 
 

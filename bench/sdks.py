@@ -122,7 +122,7 @@ def run(quick: bool) -> list[Row]:
     cpu: dict[tuple[str, bool], list[float]] = {(sdk, send): [] for sdk in SDKS for send in (True, False)}
     with CollectorProcess(delay=0.0) as koala_stand_in:
         for round_ in range(rounds):
-            order = SDKS[round_ % len(SDKS):] + SDKS[: round_ % len(SDKS)]
+            order = SDKS[round_ % len(SDKS) :] + SDKS[: round_ % len(SDKS)]
             for sdk in order:
                 for send in (True, False):
                     result = run_child(sdk, koala_stand_in.url, visitors, send)
@@ -132,20 +132,28 @@ def run(quick: bool) -> list[Row]:
                         raise RuntimeError(f"{sdk}: the collector got {items} events and identifies, not {expected}")
                     per_visitor = result["cpu"] / visitors * 1e6
                     cpu[sdk, send].append(per_visitor)
-                    say(f"  sdks round {round_ + 1}: {sdk} {'deliver' if send else 'record only'}: "
-                        f"{per_visitor:.0f} us CPU/visitor, {result['wall']:.2f} s wall, {items} items arrived")
+                    say(
+                        f"  sdks round {round_ + 1}: {sdk} {'deliver' if send else 'record only'}: "
+                        f"{per_visitor:.0f} us CPU/visitor, {result['wall']:.2f} s wall, {items} items arrived"
+                    )
     rows: list[Row] = []
     for send in (True, False):
         what = "record + deliver" if send else "recording only (sending off)"
         for sdk in SDKS:
-            ratio = median([ours / theirs for ours, theirs in zip(cpu[sdk, send], cpu["segment", send])])
+            ratio = median([ours / theirs for ours, theirs in zip(cpu[sdk, send], cpu["segment", send], strict=True)])
             target, met = "", None
             if sdk == "koala" and send:
                 target, met = "<= 1.00x Segment", check(ratio, 1.0)
-            rows.append(Row(
-                "5", f"{what}, {visitors:,} visitors: {LABELS[sdk]}",
-                f"{median(cpu[sdk, send]):.0f} us CPU/visitor", ratio, target, met,
-            ))
+            rows.append(
+                Row(
+                    "5",
+                    f"{what}, {visitors:,} visitors: {LABELS[sdk]}",
+                    f"{median(cpu[sdk, send]):.0f} us CPU/visitor",
+                    ratio,
+                    target,
+                    met,
+                )
+            )
     return rows
 
 

@@ -3,7 +3,7 @@
 Under ``--preload`` the client (and this library) is imported in the master, before the
 worker monkey-patches; the sender used to become a greenlet blocking in a real ``select()``,
 so every request of the worker waited for Koala (2 s), or for the backoff while Koala was
-down. Now it runs on a native thread (see ``koala_middleware/_native.py``).
+down. Now it runs on a native thread (see ``koala_middleware/_delivery/_native.py``).
 
 One gunicorn per mode, one collector for the module; each test changes the collector's
 state, measures 100 requests from 5 kept-alive clients, puts it back and waits for the
@@ -19,18 +19,14 @@ import time
 import uuid
 from collections.abc import Iterator
 
-import gunicorn.config
 import pytest
 
-from e2e.servers import Server, batches_from, collector_env, free_port, serve, wait_until
+from e2e.servers import NO_CONTROL_SOCKET, Server, batches_from, collector_env, free_port, serve, wait_until
 from koala_middleware.testing import Collector
 
 pytest.importorskip("gevent")
 
 APP = "tests.e2e.apps.gevent_app:app"
-NO_CONTROL_SOCKET = [
-    cli for s in gunicorn.config.KNOWN_SETTINGS if s.name == "control_socket_disable" for cli in s.cli
-]
 CLIENTS, REQUESTS_EACH = 5, 20  # 100 requests: p99 is the second slowest
 P99_LIMIT = 0.1  # seconds, for an app that does nothing
 
@@ -40,14 +36,23 @@ def server(request: pytest.FixtureRequest, koala: Collector) -> Iterator[Server]
     port = free_port()
     preload = ["--preload"] if request.param == "preload" else []
     args = [
-        "gunicorn", "-k", "gevent", *preload, "-w", "1", "--graceful-timeout", "5",
-        "-b", f"127.0.0.1:{port}", *NO_CONTROL_SOCKET, APP,
+        "gunicorn",
+        "-k",
+        "gevent",
+        *preload,
+        "-w",
+        "1",
+        "--graceful-timeout",
+        "5",
+        "-b",
+        f"127.0.0.1:{port}",
+        *NO_CONTROL_SOCKET,
+        APP,
     ]
     env = {**collector_env(koala), "KOALA_API_URL": f"http://localhost:{koala.port}"}
     with serve(args, port, env=env) as running:
         yield running
-        # The worker exits on SIGTERM, its sender flushed (it used to hang in the exit join).
-        assert running.terminate(timeout=10) == 0, running.output[-3000:]
+        running.stop_cleanly()  # the worker exits on SIGTERM, its sender flushed
 
 
 def get(connection: http.client.HTTPConnection, path: str, ua: str) -> tuple[int, bytes, float]:
@@ -109,18 +114,20 @@ def test_responses_stay_fast_and_events_arrive_once_koala_answers(
     warm_up(server, koala)
     ua = f"gevent-e2e {koala_state} {uuid.uuid4().hex[:8]}"
     if koala_state == "slow":
-        koala.delay = 2.0
+        koala.slow(2.0)
     else:
         koala.down()
     try:
         durations = load(server, ua)
         assert batches_from(koala, ua) == []  # nothing answered yet: the responses did not wait for Koala
     finally:
-        koala.delay = 0.0
+        koala.slow(0)
         if koala_state == "down":
             koala.up()
-    print(f"{koala_state}: p50 {durations[len(durations) // 2] * 1000:.1f} ms, p99 {p99(durations) * 1000:.1f} ms, "
-          f"max {durations[-1] * 1000:.1f} ms")
+    print(
+        f"{koala_state}: p50 {durations[len(durations) // 2] * 1000:.1f} ms, p99 {p99(durations) * 1000:.1f} ms, "
+        f"max {durations[-1] * 1000:.1f} ms"
+    )
     assert p99(durations) < P99_LIMIT, [round(d, 3) for d in durations[-5:]]
     sent = CLIENTS * REQUESTS_EACH
     assert wait_until(lambda: len(batches_from(koala, ua)) == sent, timeout=20), (len(batches_from(koala, ua)), sent)

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import _thread
 import asyncio
+import contextlib
 import selectors
 import sys
 import threading
@@ -59,13 +60,16 @@ def _originals() -> _Originals | None:
     if monkey is not None and monkey.is_module_patched("threading"):
         start, allocate, ident = monkey.get_original("_thread", ("start_new_thread", "allocate_lock", "get_ident"))
         return _Originals(
-            start, allocate, ident,
-            monkey.get_original("socket", "getaddrinfo"), monkey.get_original("selectors", "DefaultSelector"),
+            start,
+            allocate,
+            ident,
+            monkey.get_original("socket", "getaddrinfo"),
+            monkey.get_original("selectors", "DefaultSelector"),
         )
     return None
 
 
-def Lock() -> LockType:  # noqa: N802 - stands in for threading.Lock
+def Lock() -> LockType:
     """A lock that excludes OS threads, also where ``threading.Lock`` was patched to a greenlet lock."""
     originals = _originals()
     return _thread.allocate_lock() if originals is None else originals.allocate_lock()
@@ -119,10 +123,8 @@ class _NativeLoop(asyncio.SelectorEventLoop):
                 result, error = self._originals.getaddrinfo(host, port, family, type, proto, flags), None
             except BaseException as exc:  # handed to the awaiting coroutine
                 result, error = None, exc
-            try:
+            with contextlib.suppress(RuntimeError):  # the loop closed meanwhile (shutdown): no one waits
                 self.call_soon_threadsafe(settle, result, error)
-            except RuntimeError:  # the loop closed meanwhile (shutdown): no one waits
-                pass
 
         self._originals.start_new_thread(resolve, ())
         return await future
