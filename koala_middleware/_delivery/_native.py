@@ -43,6 +43,8 @@ LockType = _thread.LockType
 
 
 class _Originals(NamedTuple):
+    """The stdlib functions and class the sender needs, as they were before gevent patched them."""
+
     start_new_thread: Callable[..., int]
     allocate_lock: Callable[[], LockType]
     get_ident: Callable[[], int]
