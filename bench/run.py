@@ -3,11 +3,12 @@
 
     python3 scripts/dev.py bench                  # everything, a few minutes on 2 cores
     python3 scripts/dev.py bench --quick          # fewer, shorter rounds (about a minute)
-    python3 scripts/dev.py bench --only inproc    # one part: inproc, servers, isolation, delivery
+    python3 scripts/dev.py bench --only inproc    # one part: inproc, servers, isolation, delivery, sdks
 
 Parts: (1) in-process cost per request, Starlette and Flask, bare vs middleware, with
 Starlette's SessionMiddleware as a yardstick; (2) requests/s and latency through uvicorn and
-gunicorn; (3) isolation from a slow Koala; (4) the sender's batches/s to a 50 ms Koala.
+gunicorn; (3) isolation from a slow Koala; (4) the sender's batches/s to a 50 ms Koala;
+(5) whole-process CPU per visitor against PostHog's and Segment's SDKs.
 Every figure is a ratio within one run (interleaved rounds, medians), printed with the
 machine it ran on. Progress goes to stderr, the table to stdout.
 """
@@ -25,7 +26,7 @@ if str(ROOT) not in sys.path:
 
 from bench import common  # noqa: E402
 
-PARTS = ("inproc", "servers", "isolation", "delivery")
+PARTS = ("inproc", "servers", "isolation", "delivery", "sdks")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -54,6 +55,10 @@ def main(argv: list[str] | None = None) -> int:
         from bench import delivery
 
         rows += delivery.run(args.quick)
+    if "sdks" in parts:
+        from bench import sdks
+
+        rows += sdks.run(args.quick)
     took = time.monotonic() - started
 
     print(f"Machine: {common.machine_line()}.")
