@@ -10,8 +10,9 @@ nowhere else, is the yardstick for what the machine allows when HTTP costs next 
 
 The HTTP layer was chosen by the "candidates" rows: the same batches posted by each
 library alone (100 in flight, kept-alive connections, no retry logic), CPU per request:
-the sharded httpx transports the sender used before, aiohttp (what it uses now), and h11
-(the HTTP/1.1 engine inside httpx) driven directly on asyncio streams.
+the sharded httpx transports the sender used first, aiohttp (what it used next), h11 (the
+HTTP/1.1 engine inside httpx) driven directly on asyncio streams, and pycurl: the sender's
+own ``CurlPoster`` (libcurl on the asyncio loop, what it uses now).
 """
 
 from __future__ import annotations
@@ -28,6 +29,9 @@ import h11
 import httpx
 
 from koala_middleware import Batch, KoalaClient
+from koala_middleware._delivery._http import CurlPoster
+from koala_middleware._delivery._request import build
+from koala_middleware._delivery._settings import DeliverySettings
 
 from .collector import CollectorProcess
 from .common import Row, check, median, say
@@ -195,6 +199,16 @@ def candidate(name: str, url: str, count: int, connections: int = 100) -> tuple[
                     await response.read()
 
             close = session.close
+        elif name == "pycurl":
+            settings = DeliverySettings(base_url=base, timeout=5, max_in_flight=connections)
+            curl = CurlPoster(settings)
+
+            async def post(batch: Batch) -> None:
+                answer = await curl(build(base, batch))
+                if answer.status != 200:
+                    raise RuntimeError(f"pycurl candidate got HTTP {answer.status}")
+
+            close = curl.close
         elif name == "httpx":
             per_pool = 5
             pools = [
@@ -258,7 +272,7 @@ def candidate(name: str, url: str, count: int, connections: int = 100) -> tuple[
     return asyncio.run(main())
 
 
-CANDIDATES = ["httpx", "aiohttp", "h11"]
+CANDIDATES = ["httpx", "aiohttp", "h11", "pycurl"]
 
 
 def run(quick: bool = False) -> list[Row]:

@@ -5,7 +5,7 @@ One concern per module:
 - ``_queue``: the bounded queue between the request path and the sender;
 - ``_policy``: verdicts, backoff, ``Retry-After`` and Koala's health (when to try again);
 - ``_request``: each batch's HTTP request, built once before any network call;
-- ``_http``: posting one request and reading the answer (aiohttp; httpx for ``transport=``);
+- ``_http``: posting one request and reading the answer (libcurl; httpx for ``transport=``);
 - ``_sender``: what both modes share (accounting, ``on_error``, fork hooks);
 - ``_worker``: the background sender thread and its lifecycle; ``_sync``: ``sync=True``;
 - ``_stats``: counters, drop warnings, :class:`DeliveryError`; ``_settings``: the options.

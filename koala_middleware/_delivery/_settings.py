@@ -7,7 +7,7 @@ from urllib.parse import urlsplit
 
 import httpx
 
-#: The proxies the sender can talk to (aiohttp has no SOCKS).
+#: The proxies the sender can talk to (and that sync mode's httpx reaches without extras).
 PROXY_SCHEMES = ("http://", "https://")
 
 
