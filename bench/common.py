@@ -20,6 +20,7 @@ PACKAGES = (
     "httpx",
     "h11",
     "aiohttp",
+    "pycurl",
     "posthog",
     "segment-analytics-python",
 )
