@@ -21,6 +21,7 @@ from typing import Any
 
 from ._delivery import BackgroundSender, DeliverySettings, ErrorHook, Stats, SyncSender
 from ._protocol import Batch
+from ._signals import exit_as_signalled, install_sigterm_flush
 from ._tracker import Tracker
 from ._validate import check_email, check_id
 from ._version import __version__
@@ -31,11 +32,13 @@ DEFAULT_API_URL = "https://api2.getkoala.com"
 LOG_DRY_RUN = "dry run (no KOALA_PUBLIC_KEY), would POST %s %s"
 LOG_DRY_RUN_ON = "no public key configured; running in dry-run mode, nothing is sent"
 LOG_EXIT_FAILED = "shutdown at interpreter exit failed"
+LOG_SIGTERM = "SIGTERM: delivering pending batches (at most %.1fs), then exiting as SIGTERM does"
 
 _KEY = re.compile(r"^[A-Za-z0-9_\-]{1,200}$")
 _DELIVERY_OPTIONS = {f.name for f in dataclasses.fields(DeliverySettings)} - {"base_url"}
 CLIENT_OPTIONS = frozenset(
-    _DELIVERY_OPTIONS | {"sync", "on_error", "send_ip", "shutdown_timeout", "user_agent", "dry_run"}
+    _DELIVERY_OPTIONS
+    | {"sync", "on_error", "send_ip", "shutdown_timeout", "user_agent", "dry_run", "handle_sigterm"}
 )
 #: Everything ``KoalaClient(...)`` accepts by name, for the middlewares' ``**options``.
 CLIENT_ARGUMENTS = CLIENT_OPTIONS | {"public_key", "api_url"}
@@ -58,6 +61,10 @@ class KoalaClient:
     :param on_error: ``on_error(batch, error)``, called for every batch given up.
     :param send_ip: send the visitor's IP (how Koala matches visitors to companies).
     :param shutdown_timeout: seconds :meth:`shutdown` (and interpreter exit) may wait.
+    :param handle_sigterm: where SIGTERM is still at Python's default action (waitress,
+        ``flask run``, scripts) and the client is made in the main thread, flush on SIGTERM
+        within ``shutdown_timeout``, then exit as SIGTERM would. A handler installed by
+        anyone else is never replaced. ``False`` leaves SIGTERM alone.
     :param transport: an httpx transport, for tests (``httpx.MockTransport``).
     """
 
@@ -84,6 +91,8 @@ class KoalaClient:
         dry_run = options.pop("dry_run", None)
         self.dry_run: bool = public_key is None if dry_run is None else bool(dry_run)
         sync = bool(options.pop("sync", False))
+        #: Whether this client flushes at SIGTERM where nothing else handles it.
+        self.handle_sigterm = bool(options.pop("handle_sigterm", True))
         on_error: ErrorHook | None = options.pop("on_error", None)
         if on_error is not None and not callable(on_error):
             raise TypeError("on_error must be a callable on_error(batch, error)")
@@ -99,6 +108,8 @@ class KoalaClient:
         if self.dry_run:
             logger.info(LOG_DRY_RUN_ON)
         _live_clients.add(self)
+        if self.handle_sigterm and not sync and not self.dry_run:
+            install_sigterm_flush(_shutdown_at_sigterm)
 
     def __repr__(self) -> str:
         mode = "dry-run" if self.dry_run else "sync" if self.sync else "background"
@@ -188,6 +199,17 @@ def _shutdown_at_exit() -> None:
             client.shutdown()
         except Exception:  # never turn interpreter exit into a traceback
             logger.exception(LOG_EXIT_FAILED)
+    exit_as_signalled()
+
+
+def _shutdown_at_sigterm() -> None:
+    """The SIGTERM handler's work (in its own thread): stop the clients that want it."""
+    clients = [client for client in list(_live_clients) if client.handle_sigterm and not client.sync]
+    if not clients:
+        return
+    logger.info(LOG_SIGTERM, max(client.shutdown_timeout for client in clients))
+    for client in clients:
+        client.shutdown()
 
 
 def client_from_options(client: KoalaClient | None, options: Mapping[str, Any]) -> KoalaClient:

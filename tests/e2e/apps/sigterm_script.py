@@ -1,0 +1,67 @@
+"""A script that hands over batches, then gets SIGTERM: ``python -m tests.e2e.apps.sigterm_script MODE``.
+
+Koala's address comes from ``KOALA_API_URL``, client options from ``FAULTS_CLIENT`` (as in
+``faults_common``). It prints one JSON line (``{"handler": ...}``, which SIGTERM handler is
+installed once the client exists) after handing over 5 batches, then, by MODE:
+
+- ``wait``: sleeps until the signal comes (from the test);
+- ``own-handler``: installs a handler of its own first, which prints ``"theirs"`` and exits 3;
+- ``locked``: signals itself while its main thread holds the sender's queue lock, and
+  holds it for 0.3 s more (the handler must not wait on it);
+- ``thread``: makes the client in a thread other than the main one (no handler possible).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+import threading
+import time
+import uuid
+from typing import Any
+
+from tests.e2e.apps.faults_common import client_from_env
+
+from koala_middleware import KoalaClient
+
+
+def describe(handler: Any) -> str:
+    if handler is signal.SIG_DFL:
+        return "default"
+    return getattr(handler, "__module__", "?") + "." + getattr(handler, "__name__", "?")
+
+
+def hand_over(client: KoalaClient, count: int) -> None:
+    for n in range(count):
+        with client.tracker(profile_id=str(uuid.uuid4())) as tracker:
+            tracker.track("Stopping", {"n": n, "pid": os.getpid()})
+
+
+def main(mode: str) -> None:
+    if mode == "own-handler":
+        def theirs(signum: int, frame: object) -> None:
+            print(json.dumps({"theirs": True}), flush=True)
+            os._exit(3)
+
+        signal.signal(signal.SIGTERM, theirs)
+    if mode == "thread":
+        made: list[KoalaClient] = []
+        thread = threading.Thread(target=lambda: made.append(client_from_env()))
+        thread.start()
+        thread.join()
+        client = made[0]
+    else:
+        client = client_from_env()
+    hand_over(client, 5)
+    print(json.dumps({"handler": describe(signal.getsignal(signal.SIGTERM))}), flush=True)
+    if mode == "locked":
+        with client._sender._lock:
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(0.3)  # the handler ran in there; the flush waits for this lock
+    time.sleep(60)  # SIGTERM ends this
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])
