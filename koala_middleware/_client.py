@@ -14,6 +14,7 @@ import json
 import logging
 import os
 import re
+import sys
 import threading
 import weakref
 from collections.abc import Mapping
@@ -108,8 +109,10 @@ class KoalaClient:
         if self.dry_run:
             logger.info(LOG_DRY_RUN_ON)
         _live_clients.add(self)
-        if self.handle_sigterm and not sync and not self.dry_run:
-            install_sigterm_flush(_shutdown_at_sigterm)
+        if not sync and not self.dry_run:
+            _shutdown_at_multiprocessing_exit()
+            if self.handle_sigterm:
+                install_sigterm_flush(_shutdown_at_sigterm)
 
     def __repr__(self) -> str:
         mode = "dry-run" if self.dry_run else "sync" if self.sync else "background"
@@ -200,6 +203,25 @@ def _shutdown_at_exit() -> None:
         except Exception:  # never turn interpreter exit into a traceback
             logger.exception(LOG_EXIT_FAILED)
     exit_as_signalled()
+
+
+_multiprocessing_exit_pid = 0
+
+
+def _shutdown_at_multiprocessing_exit() -> None:
+    """In a ``multiprocessing`` child (granian's and hypercorn's workers), also shut down at
+    its end: a forked child ends with ``os._exit``, which skips ``atexit``, but it runs
+    ``multiprocessing``'s own exit finalizers just before."""
+    global _multiprocessing_exit_pid
+    multiprocessing = sys.modules.get("multiprocessing")  # not imported: not such a child
+    if multiprocessing is None or _multiprocessing_exit_pid == os.getpid():
+        return
+    if multiprocessing.parent_process() is None:
+        return
+    _multiprocessing_exit_pid = os.getpid()
+    import multiprocessing.util
+
+    multiprocessing.util.Finalize(None, _shutdown_at_exit, exitpriority=100)
 
 
 def _shutdown_at_sigterm() -> None:

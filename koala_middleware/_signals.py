@@ -4,19 +4,22 @@ Python's default action for SIGTERM ends the process on the spot: no ``finally``
 ``atexit``, so whatever the sender still holds is lost. Servers that handle SIGTERM
 (gunicorn, uvicorn, hypercorn, daphne, granian) stop gracefully and the flush happens in
 their shutdown; those that leave it at the default (waitress, ``flask run``, werkzeug's
-``run_simple``, a plain script or queue worker) get this handler from the first
-``KoalaClient`` made in the main thread (the only thread that may install handlers).
+``run_simple``, hypercorn's and other ``multiprocessing`` workers, a script or a queue
+worker) get this handler from the first ``KoalaClient`` made in the main thread (the only
+thread that may install handlers).
 
 It never replaces a handler someone else installed, and a server that installs its own
-later simply takes over. The handler itself does next to nothing: it puts SIGTERM back to
-its default action and starts a bare thread (``_thread.start_new_thread`` takes no lock,
-so a signal landing while the main thread holds one, even ``threading``'s own, cannot
-deadlock), then returns, so the interrupted code carries on and releases what it holds.
-That thread shuts the clients down within their ``shutdown_timeout`` and sends SIGTERM to
-the process again: with the default action back, the process dies of it, with the exit
-status SIGTERM gives. A second SIGTERM meanwhile ends the process at once. If the main
-thread reaches interpreter exit first, the ``atexit`` flush runs and :func:`exit_as_signalled`
-ends the process the same way.
+later simply takes over. The handler does next to nothing: it starts a bare thread
+(``_thread.start_new_thread`` takes no lock, so a signal that lands while the main thread
+holds one, even one of ``threading``'s own, cannot deadlock) and returns, so the
+interrupted code carries on and releases what it holds. That thread shuts the clients down
+within their ``shutdown_timeout``, then signals the main thread again; the handler, seeing
+the work done, puts SIGTERM back to its default action and raises it, so the process dies
+of SIGTERM with the exit status SIGTERM gives. More SIGTERMs meanwhile are ignored: a
+parent that terminates its children twice (``multiprocessing`` does, for daemon
+processes, at its own exit) must not cut the flush short; it is bounded anyway. If the
+main thread reaches interpreter exit first, the ``atexit`` flush runs, then
+:func:`exit_as_signalled` waits for the handler's thread to end the process.
 """
 
 from __future__ import annotations
@@ -26,21 +29,29 @@ import logging
 import os
 import signal
 import threading
+import time
 from collections.abc import Callable
 
 logger = logging.getLogger("koala_middleware")
 
 LOG_SIGTERM_FAILED = "SIGTERM: the flush failed; exiting"
+LOG_SIGTERM_STUCK = "SIGTERM: the main thread did not take the signal back within %.0fs; exiting now"
 
 __all__ = ["exit_as_signalled", "install_sigterm_flush"]
 
-#: The signal being handled (set by the handler), so that interpreter exit can re-raise it.
-_received: int | None = None
+#: How long the handler's thread waits for the main thread to end the process before it
+#: exits itself (the main thread stuck in a long C call never runs a Python handler).
+MAIN_THREAD_WAIT = 2.0
+#: How long interpreter exit waits for the handler's thread (itself bounded by shutdown_timeout).
+EXIT_WAIT = 60.0
+
 _shutdown: Callable[[], object] | None = None
+_main_thread = 0
+#: The signal being handled (set by the handler), and whether its flush is over.
+_received: int | None = None
+_done = False
 #: Held by the handler's thread while it shuts down: interpreter exit waits for it.
 _busy = _thread.allocate_lock()
-#: How long interpreter exit waits for that thread (which is bounded by shutdown_timeout).
-EXIT_WAIT = 60.0
 
 
 def install_sigterm_flush(shutdown: Callable[[], object]) -> bool:
@@ -50,7 +61,7 @@ def install_sigterm_flush(shutdown: Callable[[], object]) -> bool:
     from the main thread, only where SIGTERM is still at its default action; True if the
     handler is (now) ours.
     """
-    global _shutdown
+    global _main_thread, _shutdown
     if os.name != "posix" or threading.current_thread() is not threading.main_thread():
         return False
     current = signal.getsignal(signal.SIGTERM)
@@ -58,19 +69,24 @@ def install_sigterm_flush(shutdown: Callable[[], object]) -> bool:
         return True
     if current is not signal.SIG_DFL:  # someone else's (or ignored): theirs to handle
         return False
-    _shutdown = shutdown
+    _shutdown, _main_thread = shutdown, threading.get_ident()
     signal.signal(signal.SIGTERM, _on_sigterm)
     return True
 
 
 def _on_sigterm(signum: int, frame: object) -> None:
     global _received
-    _received = signum
-    signal.signal(signum, signal.SIG_DFL)
-    _thread.start_new_thread(_shut_down_and_die, (signum,))
+    if _done:  # the flush is over: die of the signal, as without this handler
+        signal.signal(signum, signal.SIG_DFL)
+        os.kill(os.getpid(), signum)
+    elif _received is None:
+        _received = signum
+        _thread.start_new_thread(_shut_down_then_signal, (signum,))
+    # else: a repeat while flushing; the flush ends within shutdown_timeout anyway
 
 
-def _shut_down_and_die(signum: int) -> None:
+def _shut_down_then_signal(signum: int) -> None:
+    global _done
     _busy.acquire()
     try:
         if _shutdown is not None:
@@ -78,28 +94,33 @@ def _shut_down_and_die(signum: int) -> None:
     except BaseException:  # the process must still end as SIGTERM would
         logger.exception(LOG_SIGTERM_FAILED)
     finally:
-        os.kill(os.getpid(), signum)
+        _done = True
+        # To the main thread itself: a process-wide signal could be taken by another
+        # thread and leave the main thread asleep in a system call.
+        signal.pthread_kill(_main_thread, signum)
+        time.sleep(MAIN_THREAD_WAIT)
+        logger.warning(LOG_SIGTERM_STUCK, MAIN_THREAD_WAIT)
+        os._exit(128 + signum)  # the shell's status for "killed by signum"
 
 
 def exit_as_signalled() -> None:
-    """At interpreter exit, after the ``atexit`` flush: die of the SIGTERM being handled.
-
-    The main thread may finish while the handler's thread still flushes (a script that
-    was about to end anyway); without this the process would exit with status 0.
-    """
+    """At interpreter exit, after the ``atexit`` flush: let the SIGTERM being handled end
+    the process (otherwise it would exit with status 0 while the handler's thread flushes)."""
     if _received is None:
         return
     if _busy.acquire(timeout=EXIT_WAIT):  # the handler's thread is done (or never got going)
         _busy.release()
-    if signal.getsignal(_received) is signal.SIG_DFL:
-        os.kill(os.getpid(), _received)
+    signal.signal(_received, signal.SIG_DFL)
+    os.kill(os.getpid(), _received)
 
 
 def _after_fork_in_child() -> None:
     """A child forked while the handler's thread ran has no such thread: start clean."""
-    global _busy, _received
+    global _busy, _done, _main_thread, _received
     _busy = _thread.allocate_lock()
+    _done = False
     _received = None
+    _main_thread = threading.get_ident()
 
 
 if hasattr(os, "register_at_fork"):
