@@ -17,16 +17,9 @@ import pytest
 from conftest import FAST_RETRIES
 
 from koala_middleware import DeliveryError, KoalaClient
-from koala_middleware._delivery import (
-    LOG_DROPPED,
-    LOG_DROPPED_SUMMARY,
-    BackgroundSender,
-    DeliverySettings,
-    _Counters,
-    backoff,
-    classify,
-    parse_retry_after,
-)
+from koala_middleware._delivery import BackgroundSender, DeliverySettings
+from koala_middleware._delivery._policy import backoff, classify, parse_retry_after
+from koala_middleware._delivery._stats import LOG_DROPPED, LOG_DROPPED_SUMMARY, Counters
 from koala_middleware.testing import Collector
 
 SETTINGS = DeliverySettings(base_url="http://127.0.0.1:9", backoff_base=0.5, max_backoff=30.0)
@@ -117,7 +110,7 @@ class Clock:
 
 def test_drop_warnings_are_rate_limited_per_reason_and_carry_counts(caplog: pytest.LogCaptureFixture) -> None:
     clock = Clock()
-    counters = _Counters(clock)
+    counters = Counters(clock)
     caplog.set_level(logging.WARNING, logger="koala_middleware")
 
     for _ in range(100):
@@ -151,7 +144,7 @@ def test_drop_warnings_are_rate_limited_per_reason_and_carry_counts(caplog: pyte
 
 
 def test_rejections_are_logged_as_errors(caplog: pytest.LogCaptureFixture) -> None:
-    counters = _Counters(Clock())
+    counters = Counters(Clock())
     counters.dropped("rejected", 1, 1, "HTTP 400, not retried: bad body")
     [record] = caplog.records
     assert record.levelno == logging.ERROR and "bad body" in record.getMessage()
@@ -200,10 +193,10 @@ def test_bytes_bound(collector: Collector) -> None:
     stats = client.stats
     assert stats.dropped["queue_bytes_full"] >= 1 and stats.enqueued >= 1
     assert stats.enqueued + stats.dropped["queue_bytes_full"] == 21
-    assert client._sender._pending_bytes <= 1000
+    assert client._sender._queue.pending_bytes <= 1000
     collector.hang = False
     assert client.flush(10)
-    assert client._sender._pending_bytes == 0
+    assert client._sender._queue.pending_bytes == 0
     client.shutdown(1)
 
 
@@ -228,10 +221,10 @@ def test_after_fork_the_sender_starts_over(collector: Collector) -> None:
     track(client)
     assert client.flush(10)
     sender = client._sender
-    parent_thread, parent_lock = sender._thread, sender._lock
+    parent_thread, parent_queue = sender._thread, sender._queue
     sender.after_fork()
     assert client.stats == type(client.stats)(), "the child's stats start empty"
-    assert sender._thread is None and sender._lock is not parent_lock and sender.pending() == 0
+    assert sender._thread is None and sender._queue is not parent_queue and sender.pending() == 0
     track(client, 1, "In Child")
     assert client.flush(10)
     assert client.stats.delivered == 1 and sender._thread is not parent_thread

@@ -9,7 +9,6 @@ request side stays fast whatever Koala does.
 from __future__ import annotations
 
 import email.utils
-import json
 import logging
 import time
 import uuid
@@ -19,14 +18,11 @@ from typing import Any
 import httpx
 import pytest
 from conftest import FAST_RETRIES
-from e2e.servers import Server, free_port, serve, wait_until
+from e2e.servers import Server, fault_server, wait_until
 
 from koala_middleware import Batch, DeliveryError, KoalaClient
-from koala_middleware._delivery import (
-    LOG_HOOK_FAILED,
-    LOG_SHUTDOWN_LOST,
-    LOG_UNAVAILABLE,
-)
+from koala_middleware._delivery._sender import LOG_HOOK_FAILED, LOG_UNAVAILABLE
+from koala_middleware._delivery._worker import LOG_SHUTDOWN_LOST
 from koala_middleware.testing import Collector, Received
 
 
@@ -341,18 +337,6 @@ def test_sync_mode_stops_retrying_while_koala_stays_down(collector: Collector) -
 
 
 # -- through real servers ------------------------------------------------------------------------
-
-
-def fault_server(kind: str, koala: Collector, **client_options: Any) -> Any:
-    port = free_port()
-    env = {"KOALA_API_URL": koala.url, "FAULTS_CLIENT": json.dumps(client_options)}
-    if kind == "uvicorn":
-        args = ["uvicorn", "tests.e2e.apps.faults_asgi:app", "--host", "127.0.0.1", "--port", str(port),
-                "--no-access-log"]
-    else:
-        args = ["gunicorn", "-b", f"127.0.0.1:{port}", "-w", "1", "-k", "gthread", "--threads", "4",
-                "tests.e2e.apps.faults_wsgi:app"]
-    return serve(args, port, env=env)
 
 
 def timed_requests(server: Server, count: int) -> list[float]:

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import os
+import json
 import signal
 import socket
 import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator, Mapping
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -104,3 +105,16 @@ def ko_id_cookie(response: httpx.Response) -> str | None:
     cookies = [c for c in response.headers.get_list("set-cookie") if c.startswith("ko_id=")]
     assert len(cookies) <= 1
     return cookies[0] if cookies else None
+
+
+def fault_server(kind: str, koala: Collector, **client_options: Any) -> AbstractContextManager[Server]:
+    """uvicorn or gunicorn (gthread) serving the fault apps, their client options given as JSON."""
+    port = free_port()
+    env = {"KOALA_API_URL": koala.url, "FAULTS_CLIENT": json.dumps(client_options)}
+    if kind == "uvicorn":
+        args = ["uvicorn", "tests.e2e.apps.faults_asgi:app", "--host", "127.0.0.1", "--port", str(port),
+                "--no-access-log"]
+    else:
+        args = ["gunicorn", "-b", f"127.0.0.1:{port}", "-w", "1", "-k", "gthread", "--threads", "4",
+                "tests.e2e.apps.faults_wsgi:app"]
+    return serve(args, port, env=env)

@@ -24,7 +24,7 @@ import httpx
 import pytest
 
 from e2e.servers import ROOT, Server, free_port, serve
-from koala_middleware._delivery import LOG_SHUTDOWN_LOST
+from koala_middleware._delivery._worker import LOG_SHUTDOWN_LOST
 from koala_middleware.testing import Collector
 
 SERVERS = {

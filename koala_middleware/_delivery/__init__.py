@@ -1,0 +1,18 @@
+"""Getting batches to Koala without ever making the host app wait.
+
+One concern per module:
+
+- ``_queue``: the bounded queue between the request path and the sender;
+- ``_policy``: verdicts, backoff, ``Retry-After`` and Koala's health (when to try again);
+- ``_http``: posting one batch and reading the answer;
+- ``_sender``: what both modes share (accounting, ``on_error``, fork hooks);
+- ``_worker``: the background sender thread and its lifecycle; ``_sync``: ``sync=True``;
+- ``_stats``: counters, drop warnings, :class:`DeliveryError`; ``_settings``: the options.
+"""
+
+from ._settings import DeliverySettings
+from ._stats import DeliveryError, ErrorHook, Stats
+from ._sync import SyncSender
+from ._worker import BackgroundSender
+
+__all__ = ["BackgroundSender", "DeliveryError", "DeliverySettings", "ErrorHook", "Stats", "SyncSender"]

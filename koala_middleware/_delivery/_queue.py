@@ -1,0 +1,99 @@
+"""The bounded queue between the request path and the sender thread.
+
+Its bounds (``max_queue_batches``, ``max_queue_bytes``) cover every batch not finished yet:
+waiting, in flight, or between retries; so they bound the memory Koala can cost. A hand-over
+past them is refused at once (the caller counts it), never blocking a request.
+"""
+
+from __future__ import annotations
+
+import collections
+import threading
+import time
+
+from .._protocol import Batch
+from ._request import Request
+from ._settings import DeliverySettings
+
+#: A batch waiting for its first attempt, or its request waiting for another one.
+Waiting = Batch | Request
+
+
+def cost(batch: Batch) -> int:
+    """The bytes a batch counts for against ``max_queue_bytes``."""
+    return len(batch.body)
+
+
+class BatchQueue:
+    """Batches handed over and not finished, with their bounds and a wait for "all done".
+
+    ``lock`` orders every hand-over; the sender holds it too when it decides what to post
+    next, so that decision and its own state (is the loop idle?) change together.
+    """
+
+    def __init__(self, settings: DeliverySettings) -> None:
+        self.lock = threading.Lock()
+        self._idle = threading.Condition(self.lock)
+        self.waiting: collections.deque[Waiting] = collections.deque()
+        self.pending = 0
+        self.pending_bytes = 0
+        self.closed = False
+        self._max_batches = settings.max_queue_batches
+        self._max_bytes = settings.max_queue_bytes
+
+    def admit_locked(self, batch: Batch) -> str:
+        """Queue ``batch`` (the caller holds ``lock``); "" or the reason it was refused."""
+        if self.closed:
+            return "shutdown"
+        if self.pending >= self._max_batches:
+            return "queue_full"
+        size = cost(batch)
+        if self.pending_bytes + size > self._max_bytes:
+            return "queue_bytes_full"
+        self.waiting.append(batch)
+        self.pending += 1
+        self.pending_bytes += size
+        return ""
+
+    def requeue(self, request: Request) -> bool:
+        """Back of the queue, for another attempt; False once closed (the caller gives up)."""
+        with self.lock:
+            if self.closed:
+                return False
+            self.waiting.append(request)
+            return True
+
+    def finish(self, batch: Batch) -> None:
+        """A batch is done (counted first, so that a returning flush sees its stats)."""
+        with self._idle:
+            self.pending -= 1
+            self.pending_bytes -= cost(batch)
+            if not self.pending:
+                self._idle.notify_all()
+
+    def close(self) -> tuple[int, list[Batch]]:
+        """Refuse new batches; (batches not finished, those of them still waiting)."""
+        with self.lock:
+            self.closed = True
+            return self.pending, self._take_all()
+
+    def strand(self) -> list[Batch]:
+        """Take every waiting batch out (no sender can post them)."""
+        with self.lock:
+            return self._take_all()
+
+    def _take_all(self) -> list[Batch]:
+        waiting = [item if isinstance(item, Batch) else item.batch for item in self.waiting]
+        self.waiting.clear()
+        return waiting
+
+    def wait_idle(self, timeout: float) -> bool:
+        """Wait until every batch handed over so far is finished; False on timeout."""
+        deadline = time.monotonic() + max(timeout, 0.0)
+        with self._idle:
+            while self.pending:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    return False
+                self._idle.wait(remaining)
+        return True

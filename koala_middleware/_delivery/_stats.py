@@ -1,0 +1,162 @@
+"""What happened to the batches: counters behind ``client.stats``, and the drop warnings.
+
+Every batch that does not arrive is counted once, by reason, logged (at most once per reason
+every ``WARN_EVERY`` seconds, so a Koala outage cannot flood the host app's logs) and passed
+to the ``on_error`` hook as a :class:`DeliveryError`.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from .._protocol import Batch
+
+logger = logging.getLogger("koala_middleware")
+
+LOG_DROPPED = (
+    "dropped %d batch(es), %d event(s) (%s): %s; "
+    "repeats are summarised every %.0fs, counts are in client.stats"
+)
+LOG_DROPPED_SUMMARY = "dropped %d more batch(es), %d event(s) (%s) in the last %.1fs; last: %s"
+
+
+class DeliveryError(Exception):
+    """Why a batch was given up; passed to the ``on_error`` hook, never raised at callers.
+
+    ``reason`` is the key it is counted under in ``client.stats.dropped``: ``queue_full``,
+    ``queue_bytes_full``, ``rejected`` (a 4xx), ``retries_exhausted``, ``shutdown`` or
+    ``error`` (something unexpected; the detail says what).
+    """
+
+    def __init__(self, reason: str, detail: str = "", status: int | None = None) -> None:
+        super().__init__(f"{reason}: {detail}" if detail else reason)
+        self.reason = reason
+        self.detail = detail
+        self.status = status
+
+
+ErrorHook = Callable[[Batch, DeliveryError], None]
+
+
+@dataclass
+class Stats:
+    """Counters since the client started (or since fork, in a child process).
+
+    Batches are what the sender posts (one person or account, up to 30 items of each type).
+    ``enqueued`` counts batches accepted for delivery; each then ends up ``delivered`` or in
+    ``dropped`` (by reason), or is still ``queued`` (waiting, in flight or between retries).
+    Batches refused at hand-over (``queue_full``, ``queue_bytes_full``, ``shutdown``) are
+    in ``dropped`` only.
+    """
+
+    enqueued: int = 0
+    delivered: int = 0
+    retried: int = 0
+    dry_run: int = 0
+    events_delivered: int = 0
+    dropped: dict[str, int] = field(default_factory=dict)
+    events_dropped: dict[str, int] = field(default_factory=dict)
+    queued: int = 0
+
+    @property
+    def dropped_total(self) -> int:
+        return sum(self.dropped.values())
+
+
+class _Unlogged:
+    """Drops of one reason not yet logged, and when that reason was last logged."""
+
+    __slots__ = ("batches", "detail", "events", "logged_at")
+
+    def __init__(self) -> None:
+        self.batches = 0
+        self.events = 0
+        self.detail = ""
+        self.logged_at: float | None = None
+
+
+class Counters:
+    """Thread-safe counters behind :class:`Stats`, with rate-limited drop warnings.
+
+    The first drop of a reason is logged at once, with its detail; later ones are added up
+    and logged at most once every ``WARN_EVERY`` seconds per reason (and at shutdown).
+    """
+
+    WARN_EVERY = 10.0
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self._lock = threading.Lock()
+        self._stats = Stats()
+        self._clock = clock
+        self._unlogged: dict[str, _Unlogged] = {}
+
+    def add(self, name: str, n: int = 1) -> None:
+        with self._lock:
+            setattr(self._stats, name, getattr(self._stats, name) + n)
+
+    def enqueued_locked(self) -> None:
+        """Count a hand-over without taking this lock: the caller holds the lock that
+        orders every hand-over to its sender (the queue's), so increments cannot race."""
+        self._stats.enqueued += 1
+
+    def delivered(self, batch: Batch) -> None:
+        with self._lock:
+            self._stats.delivered += 1
+            self._stats.events_delivered += len(batch.message_ids)
+
+    def dropped(self, reason: str, batches: int, events: int, detail: str = "") -> None:
+        with self._lock:
+            stats = self._stats
+            if batches:
+                stats.dropped[reason] = stats.dropped.get(reason, 0) + batches
+            if events:
+                stats.events_dropped[reason] = stats.events_dropped.get(reason, 0) + events
+            unlogged = self._unlogged.setdefault(reason, _Unlogged())
+            unlogged.batches += batches
+            unlogged.events += events
+            unlogged.detail = detail or unlogged.detail
+            now = self._clock()
+            if unlogged.logged_at is not None and now - unlogged.logged_at < self.WARN_EVERY:
+                return
+            line = self._take(reason, unlogged, now)
+        _log(*line)
+
+    def report(self) -> None:
+        """Log the drops not logged yet (at shutdown, so no count goes unsaid)."""
+        with self._lock:
+            now = self._clock()
+            lines = [
+                self._take(reason, unlogged, now)
+                for reason, unlogged in self._unlogged.items()
+                if unlogged.batches or unlogged.events
+            ]
+        for line in lines:
+            _log(*line)
+
+    def _take(self, reason: str, unlogged: _Unlogged, now: float) -> tuple[str, str, tuple[object, ...]]:
+        if unlogged.logged_at is None:
+            args: tuple[object, ...] = (unlogged.batches, unlogged.events, reason, unlogged.detail, self.WARN_EVERY)
+            line = reason, LOG_DROPPED, args
+        else:
+            args = (unlogged.batches, unlogged.events, reason, now - unlogged.logged_at, unlogged.detail)
+            line = reason, LOG_DROPPED_SUMMARY, args
+        unlogged.batches = unlogged.events = 0
+        unlogged.logged_at = now
+        return line
+
+    def snapshot(self, queued: int) -> Stats:
+        with self._lock:
+            s = self._stats
+            return Stats(
+                s.enqueued, s.delivered, s.retried, s.dry_run, s.events_delivered,
+                dict(s.dropped), dict(s.events_dropped), queued,
+            )
+
+
+def _log(reason: str, message: str, args: tuple[object, ...]) -> None:
+    # A 4xx means a bug or a wrong key: the host's developers must see it.
+    logger.log(logging.ERROR if reason == "rejected" else logging.WARNING, message, *args)

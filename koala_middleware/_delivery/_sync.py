@@ -1,0 +1,98 @@
+"""``sync=True``: each batch is sent in the caller's thread before the hand-over returns."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import httpx
+
+from .._protocol import Batch
+from ._request import DETAIL_UNBUILDABLE, Request, build
+from ._sender import Sender
+from ._settings import DeliverySettings
+from ._stats import DeliveryError, ErrorHook
+
+
+class SyncSender(Sender):
+    """``sync=True``: deliver in the caller's thread, for serverless and scripts.
+
+    Background threads are frozen between invocations there, so a batch must be sent
+    before the response finishes. Retries follow the same rules, but one batch takes at most
+    ``timeout`` seconds in all, attempts and pauses included; and while Koala keeps failing
+    the shared backoff soon exceeds that budget, so each batch gets one attempt, not many.
+    Nothing raises into the caller: what cannot be sent is counted and passed to
+    ``on_error``.
+    """
+
+    def __init__(self, settings: DeliverySettings, on_error: ErrorHook | None) -> None:
+        super().__init__(settings, on_error)
+        self._client: httpx.Client | None = None
+        self._lock = threading.Lock()
+
+    def _http(self) -> httpx.Client:
+        with self._lock:
+            if self._client is None:
+                transport = self.settings.transport
+                self._client = httpx.Client(
+                    timeout=self.settings.timeout,
+                    transport=transport if isinstance(transport, httpx.BaseTransport) else None,
+                )
+            return self._client
+
+    def submit(self, batch: Batch) -> bool:
+        self.counters.add("enqueued")
+        try:
+            request = build(self.settings.base_url, batch)
+        except Exception as error:  # this batch alone: Koala is not to blame, nothing to retry
+            self._give_up(batch, DeliveryError("error", DETAIL_UNBUILDABLE % (type(error).__name__, error)))
+            return True
+        try:
+            self._send(request)
+        except Exception as error:  # never into the host's request
+            self._give_up(batch, DeliveryError("error", f"{type(error).__name__}: {error}"))
+        return True
+
+    def _send(self, request: Request) -> None:
+        batch = request.batch
+        deadline = time.monotonic() + self.settings.timeout
+        headers = [(name.encode(), value.encode()) for name, value in request.headers.items()]
+        while True:
+            remaining = deadline - time.monotonic()
+            response = exc = None
+            try:
+                response = self._http().post(
+                    request.url, content=request.body, headers=headers, timeout=max(remaining, 0.01)
+                )
+            except httpx.HTTPError as error:
+                exc = error
+            delay = self._outcome(batch, response, exc, probe=True)
+            if delay is None:
+                return
+            if time.monotonic() + delay >= deadline:
+                self._give_up(batch, DeliveryError(
+                    "retries_exhausted", f"sync budget of {self.settings.timeout:g}s spent after "
+                    f"{batch.attempts} attempt(s)", response.status_code if response is not None else None,
+                ))
+                return
+            self.counters.add("retried")
+            time.sleep(delay)
+
+    def pending(self) -> int:
+        return 0
+
+    def flush(self, timeout: float) -> bool:
+        return True
+
+    def shutdown(self, timeout: float) -> bool:
+        with self._lock:
+            client, self._client = self._client, None
+        if client is not None:
+            client.close()
+        self.counters.report()
+        return True
+
+    def after_fork(self) -> None:
+        super().after_fork()
+        self._client = None  # the parent's connections: dropped, not closed (a TLS close would write)
+        self._lock = threading.Lock()

@@ -1,0 +1,293 @@
+"""The background sender: one daemon thread running an asyncio loop that drains the queue.
+
+Handing a batch over is an append to the bounded queue. The thread starts on the first
+batch (never at import or configuration: gunicorn ``--preload`` forks after those) and
+posts batches concurrently. A failed batch goes to the back of the queue, so a batch Koala
+keeps refusing cannot stall the others; it is given up after ``max_retries`` failed
+attempts. A retry posts the batch's same bytes, hence its ``message_id``\\s, so Koala
+deduplicates.
+
+During a fork the parent's sender thread is parked in its ``select()``: a thread copied
+mid-step could hold a lock the child then waits on forever, such as an import lock (HTTP
+libraries import lazily, on first use).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import selectors
+import threading
+import time
+
+import httpx
+
+from .._protocol import Batch
+from ._http import Poster, declare_asyncio, transports
+from ._queue import BatchQueue, Waiting
+from ._request import DETAIL_UNBUILDABLE, Request, build
+from ._sender import Sender
+from ._settings import DeliverySettings
+from ._stats import DeliveryError, ErrorHook
+
+logger = logging.getLogger("koala_middleware")
+
+LOG_SHUTDOWN_LOST = "shutdown timed out with %d batch(es) undelivered"
+LOG_SENDER_FAILED = "the sender thread failed; it restarts with the next batch"
+LOG_UNEXPECTED = "unexpected error after posting a batch; counted as dropped ('error')"
+
+FORK_PARK_TIMEOUT = 1.0
+
+
+class BackgroundSender(Sender):
+    """The default: a bounded queue drained by a daemon thread's asyncio loop."""
+
+    def __init__(self, settings: DeliverySettings, on_error: ErrorHook | None) -> None:
+        super().__init__(settings, on_error)
+        self._init_state()
+
+    def _init_state(self) -> None:
+        self._queue = BatchQueue(self.settings)
+        self._thread: threading.Thread | None = None
+        # Held by the sender thread except while it waits in select(): see park().
+        self._running = threading.Lock()
+        # The loop's side; set by the sender thread.
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._wakeup: asyncio.Event | None = None
+        self._loop_idle = False  # the loop waits for a submit to wake it
+        self._probing = False
+
+    def after_fork(self) -> None:
+        super().after_fork()
+        self._init_state()
+
+    # -- the request side (any thread): cheap, never blocks on the network ----------------
+
+    def submit(self, batch: Batch) -> bool:
+        queue = self._queue
+        start = wake = None
+        with queue.lock:
+            reason = queue.admit_locked(batch)
+            if not reason:
+                self.counters.enqueued_locked()
+                if self._thread is None:
+                    start = self._thread = threading.Thread(
+                        target=self._run_thread, name="koala-sender", daemon=True
+                    )
+                elif self._loop_idle:
+                    self._loop_idle = False
+                    wake = self._loop
+        if reason:
+            self._give_up(batch, DeliveryError(reason, "not queued: " + (
+                "the client is shut down" if reason == "shutdown" else "the queue is at its bound"
+            )))
+            return False
+        if start is not None:
+            self._start(start)
+        elif wake is not None:
+            try:
+                wake.call_soon_threadsafe(self._wake)
+            except RuntimeError:  # the loop closed under us (interpreter exit)
+                pass
+        return True
+
+    def pending(self) -> int:
+        return self._queue.pending
+
+    def flush(self, timeout: float) -> bool:
+        """Wait until all batches handed over so far are delivered or given up."""
+        if threading.current_thread() is self._thread:  # an on_error hook: never wait on ourselves
+            return not self._queue.pending
+        return self._queue.wait_idle(timeout)
+
+    def shutdown(self, timeout: float) -> bool:
+        """Flush within ``timeout``, then stop; what is left is counted as dropped, once.
+
+        Returns within about ``timeout`` even if Koala never answers: the last part of it
+        is kept for cancelling the requests in flight, which count themselves.
+        """
+        timeout = max(timeout, 0.0)
+        deadline = time.monotonic() + timeout
+        flushed = self.flush(timeout - min(0.25, timeout / 10))
+        undelivered, leftover = self._queue.close()
+        with self._queue.lock:
+            thread, loop = self._thread, self._loop
+        if undelivered:
+            logger.warning(LOG_SHUTDOWN_LOST, undelivered)
+        for batch in leftover:
+            self._give_up(batch, DeliveryError("shutdown", "still queued at shutdown"))
+            self._queue.finish(batch)
+        if thread is not None and loop is not None and thread.is_alive():
+            try:
+                loop.call_soon_threadsafe(self._wake)  # it sees the queue closed and stops
+            except RuntimeError:  # already closed
+                pass
+            if thread is not threading.current_thread():
+                thread.join(max(deadline - time.monotonic(), 0.05))
+        self.counters.report()
+        return flushed
+
+    # -- the sender thread ------------------------------------------------------------------
+
+    def _start(self, thread: threading.Thread) -> None:
+        try:
+            thread.start()
+        except RuntimeError as error:  # "can't create new thread" (interpreter exit, limits)
+            with self._queue.lock:
+                self._thread = None
+            for batch in self._queue.strand():
+                self._give_up(batch, DeliveryError("error", f"no sender thread: {error}"))
+                self._queue.finish(batch)
+
+    def _run_thread(self) -> None:
+        running = self._running
+        running.acquire()
+        declare_asyncio()
+        loop = asyncio.SelectorEventLoop(_ParkingSelector(running))
+        try:
+            loop.run_until_complete(self._main())
+        except Exception:
+            logger.exception(LOG_SENDER_FAILED)
+        finally:
+            with self._queue.lock:
+                if self._thread is threading.current_thread():
+                    self._thread = None  # a later submit starts a new one
+                    self._loop = None
+                    self._loop_idle = False
+            loop.close()
+            running.release()
+
+    def park(self) -> bool:
+        thread = self._thread
+        if thread is None or not thread.is_alive() or thread is threading.current_thread():
+            return False
+        # Bounded: a sender stuck in an on_error hook must not block the host's fork.
+        return self._running.acquire(timeout=FORK_PARK_TIMEOUT)
+
+    def unpark(self) -> None:
+        self._running.release()
+
+    def _wake(self) -> None:
+        if self._wakeup is not None:
+            self._wakeup.set()
+
+    def _take(self, in_flight: int) -> tuple[Waiting | None, float | None, bool]:
+        """The next batch to send (and whether it is a probe), or how long to wait."""
+        queue = self._queue
+        with queue.lock:
+            if not queue.waiting:
+                self._loop_idle = True
+                return None, None, False
+            if in_flight >= self.settings.max_in_flight:
+                return None, None, False  # a finishing task wakes us
+            probe = False
+            if self._health.failures:
+                if self._probing:
+                    return None, None, False  # the probe's answer wakes us
+                wait = self._health.gate - time.monotonic()
+                if wait > 0:
+                    return None, wait, False
+                probe = self._probing = True
+            return queue.waiting.popleft(), None, probe
+
+    async def _main(self) -> None:
+        loop = asyncio.get_running_loop()
+        wakeup = asyncio.Event()
+        with self._queue.lock:
+            self._loop, self._wakeup = loop, wakeup
+        pools = transports(self.settings)
+        post = Poster(self.settings)
+        load = [0] * len(pools)
+        tasks: set[asyncio.Task[None]] = set()
+        try:
+            while not self._queue.closed:
+                wakeup.clear()
+                item, wait, probe = self._take(len(tasks))
+                if item is None:
+                    try:
+                        await asyncio.wait_for(wakeup.wait(), wait)
+                    except asyncio.TimeoutError:
+                        pass
+                    continue
+                shard = load.index(min(load))
+                load[shard] += 1
+                task = loop.create_task(self._deliver(post, pools[shard], item, probe))
+                tasks.add(task)
+
+                def done(task: asyncio.Task[None], shard: int = shard) -> None:
+                    tasks.discard(task)
+                    load[shard] -= 1
+                    wakeup.set()
+
+                task.add_done_callback(done)
+        finally:
+            for task in list(tasks):
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            for transport in pools:
+                try:
+                    await transport.aclose()
+                except Exception:  # closing sockets Koala left half-open: nothing to do
+                    pass
+
+    def _build(self, batch: Batch) -> Request | None:
+        """The batch's request, or None when none can be built: then it is dropped alone."""
+        try:
+            return build(self.settings.base_url, batch)
+        except Exception as error:
+            self._give_up(batch, DeliveryError("error", DETAIL_UNBUILDABLE % (type(error).__name__, error)))
+            self._queue.finish(batch)
+            return None
+
+    async def _deliver(self, post: Poster, transport: httpx.AsyncBaseTransport, item: Waiting, probe: bool) -> None:
+        try:
+            request = self._build(item) if isinstance(item, Batch) else item
+            if request is not None:
+                await self._attempt(post, transport, request, probe)
+        finally:
+            if probe:
+                self._probing = False
+
+    async def _attempt(self, post: Poster, transport: httpx.AsyncBaseTransport, request: Request, probe: bool) -> None:
+        batch = request.batch
+        response = exc = None
+        try:
+            response = await post(transport, request)
+        except asyncio.CancelledError:  # shutdown while in flight: Koala may have it or not
+            self._give_up(batch, DeliveryError("shutdown", "in flight at shutdown"))
+            self._queue.finish(batch)
+            raise
+        except Exception as error:  # httpx errors, and anything a custom transport raises
+            exc = error
+        try:
+            delay = self._outcome(batch, response, exc, probe)
+        except Exception as error:  # a bug here must not strand the batch (flush would wait)
+            logger.exception(LOG_UNEXPECTED)
+            self._give_up(batch, DeliveryError("error", f"{type(error).__name__}: {error}"))
+            delay = None
+        if delay is None:
+            self._queue.finish(batch)
+        else:
+            self.counters.add("retried")
+            if not self._queue.requeue(request):
+                self._give_up(batch, DeliveryError("shutdown", f"failed at shutdown after {batch.attempts} attempt(s)"))
+                self._queue.finish(batch)
+
+
+class _ParkingSelector(selectors.DefaultSelector):
+    """The sender loop's selector: ``running`` is released only while waiting for I/O.
+
+    So whoever holds ``running`` (a fork about to happen) knows the sender thread is in
+    ``select()``, in no import and holding no lock of any library.
+    """
+
+    def __init__(self, running: threading.Lock) -> None:
+        super().__init__()
+        self._running = running
+
+    def select(self, timeout: float | None = None) -> list[tuple[selectors.SelectorKey, int]]:
+        self._running.release()
+        try:
+            return super().select(timeout)
+        finally:
+            self._running.acquire()
