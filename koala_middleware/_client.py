@@ -66,6 +66,11 @@ class KoalaClient:
         ``flask run``, scripts) and the client is made in the main thread, flush on SIGTERM
         within ``shutdown_timeout``, then exit as SIGTERM would. A handler installed by
         anyone else is never replaced. ``False`` leaves SIGTERM alone.
+    :param spool_dir: keep every batch on disk, in this directory, from its hand-over until
+        Koala accepts it, so that it survives a crash or a kill; batches that processes
+        which are gone left there are delivered too. Falls back to ``KOALA_SPOOL_DIR``; off
+        by default. ``max_spool_bytes`` (default 64 MiB) bounds each process's spool file;
+        past it new batches are dropped (``spool_full``).
     :param transport: an httpx transport, for tests (``httpx.MockTransport``).
     """
 
@@ -97,7 +102,16 @@ class KoalaClient:
         on_error: ErrorHook | None = options.pop("on_error", None)
         if on_error is not None and not callable(on_error):
             raise TypeError("on_error must be a callable on_error(batch, error)")
-        settings = DeliverySettings(base_url=f"{api_url}/web/projects/{public_key}", **options)
+        spool_dir = options.pop("spool_dir", None) or os.environ.get("KOALA_SPOOL_DIR") or None
+        if spool_dir is not None and not isinstance(spool_dir, (str, os.PathLike)):
+            raise TypeError(f"spool_dir must be a directory path (str or os.PathLike), got {type(spool_dir).__name__}")
+        if sync or self.dry_run:
+            spool_dir = None  # nothing waits in memory to be kept
+        settings = DeliverySettings(
+            base_url=f"{api_url}/web/projects/{public_key}",
+            spool_dir=os.fspath(spool_dir) if spool_dir is not None else None,
+            **options,
+        )
         #: True when batches are sent before the hand-over returns (``sync=True``).
         self.sync = sync
         self._sender: BackgroundSender | SyncSender = (

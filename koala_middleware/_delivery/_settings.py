@@ -21,3 +21,5 @@ class DeliverySettings:
     backoff_base: float = 0.5
     max_backoff: float = 30.0
     transport: httpx.AsyncBaseTransport | httpx.BaseTransport | None = None
+    spool_dir: str | None = None
+    max_spool_bytes: int = 64 * 1024 * 1024

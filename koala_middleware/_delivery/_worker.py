@@ -7,6 +7,14 @@ keeps refusing cannot stall the others; it is given up after ``max_retries`` fai
 attempts. A retry posts the batch's same bytes, hence its ``message_id``\\s, so Koala
 deduplicates.
 
+With a spool (``spool_dir``), every batch is also on disk from its hand-over until it is
+done (see ``_spool``); the thread then starts at once if the spool directory holds batches
+left by processes that are gone, adopts them, and looks for more every ``ADOPT_EVERY``
+seconds. A batch that exhausts its retries stays on disk and is tried again every
+``max_backoff`` seconds (at least ``SPOOL_RETRY_MIN``) instead of being dropped; one that
+finds the queue full waits on disk for room; what shutdown leaves stays for the next
+process.
+
 During a fork the parent's sender thread is parked in its ``select()``: a thread copied
 mid-step could hold a lock the child then waits on forever, such as an import lock (HTTP
 libraries import lazily, on first use).
@@ -28,6 +36,7 @@ from ._queue import BatchQueue, Waiting
 from ._request import DETAIL_UNBUILDABLE, Request, build
 from ._sender import Sender
 from ._settings import DeliverySettings
+from ._spool import Spool
 from ._stats import DeliveryError, ErrorHook
 
 logger = logging.getLogger("koala_middleware")
@@ -37,6 +46,12 @@ LOG_SENDER_FAILED = "the sender thread failed; it restarts with the next batch"
 LOG_UNEXPECTED = "unexpected error after posting a batch; counted as dropped ('error')"
 
 FORK_PARK_TIMEOUT = 1.0
+#: How often the sender looks for spool files of processes that are gone.
+ADOPT_EVERY = 60.0
+#: The shortest pause before a spooled batch that exhausted its retries is tried again.
+SPOOL_RETRY_MIN = 1.0
+#: Spooled batch verdicts that keep the batch on disk, to be loaded again later.
+_KEPT_ON_DISK = frozenset({"retries_exhausted", "queue_full", "queue_bytes_full"})
 
 
 class BackgroundSender(Sender):
@@ -44,7 +59,12 @@ class BackgroundSender(Sender):
 
     def __init__(self, settings: DeliverySettings, on_error: ErrorHook | None) -> None:
         super().__init__(settings, on_error)
+        self._spool = (
+            Spool(settings.spool_dir, settings.max_spool_bytes) if settings.spool_dir is not None else None
+        )
         self._init_state()
+        if self._spool is not None and self._recover():
+            self._ensure_thread()
 
     def _init_state(self) -> None:
         self._queue = BatchQueue(self.settings)
@@ -56,14 +76,24 @@ class BackgroundSender(Sender):
         self._wakeup: asyncio.Event | None = None
         self._loop_idle = False  # the loop waits for a submit to wake it
         self._probing = False
+        self._next_adoption = time.monotonic() + ADOPT_EVERY
 
     def after_fork(self) -> None:
         super().after_fork()
+        if self._spool is not None:
+            self._spool.after_fork()
         self._init_state()
 
     # -- the request side (any thread): cheap, never blocks on the network ----------------
 
     def submit(self, batch: Batch) -> bool:
+        if self._spool is not None:
+            spooled = self._spool.add(batch)
+            if spooled == "spool_full":
+                self._give_up(batch, DeliveryError(spooled, "not queued: the spool is at max_spool_bytes"))
+                return False
+            if not spooled:
+                self.counters.add("spooled")
         queue = self._queue
         start = wake = None
         with queue.lock:
@@ -77,6 +107,9 @@ class BackgroundSender(Sender):
                 elif self._loop_idle:
                     self._loop_idle = False
                     wake = self._loop
+        if reason in _KEPT_ON_DISK and self._keep_on_disk(batch, reason):
+            self.counters.add("enqueued")  # queued on disk, loaded when there is room
+            return True
         if reason:
             self._give_up(batch, DeliveryError(reason, "not queued: " + (
                 "the client is shut down" if reason == "shutdown" else "the queue is at its bound"
@@ -92,7 +125,7 @@ class BackgroundSender(Sender):
         return True
 
     def pending(self) -> int:
-        return self._queue.pending
+        return self._queue.pending + self._queue.backlog
 
     def flush(self, timeout: float) -> bool:
         """Wait until all batches handed over so far are delivered or given up."""
@@ -112,7 +145,7 @@ class BackgroundSender(Sender):
         undelivered, leftover = self._queue.close()
         with self._queue.lock:
             thread, loop = self._thread, self._loop
-        if undelivered:
+        if undelivered and self._spool is None:
             logger.warning(LOG_SHUTDOWN_LOST, undelivered)
         for batch in leftover:
             self._give_up(batch, DeliveryError("shutdown", "still queued at shutdown"))
@@ -124,8 +157,72 @@ class BackgroundSender(Sender):
                 pass
             if thread is not threading.current_thread():
                 thread.join(max(deadline - time.monotonic(), 0.05))
+        if self._spool is not None:
+            self._spool.close()  # what is left stays on disk, for the next process
         self.counters.report()
         return flushed
+
+    def _give_up(self, batch: Batch, error: DeliveryError) -> None:
+        """With a spool, a batch it holds is not given up while the disk can keep it: it
+        waits there for the slow retry (retries exhausted), for room (queue full), or for
+        the next process (shutdown). Otherwise it leaves the disk and is counted."""
+        spool = self._spool
+        if spool is not None and spool.holds(batch):
+            if self._keep_on_disk(batch, error.reason):
+                return
+            spool.remove(batch)
+        super()._give_up(batch, error)
+
+    def _keep_on_disk(self, batch: Batch, reason: str) -> bool:
+        spool = self._spool
+        if spool is None or not spool.holds(batch):
+            return False
+        if reason == "shutdown":
+            return True
+        if reason not in _KEPT_ON_DISK or self._queue.closed:
+            return False
+        later = max(self.settings.max_backoff, SPOOL_RETRY_MIN) if reason == "retries_exhausted" else 0.0
+        self._queue.add_backlog(1)  # before the caller finishes it in memory, if it was there
+        if spool.park(batch, time.monotonic() + later):
+            batch.attempts = 0
+            return True
+        self._queue.add_backlog(-1)
+        return False
+
+    def _recover(self) -> int:
+        """Adopt the spool files of processes that are gone; how many batches they hold."""
+        assert self._spool is not None
+        recovered = self._spool.adopt()
+        if recovered:
+            self.counters.add("recovered", recovered)
+            self._queue.add_backlog(recovered)
+        return recovered
+
+    def _ensure_thread(self) -> None:
+        with self._queue.lock:
+            if self._thread is not None:
+                return
+            start = self._thread = threading.Thread(target=self._run_thread, name="koala-sender", daemon=True)
+        self._start(start)
+
+    def _refill(self) -> float | None:
+        """Load what the spool has due into the queue (and adopt what dead processes left,
+        now and then); the seconds until the spool next needs a look, None if only a
+        finishing batch can change that."""
+        spool, queue = self._spool, self._queue
+        assert spool is not None
+        now = time.monotonic()
+        if now >= self._next_adoption:
+            self._next_adoption = now + ADOPT_EVERY
+            self._recover()
+        wait = self._next_adoption - now
+        room = queue.room()
+        if queue.backlog and room > 0:
+            batches, due = spool.load(now, min(room, self.settings.max_in_flight))
+            queue.reload(batches)
+            if due is not None and not queue.waiting:
+                wait = min(wait, max(due - now, 0.0))
+        return wait
 
     # -- the sender thread ------------------------------------------------------------------
 
@@ -202,8 +299,11 @@ class BackgroundSender(Sender):
         try:
             while not self._queue.closed:
                 wakeup.clear()
+                spool_wait = self._refill() if self._spool is not None else None
                 item, wait, probe = self._take(len(tasks))
                 if item is None:
+                    if spool_wait is not None:
+                        wait = spool_wait if wait is None else min(wait, spool_wait)
                     try:
                         await asyncio.wait_for(wakeup.wait(), wait)
                     except asyncio.TimeoutError:
@@ -266,6 +366,8 @@ class BackgroundSender(Sender):
             self._give_up(batch, DeliveryError("error", f"{type(error).__name__}: {error}"))
             delay = None
         if delay is None:
+            if self._spool is not None:  # delivered (a batch given up has left the spool already)
+                self._spool.remove(batch)
             self._queue.finish(batch)
         else:
             self.counters.add("retried")
