@@ -1,6 +1,15 @@
 """The server stop matrix: SIGTERM with a tracked request pending and Koala down at the
 signal (back 0.5 s later). Every server the README lists delivers the batch.
 
+How, cell by cell (the README's "Stopping and crashing" table): gunicorn, daphne and a
+single hypercorn worker exit normally (``atexit``); uvicorn and granian ASGI flush at
+lifespan shutdown; waitress and ``flask run`` leave SIGTERM at its default action, so the
+client's SIGTERM handler flushes; uvicorn loads the app before it installs its own handler
+and re-raises SIGTERM into it once it has shut down; hypercorn's and granian's
+``multiprocessing`` workers flush in the handler or at ``multiprocessing``'s exit.
+``NO_LIFESPAN`` puts the middleware where lifespan never reaches it (a Starlette ``Mount``,
+a Litestar route): the same mechanisms, minus lifespan, still deliver.
+
 All servers run at once against one collector, each told apart by the User-Agent of its
 request, so the whole matrix costs about one server start and one shutdown.
 """
@@ -42,6 +51,17 @@ CELLS: dict[str, list[str]] = {
     "waitress": ["waitress-serve", "--listen={host}:{port}", WSGI],
     "flask-run": ["flask", "--app", "tests.e2e.apps.stop_flask:app", "run", "--host", "{host}", "--port", "{port}"],
 }
+MOUNTED = "tests.e2e.apps.stop_mounted:mounted"
+LITESTAR = "tests.e2e.apps.stop_mounted:litestar"
+#: The middleware where lifespan never reaches it: a Starlette ``Mount`` and a Litestar route.
+NO_LIFESPAN: dict[str, list[str]] = {
+    "uvicorn-mounted": ["uvicorn", "--host", "{host}", "--port", "{port}", "--no-access-log", MOUNTED],
+    "hypercorn-mounted": ["hypercorn", "-b", "{host}:{port}", MOUNTED],
+    "daphne-mounted": ["daphne", "-b", "{host}", "-p", "{port}", MOUNTED],
+    "granian-mounted": ["granian", "--interface", "asgi", "--host", "{host}", "--port", "{port}", MOUNTED],
+    "uvicorn-litestar": ["uvicorn", "--host", "{host}", "--port", "{port}", "--no-access-log", LITESTAR],
+    "hypercorn-litestar": ["hypercorn", "-b", "{host}:{port}", LITESTAR],
+}
 
 
 @dataclass
@@ -76,6 +96,9 @@ def servers(cells: dict[str, list[str]], koala: Collector, **options: Any) -> It
         "KOALA_API_URL": koala.url, "FAULTS_CLIENT": json.dumps(options),
     }
     started = [popen(name, args, env) for name, args in cells.items()]
+    for cell in started:
+        if cell.name.endswith("-mounted"):
+            cell.path = "/sub/track"
     try:
         for cell in started:
             wait_for_port(cell.port, cell.proc, timeout=60)
@@ -120,7 +143,7 @@ class Outcome:
 def matrix() -> dict[str, Outcome]:
     """Every cell at once: one tracked request each with Koala down, SIGTERM, Koala back."""
     with Collector() as koala:
-        with servers(CELLS, koala) as cells:
+        with servers({**CELLS, **NO_LIFESPAN}, koala) as cells:
             koala.down()
             for cell in cells:
                 track_one(cell)
@@ -131,7 +154,7 @@ def matrix() -> dict[str, Outcome]:
         }
 
 
-@pytest.mark.parametrize("cell", CELLS)
+@pytest.mark.parametrize("cell", [*CELLS, *NO_LIFESPAN])
 def test_sigterm_with_koala_down_delivers_the_pending_batch(matrix: dict[str, Outcome], cell: str) -> None:
     outcome = matrix[cell]
     assert outcome.code is not None, f"{cell} did not exit within 20 s:\n{outcome.output[-3000:]}"
