@@ -42,6 +42,10 @@ LOG_SPOOL_CORRUPT = "%s is not a readable spool file (%s); set aside as %s"
 LOG_SPOOL_ADOPTED = "adopted %d batch(es) left in %s by a process that is gone"
 LOG_SPOOL_LEFT = "%d batch(es) left in the spool %s for the next process to deliver"
 
+#: The sender checkpoints its own file's WAL after this many of its delete transactions (so
+#: that the checkpoint's fsync never lands on a request thread's hand-over).
+CHECKPOINT_EVERY = 200
+
 PREFIX = "koala-spool-"
 SUFFIX = ".sqlite3"
 
@@ -77,6 +81,7 @@ class SpoolFile:
             db.execute("PRAGMA locking_mode=EXCLUSIVE")  # before WAL: no shared memory, one owner
             db.execute("PRAGMA journal_mode=WAL")
             db.execute("PRAGMA synchronous=NORMAL")
+            db.execute("PRAGMA wal_autocheckpoint=0")  # the sender checkpoints: see Spool.sync
             db.execute("BEGIN EXCLUSIVE")  # the lock, held from here until close
             db.execute(_SCHEMA)
             db.execute("COMMIT")
@@ -96,9 +101,11 @@ class SpoolFile:
         assert row is not None
         return row
 
-    def delete(self, row: int) -> None:
-        self.db.execute("DELETE FROM batches WHERE id = ?", (row,))
-        self.rows -= 1
+    def delete(self, rows: list[int]) -> None:
+        self.db.execute("BEGIN")
+        self.db.executemany("DELETE FROM batches WHERE id = ?", [(row,) for row in rows])
+        self.db.execute("COMMIT")
+        self.rows -= len(rows)
 
     def load(self, now: float, limit: int) -> list[tuple[int, Batch]]:
         """Up to ``limit`` batches due by ``now``, marked as in memory."""
@@ -153,6 +160,8 @@ class Spool:
         self._own: SpoolFile | None = None
         self._adopted: list[SpoolFile] = []
         self._rows: dict[Batch, tuple[SpoolFile, int]] = {}
+        self._done: list[tuple[SpoolFile, int]] = []  # rows of finished batches, to delete
+        self._deletes = 0  # delete transactions on our own file since its last checkpoint
         self._bytes = 0
         self._broken = False  # cannot write: memory only from now on (logged once)
         self._closed = False
@@ -202,22 +211,50 @@ class Spool:
         return batch in self._rows
 
     def remove(self, batch: Batch) -> None:
-        """``batch`` is done (delivered, or given up for good): off the disk."""
+        """``batch`` is done (delivered, or given up for good): off the disk at the next
+        :meth:`sync`. Until then a crash would deliver it again; Koala deduplicates by
+        ``message_id``."""
         with self._lock:
             place = self._rows.pop(batch, None)
             if place is None:
                 return
-            spool, row = place
-            if spool is self._own:
+            if place[0] is self._own:
                 self._bytes -= _size(batch)
-            try:
-                spool.delete(row)
-            except Exception as error:
-                self._set_aside_or_break(spool, error)
-                return
-            if spool is not self._own and not spool.rows:
-                self._adopted.remove(spool)
-                spool.close(remove=True)
+            self._done.append(place)
+
+    @property
+    def finished(self) -> int:
+        """Batches removed but not deleted from disk yet."""
+        return len(self._done)
+
+    def sync(self) -> None:
+        """Delete the rows of finished batches, one transaction per file (the sender calls
+        this when it has a moment: a delete per batch cost it a third of its throughput),
+        delete adopted files that are now empty, and checkpoint our own file now and then."""
+        with self._lock:
+            done, self._done = self._done, []
+            files: dict[SpoolFile, list[int]] = {}
+            for spool, row in done:
+                files.setdefault(spool, []).append(row)
+            for spool, rows in files.items():
+                if spool is not self._own and spool not in self._adopted:
+                    continue  # set aside meanwhile
+                try:
+                    spool.delete(rows)
+                except Exception as error:
+                    self._set_aside_or_break(spool, error)
+                    continue
+                if spool is self._own:
+                    self._deletes += 1
+                elif not spool.rows:
+                    self._adopted.remove(spool)
+                    spool.close(remove=True)
+            if self._own is not None and self._deletes >= CHECKPOINT_EVERY:
+                self._deletes = 0
+                try:
+                    self._own.db.execute("PRAGMA wal_checkpoint(PASSIVE)")
+                except Exception as error:
+                    self._break(error)
 
     def park(self, batch: Batch, due: float) -> bool:
         """Keep ``batch`` on disk only, to load again at ``due`` (monotonic); False if it is
@@ -327,6 +364,8 @@ class Spool:
     def close(self) -> int:
         """At shutdown: release every file; the batches still in them stay for the next
         process. Returns how many there are."""
+        if os.getpid() == self._pid:
+            self.sync()
         with self._lock:
             self._closed = True
             if os.getpid() != self._pid:

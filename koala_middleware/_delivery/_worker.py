@@ -50,6 +50,11 @@ FORK_PARK_TIMEOUT = 1.0
 ADOPT_EVERY = 60.0
 #: The shortest pause before a spooled batch that exhausted its retries is tried again.
 SPOOL_RETRY_MIN = 1.0
+#: While busy, the sender deletes finished batches from the spool once this many piled up,
+#: or this many seconds after the last time: one transaction for many rows instead of one
+#: per batch (which cost a fifth of the sender's throughput).
+SPOOL_SYNC_AFTER = 100
+SPOOL_SYNC_EVERY = 0.05
 #: Spooled batch verdicts that keep the batch on disk, to be loaded again later.
 _KEPT_ON_DISK = frozenset({"retries_exhausted", "queue_full", "queue_bytes_full"})
 
@@ -77,6 +82,7 @@ class BackgroundSender(Sender):
         self._loop_idle = False  # the loop waits for a submit to wake it
         self._probing = False
         self._next_adoption = time.monotonic() + ADOPT_EVERY
+        self._synced = 0.0  # when the sender last deleted finished batches from the spool
 
     def after_fork(self) -> None:
         super().after_fork()
@@ -131,7 +137,10 @@ class BackgroundSender(Sender):
         """Wait until all batches handed over so far are delivered or given up."""
         if threading.current_thread() is self._thread:  # an on_error hook: never wait on ourselves
             return not self._queue.pending
-        return self._queue.wait_idle(timeout)
+        flushed = self._queue.wait_idle(timeout)
+        if flushed and self._spool is not None:
+            self._spool.sync()  # and off the disk, even if the process ends right after
+        return flushed
 
     def shutdown(self, timeout: float) -> bool:
         """Flush within ``timeout``, then stop; what is left is counted as dropped, once.
@@ -197,6 +206,17 @@ class BackgroundSender(Sender):
             self.counters.add("recovered", recovered)
             self._queue.add_backlog(recovered)
         return recovered
+
+    def _sync_spool(self, idle: bool, wait: float | None) -> float | None:
+        """Delete finished batches from disk if idle or due; the loop's wait, capped so that
+        the rest are deleted soon."""
+        assert self._spool is not None
+        now = time.monotonic()
+        if idle or self._spool.finished >= SPOOL_SYNC_AFTER or now - self._synced >= SPOOL_SYNC_EVERY:
+            self._spool.sync()
+            self._synced = now
+            return wait
+        return SPOOL_SYNC_EVERY if wait is None else min(wait, SPOOL_SYNC_EVERY)
 
     def _ensure_thread(self) -> None:
         with self._queue.lock:
@@ -301,6 +321,8 @@ class BackgroundSender(Sender):
                 wakeup.clear()
                 spool_wait = self._refill() if self._spool is not None else None
                 item, wait, probe = self._take(len(tasks))
+                if self._spool is not None and self._spool.finished:
+                    spool_wait = self._sync_spool(item is None and not tasks, spool_wait)
                 if item is None:
                     if spool_wait is not None:
                         wait = spool_wait if wait is None else min(wait, spool_wait)
