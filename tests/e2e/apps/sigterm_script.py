@@ -57,7 +57,7 @@ def main(mode: str) -> None:
     hand_over(client, 5)
     print(json.dumps({"handler": describe(signal.getsignal(signal.SIGTERM))}), flush=True)
     if mode == "locked":
-        with client._sender._lock:
+        with client._sender._queue.lock:  # the lock every hand-over and the flush take
             os.kill(os.getpid(), signal.SIGTERM)
             time.sleep(0.3)  # the handler ran in there; the flush waits for this lock
     time.sleep(60)  # SIGTERM ends this
