@@ -51,11 +51,14 @@ class KoalaClient:
     :param public_key: your Koala workspace's public key; falls back to ``KOALA_PUBLIC_KEY``.
         With neither, the client runs in dry-run mode (logs, sends nothing).
     :param api_url: falls back to ``KOALA_API_URL``, then ``https://api2.getkoala.com``.
-    :param timeout: seconds for each HTTP call to Koala.
+    :param timeout: seconds for each whole attempt to post a batch (connect, send, read the
+        answer); with ``sync=True``, for all of a batch's attempts.
     :param max_queue_batches: / ``max_queue_bytes``: the queue's bounds; past them new
         batches are dropped (counted in :attr:`stats`), never blocking a request.
-    :param max_in_flight: how many batches are posted at once (default 100), spread over
-        pools of ``connections_per_pool`` (default 5) kept-alive connections.
+    :param max_in_flight: how many batches are posted at once (default 100), over as many
+        kept-alive connections. ``connections_per_pool`` is no longer used.
+    :param proxy: an ``http://`` or ``https://`` proxy URL for every request to Koala; by
+        default the environment's (``HTTPS_PROXY``, ``HTTP_PROXY``, ``ALL_PROXY``, ``NO_PROXY``).
     :param max_retries: / ``backoff_base`` / ``max_backoff``: retry policy for network
         errors, 408, 429 and 5xx.
     :param sync: send each batch before the hand-over returns (serverless, scripts).

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import ssl
 import threading
 import time
 from collections.abc import Callable
@@ -44,6 +45,8 @@ class Received:
     body: bytes
     status: int | None = None
     at: float = field(default_factory=time.monotonic)
+    #: When the answer was written (``time.monotonic()``), None before.
+    answered_at: float | None = None
 
     def json(self) -> Any:
         return json.loads(self.body)
@@ -53,7 +56,7 @@ class Received:
         return self.status is not None and 200 <= self.status < 300
 
 
-Responder = Callable[[Received], "int | tuple[int, dict[str, str]]"]
+Responder = Callable[[Received], "int | tuple[int, dict[str, str]] | tuple[int, dict[str, str], bytes]"]
 
 
 class Collector:
@@ -61,20 +64,29 @@ class Collector:
 
     :param delay: seconds to wait before answering each request (concurrently, not in turn).
     :param status: the status to answer (default 200), or ``respond(received) -> status`` /
-        ``(status, headers)`` for per-request behaviour.
+        ``(status, headers)`` / ``(status, headers, body)`` for per-request behaviour.
     :param public_key: the project key that URLs are expected to carry (informational).
+    :param tls: a server-side ``ssl.SSLContext`` to serve HTTPS with (``url`` says https).
 
     Faults to inject while it runs: :meth:`down` / :meth:`up` (connection refused),
     :meth:`fail_next` (error statuses, optionally with headers such as ``Retry-After``),
-    ``hang = True`` (read requests, never answer, until set back to False) and ``delay``.
+    ``hang = True`` (read requests, never answer, until set back to False) and ``delay``;
+    ``drip = True`` (the status line and headers at once, then the body one byte a second)
+    and ``answer_size = n`` (answer bodies of ``n`` bytes, streamed, never held in memory).
     """
 
-    def __init__(self, delay: float = 0.0, status: int | Responder = 200, public_key: str = "pk_test") -> None:
+    def __init__(
+        self, delay: float = 0.0, status: int | Responder = 200, public_key: str = "pk_test",
+        tls: ssl.SSLContext | None = None,
+    ) -> None:
         self.delay = delay
+        self.tls = tls
         self.status = status
         self.public_key = public_key
         self._hang = False
         self._unhang: asyncio.Event | None = None
+        self.drip = False
+        self.answer_size = 0
         self.received: list[Received] = []
         self._accepted = 0
         self._fail_next: list[tuple[int, dict[str, str]]] = []
@@ -91,7 +103,7 @@ class Collector:
     @property
     def url(self) -> str:
         """The ``api_url`` to give ``KoalaClient``."""
-        return f"http://127.0.0.1:{self.port}"
+        return f"{'https' if self.tls else 'http'}://127.0.0.1:{self.port}"
 
     def start(self) -> Collector:
         ready = threading.Event()
@@ -200,7 +212,7 @@ class Collector:
         loop.close()
 
     async def _listen(self) -> None:
-        self._server = await asyncio.start_server(self._serve, "127.0.0.1", self.port, backlog=1024)
+        self._server = await asyncio.start_server(self._serve, "127.0.0.1", self.port, backlog=1024, ssl=self.tls)
         self.port = self._server.sockets[0].getsockname()[1]
 
     async def _close(self, stop: bool) -> None:
@@ -221,12 +233,14 @@ class Collector:
         self._unhang.set()
         self._unhang = asyncio.Event()
 
-    def _answer(self, received: Received) -> tuple[int, dict[str, str]]:
+    def _answer(self, received: Received) -> tuple[int, dict[str, str], bytes | None]:
         with self._lock:
             if self._fail_next:
-                return self._fail_next.pop(0)
+                return (*self._fail_next.pop(0), None)
         result = self.status(received) if callable(self.status) else self.status
-        return result if isinstance(result, tuple) else (result, {})
+        if not isinstance(result, tuple):
+            return result, {}, None
+        return (result[0], result[1], result[2]) if len(result) == 3 else (result[0], result[1], None)
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self._writers.add(writer)
@@ -252,16 +266,33 @@ class Collector:
                     await self._unhang.wait()
                 if self.delay:
                     await asyncio.sleep(self.delay)
-                status, extra = self._answer(received)
+                status, extra, payload = self._answer(received)
                 with self._changed:
                     received.status = status
+                    received.answered_at = time.monotonic()
                     self._accepted += 200 <= status < 300
                     self._changed.notify_all()
-                payload = b'{"ok":true}' if status < 300 else b'{"error":"stand-in failure"}'
-                out = [f"HTTP/1.1 {status} {_REASONS.get(status, 'Status')}", f"Content-Length: {len(payload)}",
+                if payload is None:
+                    payload = b'{"ok":true}' if status < 300 else b'{"error":"stand-in failure"}'
+                size = self.answer_size or len(payload)
+                out = [f"HTTP/1.1 {status} {_REASONS.get(status, 'Status')}", f"Content-Length: {size}",
                        "Content-Type: application/json"]
                 out += [f"{k}: {v}" for k, v in extra.items()]
-                writer.write(("\r\n".join(out) + "\r\n\r\n").encode() + payload)
+                head = ("\r\n".join(out) + "\r\n\r\n").encode()
+                if self.drip:
+                    writer.write(head)
+                    for byte in range(len(payload)):
+                        await writer.drain()
+                        await asyncio.sleep(1.0)
+                        writer.write(payload[byte : byte + 1])
+                elif self.answer_size:
+                    writer.write(head)
+                    chunk = b" " * 65536
+                    for start in range(0, size, len(chunk)):
+                        await writer.drain()
+                        writer.write(chunk[: size - start])
+                else:
+                    writer.write(head + payload)
                 await writer.drain()
         except (ConnectionError, asyncio.IncompleteReadError, asyncio.CancelledError):
             return

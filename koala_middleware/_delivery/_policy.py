@@ -14,12 +14,18 @@ import email.utils
 import random
 import threading
 import time
-
-import httpx
+from typing import NamedTuple
 
 from ._settings import DeliverySettings
 
-LOG_REJECTED = "HTTP %d, not retried: %s"
+
+class Answer(NamedTuple):
+    """What the sender keeps of Koala's answer to one attempt (whatever HTTP layer got it)."""
+
+    status: int
+    retry_after: str | None = None
+    #: The start of the body (at most the HTTP layer's cap), decoded leniently.
+    text: str = ""
 
 
 def backoff(settings: DeliverySettings, failures: int, retry_after: float | None = None) -> float:
@@ -60,22 +66,22 @@ def parse_retry_after(value: str | None) -> float | None:
         return None
 
 
-def classify(response: httpx.Response | None, exc: BaseException | None) -> tuple[str, str, float | None]:
-    """``("ok"|"retry"|"reject", detail, retry_after)`` for one attempt's outcome."""
+def classify(answer: Answer | None, exc: BaseException | None) -> tuple[str, str, float | None]:
+    """``("ok"|"retry"|"reject", detail, retry_after)`` for one attempt's outcome.
+
+    A rejection's detail is Koala's answer text as received: the sender redacts it (see
+    ``_stats.excerpt``) before it reaches a log or a hook.
+    """
     if exc is not None:
         text = str(exc)
         return "retry", f"{type(exc).__name__}: {text}" if text else type(exc).__name__, None
-    assert response is not None
-    status = response.status_code
+    assert answer is not None
+    status = answer.status
     if 200 <= status < 300:
         return "ok", "", None
     if status in (408, 429) or status >= 500:
-        return "retry", f"HTTP {status}", parse_retry_after(response.headers.get("retry-after"))
-    try:
-        text = response.text[:500]
-    except Exception:  # undecodable body: the status says enough
-        text = ""
-    return "reject", LOG_REJECTED % (status, text), None
+        return "retry", f"HTTP {status}", parse_retry_after(answer.retry_after)
+    return "reject", answer.text, None
 
 
 class Health:
@@ -83,13 +89,18 @@ class Health:
 
     Only a probe's failure (or the first failure) raises the level: the batches that were
     already in flight when Koala went away all fail at once, and that is one failure.
+
+    ``Retry-After`` is Koala's own word, so it is kept apart, as ``hold``: no request starts
+    before it (within ``max_backoff``), even if requests that were already in flight
+    succeed meanwhile; those end the backoff, not the hold.
     """
 
-    __slots__ = ("_lock", "failures", "gate")
+    __slots__ = ("_lock", "failures", "gate", "hold")
 
     def __init__(self) -> None:
         self.failures = 0
         self.gate = 0.0
+        self.hold = 0.0
         self._lock = threading.Lock()
 
     def failed(self, settings: DeliverySettings, probe: bool, retry_after: float | None) -> tuple[float, bool]:
@@ -99,8 +110,16 @@ class Health:
             if probe or first:
                 self.failures += 1
             delay = backoff(settings, self.failures, retry_after)
-            self.gate = max(self.gate, time.monotonic() + delay)
-            return max(self.gate - time.monotonic(), 0.0), first
+            now = time.monotonic()
+            self.gate = max(self.gate, now + delay)
+            if retry_after is not None:
+                self.hold = max(self.hold, now + min(retry_after, settings.max_backoff))
+            return max(self.gate - now, 0.0), first
+
+    def held(self) -> float:
+        """Seconds left of a ``Retry-After`` pause (0 when none)."""
+        hold = self.hold
+        return max(hold - time.monotonic(), 0.0) if hold else 0.0
 
     def answered(self) -> int:
         """Koala answered (2xx or a final 4xx): reopen; returns the failures it ends."""

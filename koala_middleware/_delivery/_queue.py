@@ -12,6 +12,7 @@ memory, but unfinished, so a flush waits for them too. They come in through :met
 from __future__ import annotations
 
 import collections
+import sys
 import threading
 import time
 
@@ -23,9 +24,22 @@ from ._settings import DeliverySettings
 Waiting = Batch | Request
 
 
+#: What a queued batch holds besides its body and User-Agent: the Batch, its ids tuple, the
+#: request built for it (URL, headers dict) and the queue's own references, rounded up.
+BATCH_OVERHEAD = 512
+
+
 def cost(batch: Batch) -> int:
-    """The bytes a batch counts for against ``max_queue_bytes``."""
-    return len(batch.body)
+    """The bytes a batch counts for against ``max_queue_bytes``: everything it holds.
+
+    The body (which carries the IP), the User-Agent twice (the batch's and the request
+    header's, which is a copy when it had to be escaped), each message id, and the rest.
+    ``sys.getsizeof`` counts a str's real size (up to 4 bytes a character) and is O(1).
+    """
+    return (
+        len(batch.body) + 2 * sys.getsizeof(batch.user_agent)
+        + sum(sys.getsizeof(message_id) for message_id in batch.message_ids) + BATCH_OVERHEAD
+    )
 
 
 class BatchQueue:

@@ -12,12 +12,10 @@ import logging
 import os
 import weakref
 
-import httpx
-
 from .._protocol import Batch
-from ._policy import Health, classify
+from ._policy import Answer, Health, classify
 from ._settings import DeliverySettings
-from ._stats import Counters, DeliveryError, ErrorHook
+from ._stats import LOG_REJECTED, Counters, DeliveryError, ErrorHook, excerpt
 
 logger = logging.getLogger("koala_middleware")
 
@@ -48,11 +46,9 @@ class Sender:
             except Exception:
                 logger.exception(LOG_HOOK_FAILED)
 
-    def _outcome(
-        self, batch: Batch, response: httpx.Response | None, exc: BaseException | None, probe: bool
-    ) -> float | None:
+    def _outcome(self, batch: Batch, answer: Answer | None, exc: BaseException | None, probe: bool) -> float | None:
         """Account for one attempt; the pause before retrying, or None when the batch is done."""
-        verdict, detail, retry_after = classify(response, exc)
+        verdict, detail, retry_after = classify(answer, exc)
         if verdict != "retry":
             failures = self._health.answered()
             if failures:
@@ -60,15 +56,16 @@ class Sender:
             if verdict == "ok":
                 self.counters.delivered(batch)
             else:
-                assert response is not None
-                self._give_up(batch, DeliveryError("rejected", detail, response.status_code))
+                assert answer is not None
+                detail = LOG_REJECTED % (answer.status, excerpt(detail, batch))
+                self._give_up(batch, DeliveryError("rejected", detail, answer.status))
             return None
         delay, first = self._health.failed(self.settings, probe, retry_after)
         if first:
             logger.warning(LOG_UNAVAILABLE, detail, delay)
         batch.attempts += 1
         if batch.attempts > self.settings.max_retries:
-            status = response.status_code if response is not None else None
+            status = answer.status if answer is not None else None
             self._give_up(
                 batch, DeliveryError("retries_exhausted", f"{batch.attempts} attempts, last: {detail}", status)
             )

@@ -21,5 +21,12 @@ class DeliverySettings:
     backoff_base: float = 0.5
     max_backoff: float = 30.0
     transport: httpx.AsyncBaseTransport | httpx.BaseTransport | None = None
+    proxy: str | None = None
     spool_dir: str | None = None
     max_spool_bytes: int = 64 * 1024 * 1024
+
+    def __post_init__(self) -> None:
+        if self.proxy is not None:
+            from ._http import check_proxy
+
+            check_proxy(self.proxy)

@@ -7,11 +7,14 @@ to the ``on_error`` hook as a :class:`DeliveryError`.
 
 from __future__ import annotations
 
+import json
 import logging
+import re
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from typing import Any
 
 from .._protocol import Batch
 
@@ -22,6 +25,14 @@ LOG_DROPPED = (
     "repeats are summarised every %.0fs, counts are in client.stats"
 )
 LOG_DROPPED_SUMMARY = "dropped %d more batch(es), %d event(s) (%s) in the last %.1fs; last: %s"
+LOG_REJECTED = "HTTP %d, not retried: %s"
+
+#: How much of Koala's answer a log line or an ``on_error`` detail may carry.
+EXCERPT_CHARS = 200
+REDACTED = "[redacted]"
+_EMAIL = re.compile(r"[^\s\"'<>,;:]+@[^\s\"'<>,;:]+")
+_IPV4 = re.compile(r"\b\d{1,3}(?:\.\d{1,3}){3}\b")
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]+")
 
 
 class DeliveryError(Exception):
@@ -162,6 +173,41 @@ class Counters:
                 s.enqueued, s.delivered, s.retried, s.dry_run, s.events_delivered,
                 dict(s.dropped), dict(s.events_dropped), queued, s.spooled, s.recovered,
             )
+
+
+def excerpt(text: str, batch: Batch) -> str:
+    """At most ``EXCERPT_CHARS`` of Koala's answer ``text``, safe for the host's logs.
+
+    A Koala (or a proxy in front of it) that echoes the request would otherwise put the
+    visitor's email, ids and IP in error logs: every string value of the batch's body is
+    replaced (quoted, or bare when 8 characters or more), and so is anything shaped like an
+    email or an IPv4 address, before cutting.
+    """
+    try:
+        values = set(_strings(json.loads(batch.body)))
+    except ValueError:  # not JSON after all: the patterns below still apply
+        values = set()
+    for value in sorted(values, key=len, reverse=True):
+        # Quoted, as an echo of the JSON shows it; bare too when long enough not to be a
+        # piece of a word (short values like "pro" would garble "profile_id").
+        text = text.replace(json.dumps(value), '"' + REDACTED + '"')
+        if len(value) >= 8:
+            text = text.replace(value, REDACTED)
+    text = _IPV4.sub(REDACTED, _EMAIL.sub(REDACTED, text))
+    text = _CONTROL.sub(" ", text).strip()
+    return text if len(text) <= EXCERPT_CHARS else text[: EXCERPT_CHARS - 3] + "..."
+
+
+def _strings(value: Any) -> Iterator[str]:
+    """Every string value (not key) in decoded JSON."""
+    if isinstance(value, str):
+        yield value
+    elif isinstance(value, dict):
+        for item in value.values():
+            yield from _strings(item)
+    elif isinstance(value, list):
+        for item in value:
+            yield from _strings(item)
 
 
 def _log(reason: str, message: str, args: tuple[object, ...]) -> None:

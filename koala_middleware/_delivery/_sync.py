@@ -8,6 +8,8 @@ import time
 import httpx
 
 from .._protocol import Batch
+from ._http import BODY_CAP, answer
+from ._policy import Answer
 from ._request import DETAIL_UNBUILDABLE, Request, build
 from ._sender import Sender
 from ._settings import DeliverySettings
@@ -34,9 +36,12 @@ class SyncSender(Sender):
         with self._lock:
             if self._client is None:
                 transport = self.settings.transport
+                # trust_env (the default): the same proxy environment and trust store as the
+                # background sender; proxy= overrides the environment there too.
                 self._client = httpx.Client(
                     timeout=self.settings.timeout,
                     transport=transport if isinstance(transport, httpx.BaseTransport) else None,
+                    proxy=self.settings.proxy,
                 )
             return self._client
 
@@ -58,25 +63,38 @@ class SyncSender(Sender):
         deadline = time.monotonic() + self.settings.timeout
         headers = [(name.encode(), value.encode()) for name, value in request.headers.items()]
         while True:
-            remaining = deadline - time.monotonic()
-            response = exc = None
+            answer = exc = None
             try:
-                response = self._http().post(
-                    request.url, content=request.body, headers=headers, timeout=max(remaining, 0.01)
-                )
-            except httpx.HTTPError as error:
+                answer = self._post(request.url, request.body, headers, deadline)
+            except (httpx.HTTPError, TimeoutError) as error:
                 exc = error
-            delay = self._outcome(batch, response, exc, probe=True)
+            delay = self._outcome(batch, answer, exc, probe=True)
             if delay is None:
                 return
+            delay = max(delay, self._health.held())
             if time.monotonic() + delay >= deadline:
                 self._give_up(batch, DeliveryError(
                     "retries_exhausted", f"sync budget of {self.settings.timeout:g}s spent after "
-                    f"{batch.attempts} attempt(s)", response.status_code if response is not None else None,
+                    f"{batch.attempts} attempt(s)", answer.status if answer is not None else None,
                 ))
                 return
             self.counters.add("retried")
             time.sleep(delay)
+
+    def _post(self, url: str, body: bytes, headers: list[tuple[bytes, bytes]], deadline: float) -> Answer:
+        """One attempt, within ``deadline``: httpx's timeouts are per read, so a body that
+        trickles in is cut off here, between reads; at most ``BODY_CAP`` bytes are read."""
+        timeout = max(deadline - time.monotonic(), 0.01)
+        with self._http().stream("POST", url, content=body, headers=headers, timeout=timeout) as response:
+            received = b""
+            assert isinstance(response.stream, httpx.SyncByteStream)
+            for chunk in response.stream:  # the stream itself: a MockTransport's answer counts as read
+                received += chunk
+                if len(received) >= BODY_CAP:
+                    break
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"no whole answer within {self.settings.timeout:g}s")
+            return answer(response, received)
 
     def pending(self) -> int:
         return 0

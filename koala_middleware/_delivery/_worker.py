@@ -28,10 +28,8 @@ import selectors
 import threading
 import time
 
-import httpx
-
 from .._protocol import Batch
-from ._http import Poster, declare_asyncio, transports
+from ._http import Poster, poster
 from ._queue import BatchQueue, Waiting
 from ._request import DETAIL_UNBUILDABLE, Request, build
 from ._sender import Sender
@@ -259,7 +257,6 @@ class BackgroundSender(Sender):
     def _run_thread(self) -> None:
         running = self._running
         running.acquire()
-        declare_asyncio()
         loop = asyncio.SelectorEventLoop(_ParkingSelector(running))
         try:
             loop.run_until_complete(self._main())
@@ -297,6 +294,9 @@ class BackgroundSender(Sender):
                 return None, None, False
             if in_flight >= self.settings.max_in_flight:
                 return None, None, False  # a finishing task wakes us
+            held = self._health.held()
+            if held:
+                return None, held, False  # Retry-After: whatever else succeeds meanwhile
             probe = False
             if self._health.failures:
                 if self._probing:
@@ -312,10 +312,13 @@ class BackgroundSender(Sender):
         wakeup = asyncio.Event()
         with self._queue.lock:
             self._loop, self._wakeup = loop, wakeup
-        pools = transports(self.settings)
-        post = Poster(self.settings)
-        load = [0] * len(pools)
+        post = poster(self.settings)
         tasks: set[asyncio.Task[None]] = set()
+
+        def done(task: asyncio.Task[None]) -> None:
+            tasks.discard(task)
+            wakeup.set()
+
         try:
             while not self._queue.closed:
                 wakeup.clear()
@@ -331,26 +334,17 @@ class BackgroundSender(Sender):
                     except asyncio.TimeoutError:
                         pass
                     continue
-                shard = load.index(min(load))
-                load[shard] += 1
-                task = loop.create_task(self._deliver(post, pools[shard], item, probe))
+                task = loop.create_task(self._deliver(post, item, probe))
                 tasks.add(task)
-
-                def done(task: asyncio.Task[None], shard: int = shard) -> None:
-                    tasks.discard(task)
-                    load[shard] -= 1
-                    wakeup.set()
-
                 task.add_done_callback(done)
         finally:
             for task in list(tasks):
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
-            for transport in pools:
-                try:
-                    await transport.aclose()
-                except Exception:  # closing sockets Koala left half-open: nothing to do
-                    pass
+            try:
+                await post.close()
+            except Exception:  # closing sockets Koala left half-open: nothing to do
+                pass
 
     def _build(self, batch: Batch) -> Request | None:
         """The batch's request, or None when none can be built: then it is dropped alone."""
@@ -361,28 +355,28 @@ class BackgroundSender(Sender):
             self._queue.finish(batch)
             return None
 
-    async def _deliver(self, post: Poster, transport: httpx.AsyncBaseTransport, item: Waiting, probe: bool) -> None:
+    async def _deliver(self, post: Poster, item: Waiting, probe: bool) -> None:
         try:
             request = self._build(item) if isinstance(item, Batch) else item
             if request is not None:
-                await self._attempt(post, transport, request, probe)
+                await self._attempt(post, request, probe)
         finally:
             if probe:
                 self._probing = False
 
-    async def _attempt(self, post: Poster, transport: httpx.AsyncBaseTransport, request: Request, probe: bool) -> None:
+    async def _attempt(self, post: Poster, request: Request, probe: bool) -> None:
         batch = request.batch
-        response = exc = None
+        answer = exc = None
         try:
-            response = await post(transport, request)
+            answer = await post(request)
         except asyncio.CancelledError:  # shutdown while in flight: Koala may have it or not
             self._give_up(batch, DeliveryError("shutdown", "in flight at shutdown"))
             self._queue.finish(batch)
             raise
-        except Exception as error:  # httpx errors, and anything a custom transport raises
+        except Exception as error:  # network errors, timeouts, anything a custom transport raises
             exc = error
         try:
-            delay = self._outcome(batch, response, exc, probe)
+            delay = self._outcome(batch, answer, exc, probe)
         except Exception as error:  # a bug here must not strand the batch (flush would wait)
             logger.exception(LOG_UNEXPECTED)
             self._give_up(batch, DeliveryError("error", f"{type(error).__name__}: {error}"))
