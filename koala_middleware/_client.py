@@ -22,7 +22,7 @@ from typing import Any
 
 from ._delivery import BackgroundSender, DeliverySettings, ErrorHook, Stats, SyncSender
 from ._protocol import Batch
-from ._signals import exit_as_signalled, install_sigterm_flush
+from ._signals import exit_as_signalled, exiting, install_sigterm_flush
 from ._tracker import Tracker
 from ._validate import check_email, check_id
 from ._version import __version__
@@ -214,6 +214,7 @@ _live_clients: weakref.WeakSet[KoalaClient] = weakref.WeakSet()
 
 @atexit.register
 def _shutdown_at_exit() -> None:
+    exiting()
     for client in list(_live_clients):
         try:
             client.shutdown()

@@ -37,7 +37,7 @@ logger = logging.getLogger("koala_middleware")
 LOG_SIGTERM_FAILED = "SIGTERM: the flush failed; exiting"
 LOG_SIGTERM_STUCK = "SIGTERM: the main thread did not take the signal back within %.0fs; exiting now"
 
-__all__ = ["exit_as_signalled", "install_sigterm_flush"]
+__all__ = ["exit_as_signalled", "exiting", "install_sigterm_flush"]
 
 #: How long the handler's thread waits for the main thread to end the process before it
 #: exits itself (the main thread stuck in a long C call never runs a Python handler).
@@ -50,7 +50,9 @@ _main_thread = 0
 #: The signal being handled (set by the handler), and whether its flush is over.
 _received: int | None = None
 _done = False
-#: Held by the handler's thread while it shuts down: interpreter exit waits for it.
+#: Set when interpreter exit begins (see exiting()).
+_exiting = False
+#: Held from the signal until the handler's thread is done: interpreter exit waits for it.
 _busy = _thread.allocate_lock()
 
 
@@ -76,18 +78,18 @@ def install_sigterm_flush(shutdown: Callable[[], object]) -> bool:
 
 def _on_sigterm(signum: int, frame: object) -> None:
     global _received
-    if _done:  # the flush is over: die of the signal, as without this handler
+    if _done and not _exiting:  # the flush is over: die of the signal, as without this handler
         signal.signal(signum, signal.SIG_DFL)
         os.kill(os.getpid(), signum)
     elif _received is None:
         _received = signum
+        _busy.acquire(False)  # free until now; held for the thread, so that exit waits for it
         _thread.start_new_thread(_shut_down_then_signal, (signum,))
     # else: a repeat while flushing; the flush ends within shutdown_timeout anyway
 
 
 def _shut_down_then_signal(signum: int) -> None:
     global _done
-    _busy.acquire()
     try:
         if _shutdown is not None:
             _shutdown()
@@ -95,12 +97,23 @@ def _shut_down_then_signal(signum: int) -> None:
         logger.exception(LOG_SIGTERM_FAILED)
     finally:
         _done = True
+        if _exiting:  # the main thread is in the exit hooks: exit_as_signalled ends it
+            _busy.release()
+            return
         # To the main thread itself: a process-wide signal could be taken by another
         # thread and leave the main thread asleep in a system call.
         signal.pthread_kill(_main_thread, signum)
         time.sleep(MAIN_THREAD_WAIT)
         logger.warning(LOG_SIGTERM_STUCK, MAIN_THREAD_WAIT)
         os._exit(128 + signum)  # the shell's status for "killed by signum"
+
+
+def exiting() -> None:
+    """Interpreter exit begins (the ``atexit`` flush is next): from here the handler's
+    thread leaves ending the process to :func:`exit_as_signalled`, so that it cannot cut
+    short the flush the exit hook runs."""
+    global _exiting
+    _exiting = True
 
 
 def exit_as_signalled() -> None:
@@ -116,9 +129,9 @@ def exit_as_signalled() -> None:
 
 def _after_fork_in_child() -> None:
     """A child forked while the handler's thread ran has no such thread: start clean."""
-    global _busy, _done, _main_thread, _received
+    global _busy, _done, _exiting, _main_thread, _received
     _busy = _thread.allocate_lock()
-    _done = False
+    _done = _exiting = False
     _received = None
     _main_thread = threading.get_ident()
 

@@ -39,7 +39,7 @@ def finish(proc: subprocess.Popen[str]) -> tuple[int, str, str]:
     return proc.returncode, out, err
 
 
-@pytest.mark.parametrize("mode", ["wait", "locked"])
+@pytest.mark.parametrize("mode", ["wait", "locked", "exit"])
 def test_sigterm_delivers_what_is_pending_then_dies_of_sigterm(mode: str) -> None:
     with Collector(delay=0.5) as koala:
         proc, first = start(mode, koala, shutdown_timeout=5)

@@ -8,6 +8,8 @@ installed once the client exists) after handing over 5 batches, then, by MODE:
 - ``own-handler``: installs a handler of its own first, which prints ``"theirs"`` and exits 3;
 - ``locked``: signals itself while its main thread holds the sender's queue lock, and
   holds it for 0.3 s more (the handler must not wait on it);
+- ``exit``: signals itself and returns at once: interpreter exit (and its flush) begins
+  while the handler's thread flushes too; neither may cut the other short;
 - ``thread``: makes the client in a thread other than the main one (no handler possible).
 """
 
@@ -25,6 +27,9 @@ from typing import Any
 from tests.e2e.apps.faults_common import client_from_env
 
 from koala_middleware import KoalaClient
+
+
+kept: KoalaClient | None = None
 
 
 def describe(handler: Any) -> str:
@@ -60,6 +65,11 @@ def main(mode: str) -> None:
         with client._sender._queue.lock:  # the lock every hand-over and the flush take
             os.kill(os.getpid(), signal.SIGTERM)
             time.sleep(0.3)  # the handler ran in there; the flush waits for this lock
+    if mode == "exit":
+        global kept
+        kept = client  # as a module-level client would be: exit hooks see live clients only
+        os.kill(os.getpid(), signal.SIGTERM)
+        return
     time.sleep(60)  # SIGTERM ends this
 
 
