@@ -166,12 +166,17 @@ class Spool:
         self._broken = False  # cannot write: memory only from now on (logged once)
         self._closed = False
         self._pid = os.getpid()
+        self._foreign: set[str] = set()  # a parent's files, in a forked child
 
     def after_fork(self) -> None:
-        """In a forked child: forget the parent's files without closing them."""
-        _inherited.extend(spool.db for spool in [self._own, *self._adopted] if spool is not None)
+        """In a forked child: forget the parent's files without closing them, and never
+        try to adopt them (SQLite's in-process lock records came along with the fork)."""
+        parents = [spool for spool in [self._own, *self._adopted] if spool is not None]
+        _inherited.extend(spool.db for spool in parents)
+        foreign = self._foreign | {spool.path for spool in parents}
         self._lock = threading.Lock()
         self._init_state()
+        self._foreign = foreign
 
     # -- the request side ---------------------------------------------------------------
 
@@ -300,7 +305,7 @@ class Spool:
         except OSError:
             return 0
         with self._lock:
-            mine = {spool.path for spool in self._files()}
+            mine = {spool.path for spool in self._files()} | self._foreign
         recovered = 0
         for name in names:
             path = os.path.join(self.directory, name)
