@@ -97,8 +97,11 @@ def sequential(url: str, seconds: float) -> tuple[float, float]:
         start = time.perf_counter()
         while time.perf_counter() - start < seconds and sent < len(batches):
             batch = batches[sent]
-            response = http.post(f"{url}/web/projects/pk_bench{batch.path}", content=batch.body,
-                                 headers={"Content-Type": "application/json", "User-Agent": batch.user_agent})
+            response = http.post(
+                f"{url}/web/projects/pk_bench{batch.path}",
+                content=batch.body,
+                headers={"Content-Type": "application/json", "User-Agent": batch.user_agent},
+            )
             response.raise_for_status()
             sent += 1
         wall = time.perf_counter() - start
@@ -126,9 +129,11 @@ def reference(url: str, count: int, connections: int = 100) -> tuple[float, floa
         try:
             while queue:
                 batch = queue.pop()
-                head = (f"POST /web/projects/pk_bench{batch.path} HTTP/1.1\r\nHost: {host}:{port}\r\n"
-                        f"Content-Type: application/json\r\nUser-Agent: {batch.user_agent}\r\n"
-                        f"Content-Length: {len(batch.body)}\r\n\r\n")
+                head = (
+                    f"POST /web/projects/pk_bench{batch.path} HTTP/1.1\r\nHost: {host}:{port}\r\n"
+                    f"Content-Type: application/json\r\nUser-Agent: {batch.user_agent}\r\n"
+                    f"Content-Length: {len(batch.body)}\r\n\r\n"
+                )
                 writer.write(head.encode("latin-1") + batch.body)
                 response = (await reader.readuntil(b"\r\n\r\n")).lower()
                 at = response.find(b"content-length:")
@@ -150,7 +155,9 @@ def reference(url: str, count: int, connections: int = 100) -> tuple[float, floa
     return asyncio.run(main())
 
 
-async def _post_all(batches: list[Batch], connections: int, post: Callable[[Batch], Awaitable[None]]) -> tuple[float, float]:
+async def _post_all(
+    batches: list[Batch], connections: int, post: Callable[[Batch], Awaitable[None]]
+) -> tuple[float, float]:
     queue = batches[::-1]
 
     async def worker() -> None:
@@ -176,8 +183,10 @@ def candidate(name: str, url: str, count: int, connections: int = 100) -> tuple[
         close: Callable[[], Awaitable[None]]
         if name == "aiohttp":
             session = aiohttp.ClientSession(
-                connector=aiohttp.TCPConnector(limit=connections, limit_per_host=0), cookie_jar=aiohttp.DummyCookieJar(),
-                timeout=aiohttp.ClientTimeout(total=5), auto_decompress=False,
+                connector=aiohttp.TCPConnector(limit=connections, limit_per_host=0),
+                cookie_jar=aiohttp.DummyCookieJar(),
+                timeout=aiohttp.ClientTimeout(total=5),
+                auto_decompress=False,
                 skip_auto_headers=("Accept", "Accept-Encoding"),
             )
 
@@ -188,8 +197,10 @@ def candidate(name: str, url: str, count: int, connections: int = 100) -> tuple[
             close = session.close
         elif name == "httpx":
             per_pool = 5
-            pools = [httpx.AsyncHTTPTransport(limits=httpx.Limits(max_connections=per_pool))
-                     for _ in range(connections // per_pool)]
+            pools = [
+                httpx.AsyncHTTPTransport(limits=httpx.Limits(max_connections=per_pool))
+                for _ in range(connections // per_pool)
+            ]
             turn = [0]
 
             async def post(batch: Batch) -> None:
@@ -214,8 +225,15 @@ def candidate(name: str, url: str, count: int, connections: int = 100) -> tuple[
                     reader, writer = await asyncio.open_connection(parts.hostname, parts.port)
                     conn = h11.Connection(h11.CLIENT)
                 target = f"/web/projects/pk_bench{batch.path}"
-                writer.write(conn.send(h11.Request(method="POST", target=target, headers=[
-                    ("Host", host), ("Content-Length", str(len(batch.body))), *headers.items()])))
+                writer.write(
+                    conn.send(
+                        h11.Request(
+                            method="POST",
+                            target=target,
+                            headers=[("Host", host), ("Content-Length", str(len(batch.body))), *headers.items()],
+                        )
+                    )
+                )
                 writer.write(conn.send(h11.Data(data=batch.body)))
                 writer.write(conn.send(h11.EndOfMessage()))
                 while True:
@@ -264,29 +282,68 @@ def run(quick: bool = False) -> list[Row]:
     seq_rate = median([r for r, _ in results["sequential"]])
     seq_cpu = median([c for _, c in results["sequential"]])
     ref_cpu = median([c for _, c in results["reference"]])
-    rows = [Row("4", "sequential sender (one httpx.Client, one batch at a time)",
-                f"{seq_rate:,.0f} batches/s, {seq_cpu:.2f} ms CPU/batch", 1.0, "", None)]
+    rows = [
+        Row(
+            "4",
+            "sequential sender (one httpx.Client, one batch at a time)",
+            f"{seq_rate:,.0f} batches/s, {seq_cpu:.2f} ms CPU/batch",
+            1.0,
+            "",
+            None,
+        )
+    ]
     for name in configs:
         rate = median([r for r, _ in results[name]])
         cpu = median([c for _, c in results[name]])
-        ratio = median([r / s for (r, _), (s, _) in zip(results[name], results["sequential"])])
+        ratio = median([r / s for (r, _), (s, _) in zip(results[name], results["sequential"], strict=True)])
         if name == "default settings":
             target, met = ">= 1,000 batches/s and >= 20x", check(rate, 1000, at_most=False) and ratio >= 20
         else:  # a comparison, not a promise
             target, met = "(information)", None
-        rows.append(Row("4", f"background sender, {name}",
-                        f"{rate:,.0f} batches/s, {cpu:.2f} ms sender CPU/batch", ratio, target, met))
+        rows.append(
+            Row(
+                "4",
+                f"background sender, {name}",
+                f"{rate:,.0f} batches/s, {cpu:.2f} ms sender CPU/batch",
+                ratio,
+                target,
+                met,
+            )
+        )
         if name == "default settings":
-            rows.append(Row("4", "background sender: sender CPU per batch", f"{cpu:.3f} ms",
-                            cpu / ref_cpu, "<= 0.1 ms (ratio: to the yardstick)", check(cpu, 0.1)))
+            rows.append(
+                Row(
+                    "4",
+                    "background sender: sender CPU per batch",
+                    f"{cpu:.3f} ms",
+                    cpu / ref_cpu,
+                    "<= 0.1 ms (ratio: to the yardstick)",
+                    check(cpu, 0.1),
+                )
+            )
     rate = median([r for r, _ in results["reference"]])
-    ratio = median([r / s for (r, _), (s, _) in zip(results["reference"], results["sequential"])])
-    rows.append(Row("4", "yardstick: bare asyncio HTTP/1.1 sender, 100 connections (bench only)",
-                    f"{rate:,.0f} batches/s, {ref_cpu:.3f} ms CPU/batch", ratio, "(information)", None))
+    ratio = median([r / s for (r, _), (s, _) in zip(results["reference"], results["sequential"], strict=True)])
+    rows.append(
+        Row(
+            "4",
+            "yardstick: bare asyncio HTTP/1.1 sender, 100 connections (bench only)",
+            f"{rate:,.0f} batches/s, {ref_cpu:.3f} ms CPU/batch",
+            ratio,
+            "(information)",
+            None,
+        )
+    )
     for name in CANDIDATES:
         rate = median([r for r, _ in results[name]])
         cpu = median([c for _, c in results[name]])
-        rows.append(Row("4", f"candidate HTTP layer alone: {name}, 100 in flight",
-                        f"{rate:,.0f} requests/s, {cpu:.3f} ms CPU/request", cpu / ref_cpu,
-                        "(information; ratio: CPU to the yardstick)", None))
+        rows.append(
+            Row(
+                "4",
+                f"candidate HTTP layer alone: {name}, 100 in flight",
+                f"{rate:,.0f} requests/s, {cpu:.3f} ms CPU/request",
+                cpu / ref_cpu,
+                "(information; ratio: CPU to the yardstick)",
+                None,
+            )
+        )
     return rows

@@ -53,17 +53,27 @@ def run(quick: bool = False) -> list[Row]:
                     handed[name].append(hand_over(koala.url, count, directory))
                     options = {"spool_dir": directory} if directory else {}
                     delivered[name].append(background(koala.url, count, options))  # type: ignore[arg-type]
-    extra = median([s - m for s, m in zip(handed["spool"], handed["memory"])])
+    extra = median([s - m for s, m in zip(handed["spool"], handed["memory"], strict=True)])
     rate = median([r for r, _ in delivered["spool"]])
     cpu = median([c for _, c in delivered["spool"]])
     plain_rate = median([r for r, _ in delivered["memory"]])
     plain_cpu = median([c for _, c in delivered["memory"]])
-    ratio = median([s / m for (s, _), (m, _) in zip(delivered["spool"], delivered["memory"])])
+    ratio = median([s / m for (s, _), (m, _) in zip(delivered["spool"], delivered["memory"], strict=True)])
     return [
-        Row("5", "spool: CPU added to each hand-over (SQLite insert, WAL, synchronous=NORMAL)",
+        Row(
+            "5",
+            "spool: CPU added to each hand-over (SQLite insert, WAL, synchronous=NORMAL)",
             f"{extra:.1f} us per batch ({median(handed['spool']):.1f} with, {median(handed['memory']):.1f} without)",
-            None, "<= 30 us", check(extra, 30)),
-        Row("5", "spool: background sender with spool_dir, 50 ms Koala",
+            None,
+            "<= 30 us",
+            check(extra, 30),
+        ),
+        Row(
+            "5",
+            "spool: background sender with spool_dir, 50 ms Koala",
             f"{rate:,.0f} batches/s, {cpu:.2f} ms sender CPU/batch (without: {plain_rate:,.0f}/s, {plain_cpu:.2f} ms)",
-            ratio, ">= 1,000 batches/s", check(rate, 1000, at_most=False)),
+            ratio,
+            ">= 1,000 batches/s",
+            check(rate, 1000, at_most=False),
+        ),
     ]

@@ -1,6 +1,6 @@
 """Koala server-side tracking as WSGI and ASGI middleware.
 
-Add the middleware to your app; in every handler, ``request.koala`` (Flask),
+Add the middleware to your app; in every handler, ``request.koala`` (Flask, Django),
 ``request.state.koala`` / ``get_tracker`` (FastAPI, Starlette) or ``current_tracker()``
 is the visitor's :class:`Tracker`. What it records is sent to Koala after the response.
 """

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import atexit
 import collections
-import dataclasses
 import json
 import logging
 import os
@@ -17,8 +16,9 @@ import re
 import sys
 import threading
 import weakref
-from collections.abc import Mapping
-from typing import Any
+from typing import TypedDict
+
+import httpx
 
 from ._delivery import BackgroundSender, DeliverySettings, ErrorHook, Stats, SyncSender
 from ._protocol import Batch
@@ -36,13 +36,36 @@ LOG_EXIT_FAILED = "shutdown at interpreter exit failed"
 LOG_SIGTERM = "SIGTERM: delivering pending batches (at most %.1fs), then exiting as SIGTERM does"
 
 _KEY = re.compile(r"^[A-Za-z0-9_\-]{1,200}$")
-_DELIVERY_OPTIONS = {f.name for f in dataclasses.fields(DeliverySettings)} - {"base_url"}
-CLIENT_OPTIONS = frozenset(
-    _DELIVERY_OPTIONS
-    | {"sync", "on_error", "send_ip", "shutdown_timeout", "user_agent", "dry_run", "handle_sigterm"}
-)
-#: Everything ``KoalaClient(...)`` accepts by name, for the middlewares' ``**options``.
-CLIENT_ARGUMENTS = CLIENT_OPTIONS | {"public_key", "api_url"}
+
+
+class ClientOptions(TypedDict, total=False):
+    """:class:`KoalaClient`'s keyword arguments, as the middlewares take them when they make
+    the client themselves (``KoalaWSGIMiddleware(app, public_key=..., timeout=...)``).
+
+    Meanings and defaults are :class:`KoalaClient`'s; this only lets type checkers check them.
+    """
+
+    public_key: str | None
+    api_url: str | None
+    timeout: float
+    max_queue_batches: int
+    max_queue_bytes: int
+    max_in_flight: int
+    connections_per_pool: int
+    proxy: str | None
+    max_retries: int
+    backoff_base: float
+    max_backoff: float
+    shutdown_timeout: float
+    on_error: ErrorHook | None
+    send_ip: bool
+    sync: bool
+    dry_run: bool | None
+    user_agent: str | None
+    transport: httpx.AsyncBaseTransport | httpx.BaseTransport | None
+    handle_sigterm: bool
+    spool_dir: str | os.PathLike[str] | None
+    max_spool_bytes: int
 
 
 class KoalaClient:
@@ -53,18 +76,28 @@ class KoalaClient:
     :param api_url: falls back to ``KOALA_API_URL``, then ``https://api2.getkoala.com``.
     :param timeout: seconds for each whole attempt to post a batch (connect, send, read the
         answer); with ``sync=True``, for all of a batch's attempts.
-    :param max_queue_batches: / ``max_queue_bytes``: the queue's bounds; past them new
-        batches are dropped (counted in :attr:`stats`), never blocking a request.
-    :param max_in_flight: how many batches are posted at once (default 100), over as many
-        kept-alive connections. ``connections_per_pool`` is no longer used.
-    :param proxy: an ``http://`` or ``https://`` proxy URL for every request to Koala; by
-        default the environment's (``HTTPS_PROXY``, ``HTTP_PROXY``, ``ALL_PROXY``, ``NO_PROXY``).
-    :param max_retries: / ``backoff_base`` / ``max_backoff``: retry policy for network
-        errors, 408, 429 and 5xx.
-    :param sync: send each batch before the hand-over returns (serverless, scripts).
+    :param max_queue_batches: the queue's bound in batches; past it new batches are dropped
+        (counted in :attr:`stats`), never blocking a request.
+    :param max_queue_bytes: the queue's bound in bytes, likewise.
+    :param max_in_flight: how many batches are posted at once, over as many kept-alive
+        connections.
+    :param connections_per_pool: no longer used (the sender keeps one pool of
+        ``max_in_flight`` connections); accepted so existing configurations keep working.
+    :param proxy: an ``http://`` or ``https://`` proxy URL (credentials allowed) for every
+        request to Koala, overriding the environment's ``HTTPS_PROXY`` / ``HTTP_PROXY`` /
+        ``ALL_PROXY`` / ``NO_PROXY``, which apply otherwise.
+    :param max_retries: failed attempts after which a batch is given up (network errors,
+        408, 429 and 5xx are retried; other 4xx are final).
+    :param backoff_base: seconds of the first retry's backoff (doubling, with jitter).
+    :param max_backoff: the cap on one backoff, ``Retry-After`` included.
+    :param shutdown_timeout: seconds :meth:`shutdown` (and interpreter exit) may wait.
     :param on_error: ``on_error(batch, error)``, called for every batch given up.
     :param send_ip: send the visitor's IP (how Koala matches visitors to companies).
-    :param shutdown_timeout: seconds :meth:`shutdown` (and interpreter exit) may wait.
+    :param sync: send each batch before the hand-over returns (serverless, scripts).
+    :param dry_run: force dry-run mode on or off; by default on exactly when there is no key.
+    :param user_agent: the User-Agent of batches recorded outside a web request (default
+        ``koala-middleware/<version>``).
+    :param transport: an httpx transport, for tests (``httpx.MockTransport``).
     :param handle_sigterm: where SIGTERM is still at Python's default action (waitress,
         ``flask run``, scripts) and the client is made in the main thread, flush on SIGTERM
         within ``shutdown_timeout``, then exit as SIGTERM would. A handler installed by
@@ -72,17 +105,36 @@ class KoalaClient:
     :param spool_dir: keep every batch on disk, in this directory, from its hand-over until
         Koala accepts it, so that it survives a crash or a kill; batches that processes
         which are gone left there are delivered too. Falls back to ``KOALA_SPOOL_DIR``; off
-        by default. ``max_spool_bytes`` (default 64 MiB) bounds each process's spool file;
-        past it new batches are dropped (``spool_full``).
-    :param transport: an httpx transport, for tests (``httpx.MockTransport``).
+        by default, and in ``sync`` and dry-run modes.
+    :param max_spool_bytes: the bound on each process's spool file; past it new batches are
+        dropped (``spool_full``).
     """
 
-    def __init__(self, public_key: str | None = None, api_url: str | None = None, **options: Any) -> None:
-        unknown = set(options) - CLIENT_OPTIONS
-        if unknown:
-            raise TypeError(
-                f"unknown KoalaClient option(s) {sorted(unknown)}; valid options: {sorted(CLIENT_OPTIONS)}"
-            )
+    def __init__(
+        self,
+        public_key: str | None = None,
+        api_url: str | None = None,
+        *,
+        timeout: float = 5.0,
+        max_queue_batches: int = 10_000,
+        max_queue_bytes: int = 32 * 1024 * 1024,
+        max_in_flight: int = 100,
+        connections_per_pool: int = 5,
+        proxy: str | None = None,
+        max_retries: int = 8,
+        backoff_base: float = 0.5,
+        max_backoff: float = 30.0,
+        shutdown_timeout: float = 5.0,
+        on_error: ErrorHook | None = None,
+        send_ip: bool = True,
+        sync: bool = False,
+        dry_run: bool | None = None,
+        user_agent: str | None = None,
+        transport: httpx.AsyncBaseTransport | httpx.BaseTransport | None = None,
+        handle_sigterm: bool = True,
+        spool_dir: str | os.PathLike[str] | None = None,
+        max_spool_bytes: int = 64 * 1024 * 1024,
+    ) -> None:
         public_key = public_key or os.environ.get("KOALA_PUBLIC_KEY") or None
         if public_key is not None and not _KEY.match(public_key):
             raise ValueError(
@@ -92,33 +144,40 @@ class KoalaClient:
         api_url = (api_url or os.environ.get("KOALA_API_URL") or DEFAULT_API_URL).rstrip("/")
         if not api_url.startswith(("http://", "https://")):
             raise ValueError(f"api_url must start with http:// or https://, got {api_url!r}")
-        self.public_key = public_key
-        self.api_url = api_url
-        self.send_ip: bool = options.pop("send_ip", True)
-        self.shutdown_timeout: float = float(options.pop("shutdown_timeout", 5.0))
-        self.user_agent: str = options.pop("user_agent", f"koala-middleware/{__version__}")
-        dry_run = options.pop("dry_run", None)
-        self.dry_run: bool = public_key is None if dry_run is None else bool(dry_run)
-        sync = bool(options.pop("sync", False))
-        #: Whether this client flushes at SIGTERM where nothing else handles it.
-        self.handle_sigterm = bool(options.pop("handle_sigterm", True))
-        on_error: ErrorHook | None = options.pop("on_error", None)
         if on_error is not None and not callable(on_error):
             raise TypeError("on_error must be a callable on_error(batch, error)")
-        spool_dir = options.pop("spool_dir", None) or os.environ.get("KOALA_SPOOL_DIR") or None
+        spool_dir = spool_dir or os.environ.get("KOALA_SPOOL_DIR") or None
         if spool_dir is not None and not isinstance(spool_dir, (str, os.PathLike)):
             raise TypeError(f"spool_dir must be a directory path (str or os.PathLike), got {type(spool_dir).__name__}")
-        if sync or self.dry_run:
+        self.public_key = public_key
+        self.api_url = api_url
+        self.send_ip = send_ip
+        self.shutdown_timeout = float(shutdown_timeout)
+        self.user_agent = user_agent or f"koala-middleware/{__version__}"
+        self.dry_run = public_key is None if dry_run is None else bool(dry_run)
+        #: True when batches are sent before the hand-over returns (``sync=True``).
+        self.sync = bool(sync)
+        #: Whether this client flushes at SIGTERM where nothing else handles it.
+        self.handle_sigterm = bool(handle_sigterm)
+        if self.sync or self.dry_run:
             spool_dir = None  # nothing waits in memory to be kept
         settings = DeliverySettings(
             base_url=f"{api_url}/web/projects/{public_key}",
+            timeout=timeout,
+            max_queue_batches=max_queue_batches,
+            max_queue_bytes=max_queue_bytes,
+            max_in_flight=max_in_flight,
+            connections_per_pool=connections_per_pool,
+            proxy=proxy,
+            max_retries=max_retries,
+            backoff_base=backoff_base,
+            max_backoff=max_backoff,
+            transport=transport,
             spool_dir=os.fspath(spool_dir) if spool_dir is not None else None,
-            **options,
+            max_spool_bytes=max_spool_bytes,
         )
-        #: True when batches are sent before the hand-over returns (``sync=True``).
-        self.sync = sync
         self._sender: BackgroundSender | SyncSender = (
-            SyncSender(settings, on_error) if sync else BackgroundSender(settings, on_error)
+            SyncSender(settings, on_error) if self.sync else BackgroundSender(settings, on_error)
         )
         #: In dry-run mode, the last batches that would have been sent (newest last).
         self.dry_run_batches: collections.deque[Batch] = collections.deque(maxlen=100)
@@ -126,7 +185,7 @@ class KoalaClient:
         if self.dry_run:
             logger.info(LOG_DRY_RUN_ON)
         _live_clients.add(self)
-        if not sync and not self.dry_run:
+        if not self.sync and not self.dry_run:
             _shutdown_at_multiprocessing_exit()
             if self.handle_sigterm:
                 install_sigterm_flush(_shutdown_at_sigterm)
@@ -252,8 +311,8 @@ def _shutdown_at_sigterm() -> None:
         client.shutdown()
 
 
-def client_from_options(client: KoalaClient | None, options: Mapping[str, Any]) -> KoalaClient:
-    """The middlewares' ``client=None, **options`` rule: use the client, or make one."""
+def client_from_options(client: KoalaClient | None, options: ClientOptions) -> KoalaClient:
+    """The middlewares' ``client=None, **client_options`` rule: use the client, or make one."""
     if client is not None:
         if options:
             raise TypeError(
@@ -261,6 +320,3 @@ def client_from_options(client: KoalaClient | None, options: Mapping[str, Any]) 
             )
         return client
     return KoalaClient(**options)
-
-
-

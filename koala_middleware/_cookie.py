@@ -17,12 +17,12 @@ import ipaddress
 import logging
 import re
 import threading
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 from publicsuffixlist import PublicSuffixList
 
-from ._validate import random_uuid4
+from ._ids import random_uuid4
 
 logger = logging.getLogger("koala_middleware")
 
@@ -50,7 +50,7 @@ class CookieSettings:
 
     name: str = "ko_id"
     domain: str | None = None
-    allowed_hosts: tuple[str, ...] | None = None
+    allowed_hosts: Sequence[str] | None = None  # made a tuple of normalised hosts
     max_age: int = 365 * 24 * 3600
     secure: bool | None = None
     samesite: str = "lax"

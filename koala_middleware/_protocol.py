@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from ._validate import quote
+from ._encoding import quote
 
 MAX_ITEMS_PER_TYPE = 30
 VISITOR_PATH = "/batch"

@@ -95,17 +95,16 @@ def _shut_down_then_signal(signum: int) -> None:
             _shutdown()
     except BaseException:  # the process must still end as SIGTERM would
         logger.exception(LOG_SIGTERM_FAILED)
-    finally:
-        _done = True
-        if _exiting:  # the main thread is in the exit hooks: exit_as_signalled ends it
-            _busy.release()
-            return
-        # To the main thread itself: a process-wide signal could be taken by another
-        # thread and leave the main thread asleep in a system call.
-        signal.pthread_kill(_main_thread, signum)
-        time.sleep(MAIN_THREAD_WAIT)
-        logger.warning(LOG_SIGTERM_STUCK, MAIN_THREAD_WAIT)
-        os._exit(128 + signum)  # the shell's status for "killed by signum"
+    _done = True
+    if _exiting:  # the main thread is in the exit hooks: exit_as_signalled ends it
+        _busy.release()
+        return
+    # To the main thread itself: a process-wide signal could be taken by another thread
+    # and leave the main thread asleep in a system call.
+    signal.pthread_kill(_main_thread, signum)
+    time.sleep(MAIN_THREAD_WAIT)
+    logger.warning(LOG_SIGTERM_STUCK, MAIN_THREAD_WAIT)
+    os._exit(128 + signum)  # the shell's status for "killed by signum"
 
 
 def exiting() -> None:

@@ -13,15 +13,9 @@ from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
 from . import _protocol
-from ._validate import (
-    check_domain,
-    check_email,
-    check_id,
-    check_name,
-    encode_mapping,
-    format_sent_at,
-    random_uuid4,
-)
+from ._encoding import format_sent_at
+from ._ids import random_uuid4
+from ._validate import check_domain, check_email, check_id, check_name, encode_mapping
 
 if TYPE_CHECKING:
     from ._client import KoalaClient

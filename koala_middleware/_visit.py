@@ -12,39 +12,54 @@ needs it, so a returning visitor costs a cookie read and a tracker, nothing more
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass, fields
-from typing import Any
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Literal
 
-from ._client import CLIENT_ARGUMENTS, KoalaClient, client_from_options
+
+from ._client import ClientOptions, KoalaClient, client_from_options
 from ._cookie import CookieSettings, VisitorCookie
 from ._request import RequestInfo, RequestReader
 from ._tracker import RequestTracker, Tracker
 
+if TYPE_CHECKING:
+    from typing_extensions import Unpack
+
 TrackDecision = Callable[[RequestInfo], bool]
+SameSite = Literal["lax", "strict", "none", "Lax", "Strict", "None"]
 
 logger = logging.getLogger("koala_middleware")
 LOG_HANDOVER_FAILED = "could not hand the request's batch to the sender; it is lost"
 LOG_SHOULD_TRACK_FAILED = "should_track raised; not tracking this request (fix the callback)"
 
-_COOKIE_OPTIONS = {f"cookie_{f.name}": f.name for f in fields(CookieSettings)}
-_COOKIE_OPTIONS["allowed_hosts"] = _COOKIE_OPTIONS.pop("cookie_allowed_hosts")
-MIDDLEWARE_OPTIONS = frozenset(_COOKIE_OPTIONS) | {"exclude_paths", "should_track", "respect_gpc"}
+_COOKIE_DEFAULTS = CookieSettings()
+
+
+class VisitorOptions(ClientOptions, total=False):
+    """Everything a middleware accepts by keyword when it is not given a ``client=``: the
+    visitor options of :func:`configure` and :class:`~koala_middleware.KoalaClient`'s.
+
+    Only for type checkers (``**options: Unpack[VisitorOptions]``); meanings and defaults
+    are :func:`configure`'s and ``KoalaClient``'s.
+    """
+
+    cookie_name: str
+    cookie_domain: str | None
+    cookie_max_age: int
+    cookie_secure: bool | None
+    cookie_samesite: SameSite
+    allowed_hosts: Sequence[str] | None
+    exclude_paths: Sequence[str]
+    should_track: TrackDecision | None
+    respect_gpc: bool
 
 
 @dataclass(frozen=True, slots=True)
 class MiddlewareSettings:
-    """The middleware options (the cookie ones are ``cookie_<name>`` and ``allowed_hosts``).
+    """The visitor rules of one middleware, checked once (see :func:`configure`)."""
 
-    :param exclude_paths: paths (and everything under them) that get no cookie and no
-        tracking, e.g. ``("/healthz", "/static")``.
-    :param should_track: ``should_track(info) -> bool``, your consent decision; when it says
-        no, no cookie is set and the tracker's calls are validated but ignored.
-    :param respect_gpc: honour the ``Sec-GPC: 1`` header as an opt-out (default on).
-    """
-
-    cookie: CookieSettings = CookieSettings()
-    exclude_paths: tuple[str, ...] = ()
+    cookie: CookieSettings = _COOKIE_DEFAULTS
+    exclude_paths: Sequence[str] = ()  # made a tuple of normalised paths
     should_track: TrackDecision | None = None
     respect_gpc: bool = True
 
@@ -66,22 +81,54 @@ class MiddlewareSettings:
         return False
 
 
-def configure(client: KoalaClient | None, options: Mapping[str, Any]) -> tuple[KoalaClient, MiddlewareSettings]:
-    """Split ``**options`` between the client and the middleware, rejecting unknown ones."""
-    unknown = set(options) - MIDDLEWARE_OPTIONS - CLIENT_ARGUMENTS
-    if unknown:
-        raise TypeError(
-            f"unknown option(s) {sorted(unknown)}; middleware options: {sorted(MIDDLEWARE_OPTIONS)}, "
-            f"client options: {sorted(CLIENT_ARGUMENTS)}"
-        )
-    cookie = CookieSettings(**{_COOKIE_OPTIONS[k]: v for k, v in options.items() if k in _COOKIE_OPTIONS})
-    settings = MiddlewareSettings(
-        cookie=cookie,
-        exclude_paths=options.get("exclude_paths", ()),  # checked (a lone str refused) and made a tuple there
-        should_track=options.get("should_track"),
-        respect_gpc=options.get("respect_gpc", True),
+def configure(
+    client: KoalaClient | None,
+    /,
+    *,
+    cookie_name: str = _COOKIE_DEFAULTS.name,
+    cookie_domain: str | None = _COOKIE_DEFAULTS.domain,
+    cookie_max_age: int = _COOKIE_DEFAULTS.max_age,
+    cookie_secure: bool | None = _COOKIE_DEFAULTS.secure,
+    cookie_samesite: SameSite = "lax",
+    allowed_hosts: Sequence[str] | None = _COOKIE_DEFAULTS.allowed_hosts,
+    exclude_paths: Sequence[str] = (),
+    should_track: TrackDecision | None = None,
+    respect_gpc: bool = True,
+    **client_options: Unpack[ClientOptions],
+) -> tuple[KoalaClient, MiddlewareSettings]:
+    """The middlewares' options, in one place: the client to send with, and the visitor rules.
+
+    :param client: a shared client; without one, one is made from ``client_options``.
+    :param cookie_name: the visitor cookie, ``ko_id`` as Koala's pixel names it.
+    :param cookie_domain: the cookie's ``Domain``; by default the request host's top domain
+        (from the Public Suffix List), so the pixel on every subdomain sees the same id.
+    :param cookie_max_age: seconds (default one year; browsers cap it at 400 days).
+    :param cookie_secure: ``Secure``; by default set on https requests.
+    :param cookie_samesite: ``lax`` (default), ``strict`` or ``none`` (which needs Secure).
+    :param allowed_hosts: hosts the cookie may be set for (and their subdomains); others get
+        no cookie. Default: any host.
+    :param exclude_paths: paths (and everything under them) that get no cookie and no
+        tracking, e.g. ``("/healthz", "/static")``.
+    :param should_track: ``should_track(info) -> bool``, your consent decision; when it says
+        no, no cookie is set and the tracker's calls are validated but ignored.
+    :param respect_gpc: honour the ``Sec-GPC: 1`` header as an opt-out (default on).
+    """
+    cookie = CookieSettings(
+        name=cookie_name,
+        domain=cookie_domain,
+        allowed_hosts=allowed_hosts,
+        max_age=cookie_max_age,
+        secure=cookie_secure,
+        samesite=cookie_samesite,
     )
-    client_options = {k: v for k, v in options.items() if k in CLIENT_ARGUMENTS}
+    settings = MiddlewareSettings(cookie, exclude_paths, should_track, respect_gpc)
+    unknown = client_options.keys() - ClientOptions.__optional_keys__
+    if unknown:  # a clearer message than KoalaClient's own TypeError
+        raise TypeError(
+            f"unknown option(s) {sorted(unknown)}; the visitor options are "
+            f"{sorted(VisitorOptions.__optional_keys__ - ClientOptions.__optional_keys__)}, "
+            "the rest are KoalaClient's"
+        )
     return client_from_options(client, client_options), settings
 
 

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Awaitable, Callable, Iterable, MutableMapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import anyio.to_thread
 
@@ -31,7 +31,10 @@ from ._client import KoalaClient
 from ._cookie import may_set_cookie
 from ._request import RequestInfo, RequestReader
 from ._tracker import bind, unbind
-from ._visit import Visits, configure, finish
+from ._visit import VisitorOptions, Visits, configure, finish
+
+if TYPE_CHECKING:
+    from typing_extensions import Unpack
 
 __all__ = ["SCOPE_KEY", "VISITOR_ID_KEY", "KoalaASGIMiddleware", "request_info"]
 
@@ -99,7 +102,13 @@ def _first_header(scope: Scope, wanted: bytes) -> str | None:
 
 
 def _path(scope: Scope) -> str:
-    return scope.get("path") or "/"
+    """The path the app routes on: ``path`` without the ``root_path`` the app is mounted at
+    (Starlette's ``Mount`` and ``uvicorn --root-path`` keep the full path in ``path``)."""
+    path: str = scope.get("path") or "/"
+    root: str = scope.get("root_path", "").rstrip("/")
+    if root and path.startswith(root) and path[len(root) : len(root) + 1] in ("", "/"):
+        return path[len(root) :] or "/"
+    return path
 
 
 def _site(scope: Scope) -> tuple[str | None, bool]:
@@ -124,21 +133,22 @@ class KoalaASGIMiddleware:
     """Sets the ``ko_id`` cookie and gives every HTTP request a tracker.
 
     ``app.add_middleware(KoalaASGIMiddleware, client=client)`` in FastAPI and Starlette,
-    or ``KoalaASGIMiddleware(app, client=client)`` around any ASGI app.
+    ``DefineMiddleware(KoalaASGIMiddleware, client=client)`` in Litestar, or
+    ``KoalaASGIMiddleware(app, client=client)`` around any ASGI app.
 
-    :param app: the ASGI application to wrap.
+    :param app: the ASGI application to wrap (by position or by name).
     :param client: a shared :class:`~koala_middleware.KoalaClient`; when omitted, one is
         made from ``options``.
-    :param options: ``KoalaClient`` options and middleware options, as for the WSGI one.
+    :param options: the visitor options and, without ``client``, the ``KoalaClient``
+        options, as for :class:`~koala_middleware.KoalaWSGIMiddleware`.
         Note that Starlette builds its middleware when the app first runs, so with
         ``add_middleware`` a wrong option is reported at startup.
     """
 
-    def __init__(self, app: ASGIApp, /, client: KoalaClient | None = None, **options: Any) -> None:
-        # ``app`` is positional-only so that type checkers accept ``add_middleware(...)``,
-        # whose signature passes the app positionally and the options by name.
+    def __init__(self, app: ASGIApp, client: KoalaClient | None = None, **options: Unpack[VisitorOptions]) -> None:
+        # ``app`` also by name: Litestar's ``DefineMiddleware`` passes ``app=``.
         self.app = app
-        self.client, settings = configure(client, options)
+        self.client, settings = configure(client, **options)
         self.visits = Visits(self.client, settings, SCOPE_READER)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -178,7 +188,7 @@ class KoalaASGIMiddleware:
     async def _not_http(self, scope: Scope, receive: Receive, send: Send) -> None:
         kind = scope["type"]
         if kind == "lifespan":
-            await self._lifespan(scope, receive, send)
+            await lifespan_with_flush(self.app, self._flush, scope, receive, send)
             return
         if kind == "websocket" and VISITOR_ID_KEY not in scope:
             scope[VISITOR_ID_KEY] = self._known_visitor(scope)
@@ -191,57 +201,67 @@ class KoalaASGIMiddleware:
             return None  # opted out, excluded, or a new id no browser will ever keep
         return tracker.profile_id
 
-    async def _lifespan(self, scope: Scope, receive: Receive, send: Send) -> None:
-        """Pass lifespan through, flushing just before the app reports it has shut down (so
-        what its shutdown handlers tracked is included).
-
-        An app that ends or raises without ever calling ``receive`` does not speak lifespan
-        (the server would go on without it, and without a flush at shutdown): then the
-        middleware answers the protocol itself. Any other exception propagates unchanged.
-        """
-        used = False
-
-        async def receive_and_note() -> Message:
-            nonlocal used
-            used = True
-            return await receive()
-
-        async def send_after_flush(message: Message) -> None:
-            nonlocal used
-            used = True
-            if message["type"] in _SHUTDOWN_MESSAGES:
-                await anyio.to_thread.run_sync(self._flush)
-            await send(message)
-
-        try:
-            await self.app(scope, receive_and_note, send_after_flush)
-        except Exception as exc:
-            if used:
-                raise
-            logger.debug(LOG_LIFESPAN_FOR_APP, type(exc).__name__)
-        else:
-            if used:
-                return
-            logger.debug(LOG_LIFESPAN_FOR_APP, "it returned at once")
-        await self._answer_lifespan(receive, send)
-
-    async def _answer_lifespan(self, receive: Receive, send: Send) -> None:
-        while True:
-            message = await receive()
-            if message["type"] == "lifespan.startup":
-                await send({"type": "lifespan.startup.complete"})
-            elif message["type"] == "lifespan.shutdown":
-                await anyio.to_thread.run_sync(self._flush)
-                await send({"type": "lifespan.shutdown.complete"})
-                return
-
     def _flush(self) -> None:
-        timeout = self.client.shutdown_timeout
-        try:
-            if not self.client.flush(timeout):
-                logger.warning(LOG_SHUTDOWN_FLUSH_TIMEOUT, timeout)
-        except Exception:  # the server's shutdown must go on
-            logger.exception(LOG_SHUTDOWN_FLUSH_FAILED)
+        flush_at_shutdown(self.client)
+
+
+async def lifespan_with_flush(
+    app: ASGIApp, flush: Callable[[], None], scope: Scope, receive: Receive, send: Send
+) -> None:
+    """Pass lifespan through to ``app``, calling ``flush()`` (in a thread) just before the app
+    reports it has shut down (so what its shutdown handlers tracked is included).
+
+    An app that ends or raises without ever calling ``receive`` does not speak lifespan
+    (the server would go on without it, and without a flush at shutdown): then this
+    answers the protocol itself. Any other exception propagates unchanged.
+    """
+    used = False
+
+    async def receive_and_note() -> Message:
+        nonlocal used
+        used = True
+        return await receive()
+
+    async def send_after_flush(message: Message) -> None:
+        nonlocal used
+        used = True
+        if message["type"] in _SHUTDOWN_MESSAGES:
+            await anyio.to_thread.run_sync(flush)
+        await send(message)
+
+    try:
+        await app(scope, receive_and_note, send_after_flush)
+    except Exception as exc:
+        if used:
+            raise
+        logger.debug(LOG_LIFESPAN_FOR_APP, type(exc).__name__)
+    else:
+        if used:
+            return
+        logger.debug(LOG_LIFESPAN_FOR_APP, "it returned at once")
+    await _answer_lifespan(flush, receive, send)
+
+
+async def _answer_lifespan(flush: Callable[[], None], receive: Receive, send: Send) -> None:
+    while True:
+        message = await receive()
+        if message["type"] == "lifespan.startup":
+            await send({"type": "lifespan.startup.complete"})
+        elif message["type"] == "lifespan.shutdown":
+            await anyio.to_thread.run_sync(flush)
+            await send({"type": "lifespan.shutdown.complete"})
+            return
+
+
+def flush_at_shutdown(client: KoalaClient) -> None:
+    """Flush within ``client.shutdown_timeout``; a failure is logged, never raised (the
+    server's shutdown must go on)."""
+    timeout = client.shutdown_timeout
+    try:
+        if not client.flush(timeout):
+            logger.warning(LOG_SHUTDOWN_FLUSH_TIMEOUT, timeout)
+    except Exception:
+        logger.exception(LOG_SHUTDOWN_FLUSH_FAILED)
 
 
 def _with_cookie(send: Send, set_cookie: str) -> Send:

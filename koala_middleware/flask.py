@@ -7,9 +7,11 @@ cookie, privacy and delivery rules are the middleware's. Only this module needs 
 from __future__ import annotations
 
 import logging
-from typing import Any
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any, cast
 
 try:
+    import flask
     from flask import Flask, current_app
     from werkzeug.middleware.proxy_fix import ProxyFix
 except ImportError as exc:  # pragma: no cover - exercised in a subprocess test
@@ -17,12 +19,16 @@ except ImportError as exc:  # pragma: no cover - exercised in a subprocess test
         "koala_middleware.flask needs Flask: pip install 'koala-middleware[flask]'"
     ) from exc
 
-from ._client import KoalaClient
+from ._client import ClientOptions, KoalaClient
 from ._tracker import Tracker
-from ._visit import MIDDLEWARE_OPTIONS, configure
+from ._visit import VisitorOptions
 from .wsgi import ENVIRON_KEY, KoalaWSGIMiddleware
 
-__all__ = ["Koala", "KoalaRequestMixin"]
+if TYPE_CHECKING:
+    from _typeshed.wsgi import WSGIEnvironment
+    from typing_extensions import Unpack
+
+__all__ = ["Koala", "KoalaRequest", "KoalaRequestMixin", "request"]
 
 logger = logging.getLogger("koala_middleware")
 
@@ -41,7 +47,7 @@ class KoalaRequestMixin:
     Use it yourself only if you set ``app.request_class`` *after* ``Koala(app)``.
     """
 
-    environ: dict[str, Any]
+    environ: WSGIEnvironment
 
     @property
     def koala(self) -> Tracker:
@@ -50,26 +56,41 @@ class KoalaRequestMixin:
         if tracker is None:
             # Not through the middleware (test_request_context): a handler must not break
             # over tracking, so it gets a tracker that validates calls and records nothing.
-            tracker = self.environ[ENVIRON_KEY] = _extension().client._web_tracker(None, None, None, False)
+            tracker = self.environ[ENVIRON_KEY] = _middleware().client._web_tracker(None, None, None, False)
             _warn_no_middleware()
         return tracker
+
+
+class KoalaRequest(KoalaRequestMixin, flask.Request):
+    """Flask's request with ``request.koala``, the class :func:`Koala.init_app` makes."""
+
+
+#: Flask's ``request`` proxy, typed as a :class:`KoalaRequest` so that type checkers know
+#: ``request.koala`` is a :class:`~koala_middleware.Tracker`: ``from koala_middleware.flask
+#: import request``. The very same object as ``flask.request``.
+request = cast(KoalaRequest, flask.request)
 
 
 class Koala:
     """The Flask extension: ``Koala(app)`` or ``koala = Koala(); koala.init_app(app)``.
 
     :param app: the Flask app; or call :meth:`init_app` later (app factories).
-    :param client: a shared :class:`~koala_middleware.KoalaClient`; when omitted, one is
-        made from ``options`` (and from ``KOALA_PUBLIC_KEY`` / ``KOALA_API_URL``).
-    :param options: the options of :class:`~koala_middleware.KoalaWSGIMiddleware`.
+    :param client: a shared :class:`~koala_middleware.KoalaClient`; when omitted, each app
+        gets one made from its options.
+    :param options: the options of :class:`~koala_middleware.KoalaWSGIMiddleware` (visitor
+        options, and without ``client`` the ``KoalaClient`` options).
 
-    Options are checked here, where you wrote them. Every app this extension is set up on
-    shares its one client, so one process keeps one sender.
+    :meth:`init_app` also reads each option from ``app.config`` as ``KOALA_<NAME>``
+    (``KOALA_PUBLIC_KEY``, ``KOALA_API_URL``, ``KOALA_COOKIE_DOMAIN``, ``KOALA_EXCLUDE_PATHS``,
+    ...); what you pass here wins over the config, and the config over the environment.
+    Each app keeps its own middleware and client in ``app.extensions["koala"]``.
     """
 
-    def __init__(self, app: Flask | None = None, client: KoalaClient | None = None, **options: Any) -> None:
-        self.client, _ = configure(client, options)
-        self._middleware_options = {k: v for k, v in options.items() if k in MIDDLEWARE_OPTIONS}
+    def __init__(
+        self, app: Flask | None = None, client: KoalaClient | None = None, **options: Unpack[VisitorOptions]
+    ) -> None:
+        self._client = client
+        self._options = options
         if app is not None:
             self.init_app(app)
 
@@ -86,23 +107,45 @@ class Koala:
             )
         if EXTENSION_KEY in app.extensions:
             raise RuntimeError("Koala is already set up on this app; call Koala(app) or init_app(app) once")
+        options = cast("VisitorOptions", {**_config_options(app.config, self._client is None), **self._options})
         holder: Any = app
         attribute = "wsgi_app"
         while isinstance(getattr(holder, attribute), ProxyFix):
             holder, attribute = getattr(holder, attribute), "app"
-        inner = getattr(holder, attribute)
-        setattr(holder, attribute, KoalaWSGIMiddleware(inner, client=self.client, **self._middleware_options))
+        middleware = KoalaWSGIMiddleware(getattr(holder, attribute), self._client, **options)
+        setattr(holder, attribute, middleware)
         if not hasattr(app.request_class, "koala"):
             base = app.request_class
             app.request_class = type(f"Koala{base.__name__}", (KoalaRequestMixin, base), {"__module__": __name__})
-        app.extensions[EXTENSION_KEY] = self
+        app.extensions[EXTENSION_KEY] = middleware
+
+    @property
+    def client(self) -> KoalaClient:
+        """The client of the current app (or the shared one passed as ``client``)."""
+        if self._client is not None:
+            return self._client
+        return _middleware().client
 
 
-def _extension() -> Koala:
-    extension = current_app.extensions.get(EXTENSION_KEY)
-    if extension is None:
+def _config_options(config: Mapping[str, Any], with_client_options: bool) -> dict[str, Any]:
+    """``KOALA_<NAME>`` entries of ``app.config`` as middleware options."""
+    names = VisitorOptions.__optional_keys__ if with_client_options else _VISITOR_ONLY
+    found = {}
+    for name in names:
+        key = f"KOALA_{name.upper()}"
+        if key in config:
+            found[name] = config[key]
+    return found
+
+
+_VISITOR_ONLY = VisitorOptions.__optional_keys__ - ClientOptions.__optional_keys__
+
+
+def _middleware() -> KoalaWSGIMiddleware:
+    middleware = current_app.extensions.get(EXTENSION_KEY)
+    if middleware is None:
         raise RuntimeError("request.koala needs Koala(app) (koala_middleware.flask) set up on this app")
-    return extension  # type: ignore[no-any-return]
+    return middleware  # type: ignore[no-any-return]
 
 
 def _warn_no_middleware() -> None:

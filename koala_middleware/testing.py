@@ -26,13 +26,12 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from http import HTTPStatus
 from typing import Any
 
-__all__ = ["Collector", "Received"]
+__all__ = ["Collector", "Received", "Responder"]
 
-_REASONS = {200: "OK", 202: "Accepted", 400: "Bad Request", 404: "Not Found", 408: "Request Timeout",
-            429: "Too Many Requests", 500: "Internal Server Error", 502: "Bad Gateway",
-            503: "Service Unavailable", 504: "Gateway Timeout"}
+_PROJECT_PATH = "/web/projects/"
 
 
 @dataclass
@@ -52,6 +51,12 @@ class Received:
         return json.loads(self.body)
 
     @property
+    def route(self) -> str:
+        """The Koala route, after ``/web/projects/<key>/``: ``batch``, ``accounts/batch``, ..."""
+        _, _, rest = self.path.partition(_PROJECT_PATH)
+        return rest.partition("/")[2].partition("?")[0]
+
+    @property
     def accepted(self) -> bool:
         return self.status is not None and 200 <= self.status < 300
 
@@ -65,31 +70,34 @@ class Collector:
     :param delay: seconds to wait before answering each request (concurrently, not in turn).
     :param status: the status to answer (default 200), or ``respond(received) -> status`` /
         ``(status, headers)`` / ``(status, headers, body)`` for per-request behaviour.
-    :param public_key: the project key that URLs are expected to carry (informational).
     :param tls: a server-side ``ssl.SSLContext`` to serve HTTPS with (``url`` says https).
 
-    Faults to inject while it runs: :meth:`down` / :meth:`up` (connection refused),
-    :meth:`fail_next` (error statuses, optionally with headers such as ``Retry-After``),
-    ``hang = True`` (read requests, never answer, until set back to False) and ``delay``;
-    ``drip = True`` (the status line and headers at once, then the body one byte a second)
-    and ``answer_size = n`` (answer bodies of ``n`` bytes, streamed, never held in memory).
+    Faults to inject while it runs, each a method: :meth:`down` / :meth:`up` (connection
+    refused), :meth:`hang` / :meth:`release` (read requests, never answer), :meth:`slow`
+    (answer late), :meth:`answer_with` (another status, or a responder),
+    :meth:`fail_next` (the next few requests fail, optionally with headers such as
+    ``Retry-After``), :meth:`drip` (answer a byte a second), :meth:`answer_bytes` (huge
+    answers); :meth:`reset` undoes all but ``down``.
+
+    It answers Koala's key check (``GET /web/projects/{key}/auth``, what
+    ``python -m koala_middleware check`` asks) like any other request (200 by default),
+    but with 404 for the keys given to :meth:`reject_keys`.
     """
 
     def __init__(
-        self, delay: float = 0.0, status: int | Responder = 200, public_key: str = "pk_test",
-        tls: ssl.SSLContext | None = None,
+        self, *, delay: float = 0.0, status: int | Responder = 200, tls: ssl.SSLContext | None = None
     ) -> None:
-        self.delay = delay
-        self.tls = tls
-        self.status = status
-        self.public_key = public_key
+        self._delay = delay
+        self._status = status
+        self._tls = tls
+        self._drip = False
+        self._answer_bytes = 0
         self._hang = False
         self._unhang: asyncio.Event | None = None
-        self.drip = False
-        self.answer_size = 0
         self.received: list[Received] = []
         self._accepted = 0
         self._fail_next: list[tuple[int, dict[str, str]]] = []
+        self._rejected_keys: set[str] = set()
         self._lock = threading.Lock()
         self._changed = threading.Condition(self._lock)
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -103,7 +111,7 @@ class Collector:
     @property
     def url(self) -> str:
         """The ``api_url`` to give ``KoalaClient``."""
-        return f"{'https' if self.tls else 'http'}://127.0.0.1:{self.port}"
+        return f"{'https' if self._tls else 'http'}://127.0.0.1:{self.port}"
 
     def start(self) -> Collector:
         ready = threading.Event()
@@ -141,37 +149,76 @@ class Collector:
         with self._lock:
             self._fail_next.extend([(status, dict(headers or {}))] * count)
 
-    @property
-    def hang(self) -> bool:
-        """When True, read requests but never answer; setting it back answers the held ones."""
-        return self._hang
+    def reject_keys(self, *keys: str) -> None:
+        """Answer the key check (``GET /web/projects/{key}/auth``) for these keys with 404."""
+        with self._lock:
+            self._rejected_keys.update(keys)
 
-    @hang.setter
-    def hang(self, value: bool) -> None:
-        self._hang = bool(value)
-        if not value and self._loop is not None:
+    def hang(self) -> None:
+        """Read requests but never answer them, until :meth:`release`."""
+        self._hang = True
+
+    def release(self) -> None:
+        """Answer again, the held requests included (late)."""
+        self._hang = False
+        if self._loop is not None:
             self._loop.call_soon_threadsafe(self._release)
+
+    def slow(self, seconds: float) -> None:
+        """Wait ``seconds`` before answering each request (``slow(0)``: answer at once)."""
+        self._delay = seconds
+
+    def answer_with(self, status: int | Responder) -> None:
+        """Answer every request with ``status`` from now on, or ask ``respond(received)``."""
+        self._status = status
+
+    def drip(self) -> None:
+        """Send each answer's status line and headers at once, then its body a byte a second."""
+        self._drip = True
+
+    def answer_bytes(self, size: int) -> None:
+        """Answer with bodies of ``size`` bytes, streamed (never held in memory)."""
+        self._answer_bytes = size
+
+    def reset(self) -> None:
+        """Back to answering 200 at once: no hang, no delay, no failures pending."""
+        with self._lock:
+            self._fail_next.clear()
+            self._rejected_keys.clear()
+        self._status = 200
+        self._delay = 0.0
+        self._drip = False
+        self._answer_bytes = 0
+        self.release()
 
     # -- what arrived -----------------------------------------------------------------------
 
     def requests(self, path_suffix: str = "", accepted_only: bool = True) -> list[Received]:
+        """What arrived (accepted requests only, by default) whose path ends with ``path_suffix``."""
         with self._lock:
             return [
                 r for r in self.received
                 if r.path.endswith(path_suffix) and (r.accepted or not accepted_only)
             ]
 
-    def batches(self, path_suffix: str = "/batch") -> list[dict[str, Any]]:
-        """Bodies of accepted visitor batches (``/accounts/batch`` with that suffix)."""
-        def wanted(path: str) -> bool:
-            if path_suffix == "/batch" and path.endswith("/accounts/batch"):
-                return False
-            return path.endswith(path_suffix)
+    def batches(self) -> list[dict[str, Any]]:
+        """Bodies of the accepted visitor batches (``/batch``), in order of arrival."""
+        return self._bodies("batch")
 
-        return [r.json() for r in self.requests() if wanted(r.path)]
+    def account_batches(self) -> list[dict[str, Any]]:
+        """Bodies of the accepted account batches (``/accounts/batch``)."""
+        return self._bodies("accounts/batch")
 
-    def events(self, path_suffix: str = "/batch") -> list[dict[str, Any]]:
-        return [e for body in self.batches(path_suffix) for e in body.get("events", [])]
+    def events(self) -> list[dict[str, Any]]:
+        """The events of the accepted visitor batches."""
+        return [event for body in self.batches() for event in body.get("events", [])]
+
+    def account_events(self) -> list[dict[str, Any]]:
+        """The events of the accepted account batches."""
+        return [event for body in self.account_batches() for event in body.get("events", [])]
+
+    def _bodies(self, route: str) -> list[dict[str, Any]]:
+        return [r.json() for r in self.requests() if r.route == route]
 
     def message_ids(self, accepted_only: bool = True) -> list[str]:
         """Every event ``message_id`` received (visitor and account batches), in order.
@@ -212,7 +259,7 @@ class Collector:
         loop.close()
 
     async def _listen(self) -> None:
-        self._server = await asyncio.start_server(self._serve, "127.0.0.1", self.port, backlog=1024, ssl=self.tls)
+        self._server = await asyncio.start_server(self._serve, "127.0.0.1", self.port, backlog=1024, ssl=self._tls)
         self.port = self._server.sockets[0].getsockname()[1]
 
     async def _close(self, stop: bool) -> None:
@@ -237,7 +284,10 @@ class Collector:
         with self._lock:
             if self._fail_next:
                 return (*self._fail_next.pop(0), None)
-        result = self.status(received) if callable(self.status) else self.status
+            if received.path.endswith("/auth") and received.path.rsplit("/", 2)[-2] in self._rejected_keys:
+                return 404, {}, None
+        status = self._status
+        result = status(received) if callable(status) else status
         if not isinstance(result, tuple):
             return result, {}, None
         return (result[0], result[1], result[2]) if len(result) == 3 else (result[0], result[1], None)
@@ -264,8 +314,8 @@ class Collector:
                     self._changed.notify_all()
                 if self._hang and self._unhang is not None:
                     await self._unhang.wait()
-                if self.delay:
-                    await asyncio.sleep(self.delay)
+                if self._delay:
+                    await asyncio.sleep(self._delay)
                 status, extra, payload = self._answer(received)
                 with self._changed:
                     received.status = status
@@ -274,28 +324,40 @@ class Collector:
                     self._changed.notify_all()
                 if payload is None:
                     payload = b'{"ok":true}' if status < 300 else b'{"error":"stand-in failure"}'
-                size = self.answer_size or len(payload)
-                out = [f"HTTP/1.1 {status} {_REASONS.get(status, 'Status')}", f"Content-Length: {size}",
+                size = self._answer_bytes or len(payload)
+                out = [f"HTTP/1.1 {status} {_phrase(status)}", f"Content-Length: {size}",
                        "Content-Type: application/json"]
                 out += [f"{k}: {v}" for k, v in extra.items()]
-                head = ("\r\n".join(out) + "\r\n\r\n").encode()
-                if self.drip:
-                    writer.write(head)
-                    for byte in range(len(payload)):
-                        await writer.drain()
-                        await asyncio.sleep(1.0)
-                        writer.write(payload[byte : byte + 1])
-                elif self.answer_size:
-                    writer.write(head)
-                    chunk = b" " * 65536
-                    for start in range(0, size, len(chunk)):
-                        await writer.drain()
-                        writer.write(chunk[: size - start])
-                else:
-                    writer.write(head + payload)
-                await writer.drain()
+                await self._write(writer, ("\r\n".join(out) + "\r\n\r\n").encode(), payload, size)
         except (ConnectionError, asyncio.IncompleteReadError, asyncio.CancelledError):
             return
         finally:
             self._writers.discard(writer)
             writer.close()
+
+
+    async def _write(self, writer: asyncio.StreamWriter, head: bytes, payload: bytes, size: int) -> None:
+        """Write an answer: at once, a byte a second (:meth:`drip`), or ``size`` bytes of
+        padding streamed in 64 KiB chunks (:meth:`answer_bytes`)."""
+        if self._drip:
+            writer.write(head)
+            for index in range(len(payload)):
+                await writer.drain()
+                await asyncio.sleep(1.0)
+                writer.write(payload[index : index + 1])
+        elif self._answer_bytes:
+            writer.write(head)
+            chunk = b" " * 65536
+            for start in range(0, size, len(chunk)):
+                await writer.drain()
+                writer.write(chunk[: size - start])
+        else:
+            writer.write(head + payload)
+        await writer.drain()
+
+
+def _phrase(status: int) -> str:
+    try:
+        return HTTPStatus(status).phrase
+    except ValueError:
+        return "Status"

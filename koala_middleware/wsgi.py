@@ -20,13 +20,16 @@ import itertools
 from collections.abc import Iterable, Iterator
 from typing import TYPE_CHECKING, Any
 
+
 from ._client import KoalaClient
 from ._cookie import may_set_cookie
 from ._request import RequestInfo, RequestReader
 from ._tracker import Tracker, bind
-from ._visit import Visits, configure, finish
+from ._visit import VisitorOptions, Visits, configure, finish
 
 if TYPE_CHECKING:
+    from typing_extensions import Unpack
+
     from _typeshed.wsgi import StartResponse, WSGIApplication, WSGIEnvironment
 
 ENVIRON_KEY = "koala.tracker"
@@ -76,15 +79,18 @@ class KoalaWSGIMiddleware:
 
     :param app: the WSGI application to wrap.
     :param client: a shared :class:`~koala_middleware.KoalaClient`; when omitted, one is
-        made from ``options``.
-    :param options: ``KoalaClient`` options (``public_key``, ``api_url``, ...) and
-        middleware options (``cookie_domain``, ``allowed_hosts``, ``exclude_paths``,
-        ``should_track``, ``respect_gpc``, ...); see the README.
+        made from the ``KoalaClient`` options among ``options`` (``public_key``, ...).
+    :param options: the visitor options (``cookie_domain``, ``allowed_hosts``,
+        ``exclude_paths``, ``should_track``, ``respect_gpc``, ...: see
+        :func:`koala_middleware._visit.configure`, and the README), and without ``client``
+        the ``KoalaClient`` options.
     """
 
-    def __init__(self, app: WSGIApplication, client: KoalaClient | None = None, **options: Any) -> None:
+    def __init__(
+        self, app: WSGIApplication, client: KoalaClient | None = None, **options: Unpack[VisitorOptions]
+    ) -> None:
         self.app = app
-        self.client, settings = configure(client, options)
+        self.client, settings = configure(client, **options)
         self.visits = Visits(self.client, settings, ENVIRON_READER)
 
     def __call__(self, environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:

@@ -3,7 +3,9 @@
 
     python3 scripts/dev.py demo    # the Flask example, offline, showing what it would send
     python3 scripts/dev.py demo fastapi --tour   # the FastAPI twin; --tour: print and exit
-    python3 scripts/dev.py test    # the whole test suite (extra args go to pytest)
+    python3 scripts/dev.py demo django   # the Django twin (settings.MIDDLEWARE, request.koala)
+    python3 scripts/dev.py test    # lint, types, and the tests on every CPython 3.10-3.13 here
+    python3 scripts/dev.py test -k cookie   # with arguments: pytest on this Python only
     python3 scripts/dev.py bench   # the benchmarks in bench/
 
 Needs only Python 3 and pip. The venv is .venv/ in the repository. For the browser test it
@@ -51,17 +53,36 @@ def install_chromium() -> None:
             return
 
 
+def pyenv_pythons() -> dict[str, str]:
+    """Where pyenv keeps several CPythons (as on the project's machines), name them all in
+    PYENV_VERSION so that its ``python3.X`` shims resolve for nox; elsewhere, nothing."""
+    if not shutil.which("pyenv"):
+        return {}
+    found = subprocess.run(["pyenv", "versions", "--bare"], capture_output=True, text=True, check=False).stdout.split()
+    wanted = [v for v in found if v.startswith(("3.10.", "3.11.", "3.12.", "3.13."))]
+    if not wanted:
+        return {}
+    current = f"{sys.version_info.major}.{sys.version_info.minor}."
+    wanted.sort(key=lambda v: not v.startswith(current))  # this Python first: it stays `python3`
+    return {"PYENV_VERSION": ":".join(wanted)}
+
+
 def main(argv: list[str]) -> int:
     command, rest = (argv[0], argv[1:]) if argv else ("test", [])
     if command == "demo":
-        stack = rest.pop(0) if rest and rest[0] in ("flask", "fastapi") else "flask"
+        stack = rest.pop(0) if rest and rest[0] in ("flask", "fastapi", "django") else "flask"
         setup(stack)
         return run(PYTHON, f"examples/{stack}_app/app.py", *rest, check=False)
     if command == "test":
-        setup("test")
         install_chromium()
-        code = run(PYTHON, "-m", "pytest", *rest, check=False)
-        return 0 if code == 5 and rest else code
+        if rest:  # a quick, targeted run: pytest on this Python
+            setup("test")
+            code = run(PYTHON, "-m", "pytest", *rest, check=False)
+            return 0 if code == 5 else code
+        setup("ci")
+        env = {**os.environ, **pyenv_pythons()}
+        print("+", "nox (lint, then tests on CPython 3.10-3.13)", flush=True)
+        return subprocess.run([str(PYTHON), "-m", "nox"], cwd=ROOT, env=env, check=False).returncode
     if command == "bench":
         setup("bench")
         return run(PYTHON, "bench/run.py", *rest, check=False)

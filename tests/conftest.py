@@ -1,26 +1,20 @@
-"""Fixtures shared by every test: a real local collector standing in for Koala."""
+"""Fixtures shared by every test: a real local collector standing in for Koala, and clients."""
 
 from __future__ import annotations
 
-import gc
-import subprocess
-import sys
-from collections.abc import Callable, Iterator
-from pathlib import Path
+from collections.abc import Iterator
 
 import pytest
 
+from helpers import FAST_RETRIES
 from koala_middleware import KoalaClient
 from koala_middleware.testing import Collector
 
-# Fast retries so fault tests take seconds, not minutes.
-FAST_RETRIES = {"backoff_base": 0.02, "max_backoff": 0.2, "timeout": 2.0}
-
 
 @pytest.fixture
-def collector() -> Iterator[Collector]:
-    with Collector() as koala:
-        yield koala
+def collector(koala_collector: Collector) -> Collector:
+    """The package's own pytest fixture (``koala_middleware.pytest_plugin``), as users get it."""
+    return koala_collector
 
 
 @pytest.fixture
@@ -31,29 +25,14 @@ def client(collector: Collector) -> Iterator[KoalaClient]:
     koala.shutdown(timeout=2)
 
 
-def run_tour(example: Path, home: Path) -> str:
-    """Run an example's ``--tour`` offline, as a user would, and return what it printed.
-
-    No KOALA_PUBLIC_KEY / KOALA_API_URL from the caller's environment: the tour needs neither.
-    """
-    root = Path(__file__).resolve().parent.parent
-    env = {"PATH": "/usr/bin:/bin", "HOME": str(home), "PYTHONPATH": str(root)}
-    result = subprocess.run(
-        [sys.executable, str(example), "--tour"], check=False, capture_output=True, text=True, timeout=60,
-        env=env, cwd=root,
-    )
-    assert result.returncode == 0, result.stderr
-    return result.stdout
+@pytest.fixture
+def dry() -> KoalaClient:
+    """A client that keeps what it would send (``dry_run_batches``), for checks of what and when."""
+    return KoalaClient(dry_run=True)
 
 
-def assert_no_garbage_cycles(run: Callable[[], None]) -> None:
-    """``run()`` once to warm up (caches, lazily built tables), then again with the garbage
-    collector off: it must leave nothing that only the collector could free."""
-    run()
-    gc.collect()
-    gc.disable()
-    try:
-        run()
-        assert gc.collect() == 0
-    finally:
-        gc.enable()
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Everything under tests/e2e/ (real servers, real processes) carries the ``e2e`` marker."""
+    for item in items:
+        if "e2e" in item.path.parent.parts:
+            item.add_marker(pytest.mark.e2e)

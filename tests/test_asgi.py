@@ -29,7 +29,7 @@ with warnings.catch_warnings():  # recent Starlette asks for httpx2; httpx works
     warnings.simplefilter("ignore")
     from starlette.testclient import TestClient
 
-from conftest import FAST_RETRIES, assert_no_garbage_cycles
+from helpers import FAST_RETRIES, assert_no_garbage_cycles
 
 from koala_middleware import KoalaClient, Tracker, current_tracker
 from koala_middleware.asgi import SCOPE_KEY, VISITOR_ID_KEY, KoalaASGIMiddleware
@@ -52,11 +52,6 @@ class Boom(Exception):
 def anyio_backend() -> str:
     return "asyncio"  # the harness below uses asyncio primitives
 
-
-@pytest.fixture
-def dry() -> KoalaClient:
-    """A client that keeps what it would send, for checks of what and when."""
-    return KoalaClient(dry_run=True)
 
 
 def http_scope(path: str = "/", headers: Iterable[tuple[bytes, bytes]] = (), **extra: Any) -> dict[str, Any]:
@@ -388,11 +383,15 @@ async def test_exceptions_propagate_unchanged_and_what_was_recorded_is_sent(
 
 @pytest.mark.anyio
 async def test_concurrent_requests_each_see_their_own_tracker(dry: KoalaClient) -> None:
-    barrier = asyncio.Barrier(4)
+    inside: list[str] = []
+    all_inside = asyncio.Event()  # a barrier (asyncio.Barrier is 3.11+)
     mismatches: list[str] = []
 
     async def app(scope: dict[str, Any], receive: Receive, send: Send) -> None:
-        await barrier.wait()  # all four are inside the app at once
+        inside.append(scope["path"])
+        if len(inside) == 4:
+            all_inside.set()
+        await all_inside.wait()  # all four are inside the app at once
         await asyncio.sleep(0)
         if current_tracker() is not scope[SCOPE_KEY]:
             mismatches.append(scope["path"])

@@ -14,7 +14,7 @@ import uuid
 
 import httpx
 import pytest
-from conftest import FAST_RETRIES
+from helpers import FAST_RETRIES
 
 from koala_middleware import DeliveryError, KoalaClient
 from koala_middleware._delivery import BackgroundSender, DeliverySettings
@@ -165,7 +165,7 @@ def test_the_sender_thread_starts_with_the_first_batch(collector: Collector) -> 
 
 
 def test_batches_bound_counts_waiting_and_in_flight(collector: Collector) -> None:
-    collector.hang = True
+    collector.hang()
     errors: list[DeliveryError] = []
     client = KoalaClient(
         "pk_test", api_url=collector.url, max_queue_batches=3, on_error=lambda b, e: errors.append(e), **FAST_RETRIES
@@ -176,14 +176,14 @@ def test_batches_bound_counts_waiting_and_in_flight(collector: Collector) -> Non
     assert (stats.enqueued, stats.queued, stats.dropped) == (3, 3, {"queue_full": 7})
     assert stats.events_dropped == {"queue_full": 7}
     assert [e.reason for e in errors] == ["queue_full"] * 7
-    collector.hang = False
+    collector.release()
     assert client.flush(10)
     assert client.stats.delivered == 3 and len(collector.message_ids()) == 3
     client.shutdown(1)
 
 
 def test_bytes_bound(collector: Collector) -> None:
-    collector.hang = True
+    collector.hang()
     client = KoalaClient("pk_test", api_url=collector.url, max_queue_bytes=3000, **FAST_RETRIES)
     with client.tracker(profile_id=str(uuid.uuid4())) as tracker:
         tracker.track("Big", {"blob": "x" * 4000})
@@ -193,14 +193,14 @@ def test_bytes_bound(collector: Collector) -> None:
     assert stats.dropped["queue_bytes_full"] >= 1 and stats.enqueued >= 1
     assert stats.enqueued + stats.dropped["queue_bytes_full"] == 21
     assert client._sender._queue.pending_bytes <= 3000
-    collector.hang = False
+    collector.release()
     assert client.flush(10)
     assert client._sender._queue.pending_bytes == 0
     client.shutdown(1)
 
 
 def test_flush_never_overshoots_its_timeout(collector: Collector) -> None:
-    collector.hang = True
+    collector.hang()
     client = KoalaClient("pk_test", api_url=collector.url, timeout=30)
     track(client)
     for timeout in (0.0, 0.2, 0.5):
@@ -231,7 +231,7 @@ def test_after_fork_the_sender_starts_over(collector: Collector) -> None:
 
 
 def test_an_on_error_hook_may_call_flush_without_deadlock(collector: Collector) -> None:
-    collector.status = 400
+    collector.answer_with(400)
     flushed: list[bool] = []
     client = KoalaClient("pk_test", api_url=collector.url, **FAST_RETRIES)
     client._sender.on_error = lambda batch, error: flushed.append(client.flush(5))

@@ -7,18 +7,19 @@ a queued batch holds; an error log carries a short, redacted excerpt of Koala's 
 from __future__ import annotations
 
 import gc
+import itertools
 import json
 import logging
 import sys
-import time
 import threading
+import time
 import tracemalloc
 import uuid
 
 import pytest
-from conftest import FAST_RETRIES
-from e2e.servers import wait_until
 
+from e2e.servers import wait_until
+from helpers import FAST_RETRIES
 from koala_middleware import Batch, KoalaClient
 from koala_middleware._delivery._stats import EXCERPT_CHARS, LOG_DROPPED
 from koala_middleware.testing import Collector, Received
@@ -29,7 +30,7 @@ def test_retry_after_holds_every_request_even_while_others_succeed(collector: Co
     """20 batches in flight, 5 answered ``Retry-After: 2``, the 15 others succeed right after:
     no request starts for 2 s (timestamps taken at the collector)."""
     client = KoalaClient("pk_test", api_url=collector.url, backoff_base=0.01, max_backoff=5, timeout=5)
-    collector.delay = 0.5  # all 20 in flight together; the first 5 answered are refused
+    collector.slow(0.5)  # all 20 in flight together; the first 5 answered are refused
     collector.fail_next(5, status, {"Retry-After": "2"})
     for n in range(20):
         with client.tracker(profile_id=str(uuid.uuid4())) as tracker:
@@ -38,7 +39,7 @@ def test_retry_after_holds_every_request_even_while_others_succeed(collector: Co
     assert collector.wait_for(15)
     # The client has read the refusals (answers on the wire are not read yet).
     assert wait_until(lambda: client.stats.retried == 5 and client.stats.delivered == 15, timeout=5)
-    collector.delay = 0.0
+    collector.slow(0.0)
     for n in range(5):  # more to send while the hold lasts
         with client.tracker(profile_id=str(uuid.uuid4())) as tracker:
             tracker.track("Later", {"n": n})
@@ -63,7 +64,7 @@ def test_retry_after_is_a_deadline_capped_by_max_backoff(collector: Collector) -
         tracker.track("Viewed")
     assert client.flush(5), "an hour-long Retry-After is capped at max_backoff"
     first, second = collector.requests(accepted_only=False)
-    assert first.answered_at is not None and 0.45 <= second.at - first.answered_at
+    assert first.answered_at is not None and second.at - first.answered_at >= 0.45
     client.shutdown(1)
 
 
@@ -98,10 +99,11 @@ def test_a_rejection_log_carries_a_short_excerpt_without_the_batch_s_email_ids_o
     collector: Collector, caplog: pytest.LogCaptureFixture
 ) -> None:
     """A Koala that echoes the request puts none of it in the host's error log."""
+
     def echo(received: Received) -> tuple[int, dict[str, str], bytes]:
         return 400, {}, b"bad request, you sent:\r\n" + received.body + b" and " + b"!" * 5000
 
-    collector.status = echo
+    collector.answer_with(echo)
     caplog.set_level(logging.WARNING, logger="koala_middleware")
     details: list[str] = []
     client = KoalaClient(
@@ -156,7 +158,7 @@ def test_submits_racing_a_hold_are_all_delivered(collector: Collector) -> None:
 def test_an_answer_dripping_1_byte_a_second_ends_each_attempt_within_timeout(collector: Collector, sync: bool) -> None:
     """Status line and headers at once, then the body at 1 byte/s: each attempt ends within
     ``timeout`` (plus a little), the batch is retried then counted, and the sender goes on."""
-    collector.drip = True
+    collector.drip()
     client = KoalaClient(
         "pk_test", api_url=collector.url, sync=sync, timeout=1.0, max_retries=2, backoff_base=0.05, max_backoff=0.1
     )
@@ -169,10 +171,10 @@ def test_an_answer_dripping_1_byte_a_second_ends_each_attempt_within_timeout(col
         assert len(attempts) == 1 and time.monotonic() - started < 1.5
     else:
         assert len(attempts) == 3
-        gaps = [later.at - earlier.at for earlier, later in zip(attempts, attempts[1:])]
+        gaps = [later.at - earlier.at for earlier, later in itertools.pairwise(attempts)]
         assert all(gap < 1.0 + 0.1 + 0.4 for gap in gaps), gaps
     assert client.stats.dropped == {"retries_exhausted": 1} and client.stats.delivered == 0
-    collector.drip = False
+    collector.reset()
     with client.tracker(profile_id=str(uuid.uuid4())) as tracker:
         tracker.track("After")
     assert client.flush(5) and client.stats.delivered == 1, "the sender never stalls"
@@ -192,7 +194,7 @@ def test_a_256_mb_answer_costs_little_memory(collector: Collector, sync: bool) -
     with client.tracker(profile_id=str(uuid.uuid4())) as tracker:  # warm up: thread, session, imports
         tracker.track("Warm-up")
     assert client.flush(5)
-    collector.answer_size = 256 * 1024 * 1024
+    collector.answer_bytes(256 * 1024 * 1024)
     gc.collect()
     before = rss()
     for n in range(3):

@@ -12,9 +12,9 @@ import uuid
 
 import httpx
 import pytest
-from conftest import FAST_RETRIES
-from e2e.servers import fault_server
 
+from e2e.servers import fault_server
+from helpers import FAST_RETRIES
 from koala_middleware import Batch, KoalaClient
 from koala_middleware._delivery._request import header_text
 from koala_middleware._delivery._sender import LOG_UNAVAILABLE

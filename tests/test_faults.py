@@ -17,7 +17,7 @@ from typing import Any
 
 import httpx
 import pytest
-from conftest import FAST_RETRIES
+from helpers import FAST_RETRIES
 from e2e.servers import Server, fault_server, wait_until
 
 from koala_middleware import Batch, DeliveryError, KoalaClient
@@ -86,7 +86,7 @@ def test_an_error_storm_is_probed_one_request_at_a_time(
     collector: Collector, caplog: pytest.LogCaptureFixture
 ) -> None:
     client, errors = make(collector, max_in_flight=10)
-    collector.status = 503
+    collector.answer_with(503)
     sent = [track(client, n) for n in range(200)]
     time.sleep(1.0)  # the window in which a spinning sender would post hundreds of times
     failed = len(collector.requests(accepted_only=False))
@@ -94,7 +94,7 @@ def test_an_error_storm_is_probed_one_request_at_a_time(
     # probes in a second. Sending the queue at each retry would be hundreds.
     assert failed < 40, f"{failed} requests in 1 s of outage: the sender spins"
     assert [r.msg for r in caplog.records].count(LOG_UNAVAILABLE) == 1, "one warning per outage"
-    collector.status = 200
+    collector.answer_with(200)
     assert client.flush(10)
     assert sorted(collector.message_ids()) == sorted(sent)
     assert client.stats.delivered == 200 and not errors
@@ -118,10 +118,10 @@ def test_retryable_statuses_are_retried_with_the_same_message_ids(
 
 def test_a_timeout_is_retried_and_koala_can_deduplicate(collector: Collector) -> None:
     client, errors = make(collector, timeout=0.3)
-    collector.hang = True
+    collector.hang()
     message_id = track(client)
     assert collector.wait_for(2, accepted_only=False), "the timed-out attempt is retried"
-    collector.hang = False  # the held requests are answered now, late
+    collector.release()  # the held requests are answered now, late
     assert client.flush(10)
     ids = collector.message_ids()
     assert set(ids) == {message_id} and len(ids) >= 2, "Koala sees the same message_id twice: it dedupes"
@@ -166,7 +166,7 @@ def test_retry_after_as_a_date_is_honoured(collector: Collector) -> None:
         # Dated when answered, in whole seconds: 1 to 2 s ahead.
         return next(answers, 200), {"Retry-After": email.utils.formatdate(time.time() + 2, usegmt=True)}
 
-    collector.status = respond
+    collector.answer_with(respond)
     track(client)
     assert client.flush(10)
     first, second = collector.requests(accepted_only=False)
@@ -185,7 +185,7 @@ def test_retry_after_is_capped_by_max_backoff(collector: Collector) -> None:
 
 def test_a_batch_that_keeps_failing_is_given_up_once(collector: Collector) -> None:
     client, errors = make(collector, max_retries=3)
-    collector.status = 500
+    collector.answer_with(500)
     message_id = track(client)
     assert client.flush(10), "given up after a bounded time"
     assert len(collector.requests(accepted_only=False)) == 4, "1 attempt + max_retries"
@@ -195,7 +195,7 @@ def test_a_batch_that_keeps_failing_is_given_up_once(collector: Collector) -> No
     )
     assert errors.reasons == ["retries_exhausted"] and errors.message_ids == [message_id]
     assert errors[0][1].status == 500
-    collector.status = 200
+    collector.answer_with(200)
     track(client, 1)
     assert client.flush(10) and client.stats.delivered == 1
     client.shutdown(1)
@@ -203,7 +203,7 @@ def test_a_batch_that_keeps_failing_is_given_up_once(collector: Collector) -> No
 
 def test_a_batch_koala_keeps_refusing_does_not_stall_the_others(collector: Collector) -> None:
     client, _ = make(collector, max_retries=4)
-    collector.status = lambda received: 500 if b'"poison"' in received.body else 200
+    collector.answer_with(lambda received: 500 if b'"poison"' in received.body else 200)
     with client.tracker(email="poison@example.com") as tracker:
         tracker.track("Poison", {"poison": True})
     sent = [track(client, n) for n in range(100)]
@@ -235,7 +235,7 @@ def test_an_on_error_hook_that_raises_never_kills_the_sender(
 def test_a_full_queue_drops_new_batches_counted_and_never_blocks(
     collector: Collector, caplog: pytest.LogCaptureFixture
 ) -> None:
-    collector.hang = True
+    collector.hang()
     client, errors = make(collector, max_queue_batches=10, timeout=30)
     started = time.monotonic()
     sent = [track(client, n) for n in range(500)]
@@ -245,7 +245,7 @@ def test_a_full_queue_drops_new_batches_counted_and_never_blocks(
     assert errors.reasons == ["queue_full"] * 490 and errors.message_ids == sent[10:]
     drop_logs = [r for r in caplog.records if r.levelno >= logging.WARNING]
     assert len(drop_logs) == 1, "drop warnings are rate limited"
-    collector.hang = False
+    collector.release()
     assert client.flush(10)
     assert sorted(collector.message_ids()) == sorted(sent[:10])
     client.shutdown(1)
@@ -254,7 +254,7 @@ def test_a_full_queue_drops_new_batches_counted_and_never_blocks(
 def test_shutdown_with_a_hanging_koala_returns_in_time_and_counts_each_batch_once(
     collector: Collector, caplog: pytest.LogCaptureFixture
 ) -> None:
-    collector.hang = True
+    collector.hang()
     client, errors = make(collector, timeout=30, max_in_flight=20)
     sent = [track(client, n) for n in range(60)]  # 20 in flight, 40 waiting
     assert collector.wait_for(20, accepted_only=False), "the first 20 are in flight"
@@ -275,7 +275,7 @@ def test_shutdown_with_a_hanging_koala_returns_in_time_and_counts_each_batch_onc
 
 def test_shutdown_while_koala_fails_counts_the_waiting_retries(collector: Collector) -> None:
     client, errors = make(collector, backoff_base=1, max_backoff=5)
-    collector.status = 503
+    collector.answer_with(503)
     sent = [track(client, n) for n in range(30)]
     assert collector.wait_for(1, accepted_only=False)
     assert client.shutdown(timeout=0.5) is False
@@ -284,7 +284,7 @@ def test_shutdown_while_koala_fails_counts_the_waiting_retries(collector: Collec
 
 
 def test_shutdown_delivers_what_is_pending_when_koala_is_slow(collector: Collector) -> None:
-    collector.delay = 0.5
+    collector.slow(0.5)
     client, errors = make(collector)
     sent = [track(client, n) for n in range(100)]
     assert client.shutdown(timeout=5)
@@ -306,11 +306,11 @@ def test_sync_mode_delivers_before_returning(collector: Collector) -> None:
 def test_sync_mode_is_bounded_and_never_raises(fault: str, collector: Collector) -> None:
     client, errors = make(collector, sync=True, timeout=0.5, backoff_base=0.05, max_backoff=1)
     if fault == "hang":
-        collector.hang = True
+        collector.hang()
     elif fault == "down":
         collector.down()
     else:
-        collector.status = 500
+        collector.answer_with(500)
     started = time.monotonic()
     message_id = track(client)  # must not raise
     elapsed = time.monotonic() - started
@@ -323,7 +323,7 @@ def test_sync_mode_is_bounded_and_never_raises(fault: str, collector: Collector)
 def test_sync_mode_stops_retrying_while_koala_stays_down(collector: Collector) -> None:
     """The shared backoff outgrows the per-batch budget: then one attempt per batch."""
     client, _ = make(collector, sync=True, timeout=1, backoff_base=0.2, max_backoff=5)
-    collector.status = 503
+    collector.answer_with(503)
     for n in range(3):
         track(client, n)
     before = len(collector.requests(accepted_only=False))
@@ -331,7 +331,7 @@ def test_sync_mode_stops_retrying_while_koala_stays_down(collector: Collector) -
         track(client, n)
     assert len(collector.requests(accepted_only=False)) - before == 3
     assert client.stats.dropped == {"retries_exhausted": 6}
-    collector.status = 200
+    collector.answer_with(200)
     track(client, 6)
     assert client.stats.delivered == 1, "the first answer resets the backoff"
 
@@ -350,7 +350,7 @@ def timed_requests(server: Server, count: int) -> list[float]:
 
 
 def test_a_full_queue_under_uvicorn_drops_counted_and_the_app_still_answers(collector: Collector) -> None:
-    collector.hang = True
+    collector.hang()
     with fault_server("uvicorn", collector, max_queue_batches=5, timeout=30, shutdown_timeout=0.3) as server:
         took = timed_requests(server, 40)
         stats = httpx.get(server.url + "/stats", timeout=10).json()
@@ -359,7 +359,7 @@ def test_a_full_queue_under_uvicorn_drops_counted_and_the_app_still_answers(coll
 
 
 def test_a_slow_koala_does_not_slow_gunicorn_responses(collector: Collector) -> None:
-    collector.delay = 2.0
+    collector.slow(2.0)
     with fault_server("gunicorn", collector, shutdown_timeout=5) as server:
         took = timed_requests(server, 10)
         assert max(took) < 1.0, f"slowest response {max(took):.2f}s with a 2 s Koala"

@@ -17,7 +17,7 @@ from pathlib import Path
 from types import ModuleType
 
 import pytest
-from conftest import run_tour
+from helpers import run_tour
 from flask import Flask, Request, request, stream_with_context
 from werkzeug.middleware.proxy_fix import ProxyFix
 
@@ -69,8 +69,7 @@ def test_request_koala_is_this_requests_tracker_and_its_batch_reaches_koala(
     client: KoalaClient, collector: Collector
 ) -> None:
     app = make_app(client)
-    extension = app.extensions["koala"]
-    assert isinstance(extension, Koala) and extension.client is client
+    assert app.extensions["koala"].client is client
     browser = app.test_client()
     response = browser.get("/", headers={"User-Agent": UA}, environ_base={"REMOTE_ADDR": "198.51.100.23"})
     visitor_id = response.text
@@ -87,24 +86,55 @@ def test_request_koala_is_this_requests_tracker_and_its_batch_reaches_koala(
     assert client.flush(5) and client.stats.enqueued == 1  # nothing recorded: no batch
 
 
-def test_init_app_for_app_factories_shares_one_client_and_checks_its_input() -> None:
-    koala = Koala(client=KoalaClient(dry_run=True), exclude_paths=["/healthz"])
+def test_init_app_for_app_factories_can_share_one_client_and_checks_its_input() -> None:
+    shared = KoalaClient(dry_run=True)
+    koala = Koala(client=shared, exclude_paths=["/healthz"])
     apps = [Flask("first"), Flask("second")]
     for app in apps:
         koala.init_app(app)
         app.add_url_rule("/healthz", "healthz", lambda: "ok" if not request.koala.enabled else "tracked")
-        assert app.extensions["koala"] is koala
+        assert app.extensions["koala"].client is shared
         assert app.test_client().get("/healthz", buffered=True).text == "ok"
     with pytest.raises(RuntimeError, match="already set up"):
         koala.init_app(apps[0])
     with pytest.raises(TypeError, match="needs a Flask app"):
         koala.init_app(lambda environ, start_response: [])  # type: ignore[arg-type]
     with pytest.raises(TypeError, match="unknown option.*'exclude_path'"):
-        Koala(exclude_path=["/healthz"])
+        Koala(Flask("typo"), exclude_path=["/healthz"])  # type: ignore[call-arg]
     with pytest.raises(TypeError, match="not alongside client="):
-        Koala(client=KoalaClient(dry_run=True), public_key="pk_test")
-    made = Koala(public_key="pk_test", api_url="http://127.0.0.1:9")
-    assert made.client.public_key == "pk_test" and made.client.api_url == "http://127.0.0.1:9"
+        Koala(Flask("both"), client=KoalaClient(dry_run=True), public_key="pk_test")
+    app = Flask("made")
+    made = Koala(app, public_key="pk_test", api_url="http://127.0.0.1:9")
+    with app.app_context():
+        assert made.client.public_key == "pk_test" and made.client.api_url == "http://127.0.0.1:9"
+
+
+def test_init_app_reads_koala_settings_from_app_config_and_arguments_win() -> None:
+    koala = Koala(cookie_domain="example.com")
+    apps = []
+    for name, key in (("first", "pk_first"), ("second", "pk_second")):
+        app = Flask(name)
+        app.config.update(
+            KOALA_PUBLIC_KEY=key,
+            KOALA_API_URL=f"http://127.0.0.1:9/{name}",
+            KOALA_COOKIE_DOMAIN="ignored.example",  # the constructor's argument wins
+            KOALA_EXCLUDE_PATHS=["/healthz"],
+        )
+        koala.init_app(app)
+        apps.append(app)
+    first, second = (app.extensions["koala"] for app in apps)
+    assert first.client is not second.client  # each app keeps its own state
+    assert (first.client.public_key, first.client.api_url) == ("pk_first", "http://127.0.0.1:9/first")
+    assert second.client.public_key == "pk_second"
+    assert first.visits.settings.cookie.domain == "example.com"
+    assert first.visits.settings.exclude_paths == ("/healthz",)
+    shared = Koala(client=KoalaClient(dry_run=True))
+    app = Flask("shared")
+    app.config["KOALA_PUBLIC_KEY"] = "pk_config"  # a client option: the shared client's own config wins
+    shared.init_app(app)
+    assert app.extensions["koala"].client is shared.client and shared.client.public_key is None
+    for made in (first, second):
+        made.client.shutdown(0)
 
 
 # -- the ko_id cookie through Flask --------------------------------------------------------
@@ -345,8 +375,16 @@ def test_example_app_sends_sign_ups_and_account_traits_to_koala(client: KoalaCli
     assert sorted(e["event"] for e in collector.events()) == ["Signed Up", "Upgraded Plan"]
     (signup,) = [b for b in collector.batches() if "identifies" in b]
     assert signup["email"] == "grace@navy-labs.com" and signup["identifies"][0]["traits"]["name"] == "Grace Hopper"
-    accounts = collector.batches("/accounts/batch")
+    accounts = collector.account_batches()
     assert [a["domain"] for a in accounts] == ["navy-labs.com", "navy-labs.com"]
     assert {"plan": "enterprise", "seats": 40} in [a["identifies"][0]["traits"] for a in accounts]
     page = browser.get("/").text
     assert "Grace Hopper" in page and browser.get_cookie("ko_id").value in page  # type: ignore[union-attr]
+
+
+def test_example_page_shows_the_tour_s_batches_in_dry_run_mode(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("KOALA_PUBLIC_KEY", raising=False)
+    example = load_example()
+    example.tour(example.client)  # as main() does before serving, in dry-run mode
+    page = example.app.test_client().get("/").text
+    assert "Nothing yet" not in page and "ada@acme-robotics.com" in page

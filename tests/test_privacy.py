@@ -161,11 +161,6 @@ def make_stack(request: pytest.FixtureRequest) -> Callable[..., Stack]:
     return make
 
 
-@pytest.fixture
-def dry() -> KoalaClient:
-    """A client that keeps what it would send, for cases about headers only (no network)."""
-    return KoalaClient(dry_run=True)
-
 
 def delivered(client: KoalaClient, collector: Collector) -> list[dict[str, Any]]:
     """Every visitor batch Koala received, once everything handed over has been sent."""

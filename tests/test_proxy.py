@@ -12,11 +12,12 @@ import sys
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import trustme
-from e2e.servers import Server, free_port, serve
 
+from e2e.servers import Server, free_port, serve
 from koala_middleware import KoalaClient
 from koala_middleware._delivery._http import proxy_for
 from koala_middleware.testing import Collector
@@ -25,12 +26,36 @@ OPTIONS = {"backoff_base": 0.05, "max_backoff": 0.2, "timeout": 3.0}
 PROXY_VARIABLES = ["http_proxy", "https_proxy", "all_proxy", "no_proxy"]
 
 
+def proxy_process(*options: str) -> Any:
+    port = free_port()
+    args = [
+        sys.executable,
+        "-m",
+        "proxy",
+        "--hostname",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--num-workers",
+        "1",
+        "--num-acceptors",
+        "1",
+        "--plugins",
+        "e2e.proxy_hosts.LoopbackHosts",
+        *options,
+    ]
+    return serve(args, port)
+
+
 @pytest.fixture(scope="module")
 def forward_proxy() -> Iterator[Server]:
-    port = free_port()
-    args = [sys.executable, "-m", "proxy", "--hostname", "127.0.0.1", "--port", str(port), "--num-workers", "1",
-            "--num-acceptors", "1", "--plugins", "e2e.proxy_hosts.LoopbackHosts"]
-    with serve(args, port) as running:
+    with proxy_process() as running:
+        yield running
+
+
+@pytest.fixture(scope="module")
+def authenticating_proxy() -> Iterator[Server]:
+    with proxy_process("--basic-auth", "koala:s3cr%t") as running:
         yield running
 
 
@@ -92,6 +117,37 @@ def test_the_proxy_option_overrides_the_environment(
     monkeypatch.setenv("ALL_PROXY", dead_proxy())
     client = deliver_one(f"http://koala.invalid:{collector.port}", sync, proxy=forward_proxy.url)
     assert client.stats.delivered == 1 and len(collector.requests()) == 1
+
+
+@modes
+@pytest.mark.parametrize("where", ["option", "environment"])
+def test_proxy_credentials_from_the_url(
+    authenticating_proxy: Server, collector: Collector, monkeypatch: pytest.MonkeyPatch, where: str, sync: bool
+) -> None:
+    proxy = f"http://koala:s3cr%25t@127.0.0.1:{authenticating_proxy.port}"  # percent-encoded, as in curl
+    options = {"proxy": proxy} if where == "option" else {}
+    if where == "environment":
+        monkeypatch.setenv("HTTP_PROXY", proxy)
+    client = deliver_one(f"http://koala.invalid:{collector.port}", sync, **options)
+    assert client.stats.delivered == 1
+
+
+@modes
+def test_proxy_credentials_for_https_go_on_connect_only(
+    authenticating_proxy: Server, tls_collector: tuple[Collector, Path], monkeypatch: pytest.MonkeyPatch, sync: bool
+) -> None:
+    koala, ca_file = tls_collector
+    koala.clear()
+    monkeypatch.setenv("SSL_CERT_FILE", str(ca_file))
+    proxy = f"http://koala:s3cr%25t@127.0.0.1:{authenticating_proxy.port}"
+    client = deliver_one(f"https://koala.invalid:{koala.port}", sync, proxy=proxy)
+    assert client.stats.delivered == 1
+    assert "proxy-authorization" not in koala.requests()[0].headers, "never through the tunnel to Koala"
+
+
+def test_a_proxy_refusing_without_credentials_is_counted(authenticating_proxy: Server, collector: Collector) -> None:
+    client = deliver_one(f"http://koala.invalid:{collector.port}", False, proxy=authenticating_proxy.url)
+    assert client.stats.delivered == 0 and client.stats.dropped == {"rejected": 1}  # 407: a setup to fix
 
 
 def test_a_bad_proxy_option_is_refused_at_the_call_site() -> None:

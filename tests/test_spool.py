@@ -90,9 +90,7 @@ def test_shutdown_with_koala_down_leaves_the_batches_for_the_next_client(tmp_pat
     assert spool_files(tmp_path) == [], "empty files are removed"
 
 
-def test_koala_spool_dir_in_the_environment_turns_the_spool_on(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_koala_spool_dir_in_the_environment_turns_the_spool_on(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("KOALA_SPOOL_DIR", str(tmp_path))
     with Collector() as koala:
         koala.down()
@@ -128,7 +126,7 @@ def test_a_forked_child_writes_its_own_spool_file(tmp_path: Path) -> None:
         os.close(read)
         files = spool_files(tmp_path)
         assert len(files) == 2 and set(parent_file) < set(files)
-        assert f"{PREFIX}{pid}-" in [f for f in files if f not in parent_file][0]
+        assert f"{PREFIX}{pid}-" in next(f for f in files if f not in parent_file)
         koala.up()
         assert client.flush(10)  # its own 3; the parent is alive, the child's file is not its
         client.shutdown()

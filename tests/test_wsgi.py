@@ -24,7 +24,7 @@ from wsgiref.validate import validator
 
 import httpx
 import pytest
-from conftest import assert_no_garbage_cycles
+from helpers import assert_no_garbage_cycles
 from werkzeug.middleware.proxy_fix import ProxyFix
 
 from koala_middleware import KoalaClient, Tracker, current_tracker
@@ -102,11 +102,6 @@ def recording_app(seen: list[Tracker | None], event: str | None = "Viewed Pricin
 
     return app
 
-
-@pytest.fixture
-def dry() -> KoalaClient:
-    """A client that keeps what it would send, for checks of what and when."""
-    return KoalaClient(dry_run=True)
 
 
 # -- the ko_id cookie ------------------------------------------------------------------------

@@ -1,7 +1,7 @@
 """A small FastAPI app that tells Koala who signed up, who logged in and what they did.
 
-    python examples/fastapi_app/app.py --tour   # a scripted walk-through, printing each batch
-    python examples/fastapi_app/app.py          # serve on http://127.0.0.1:8001 (PORT=... to change)
+    python examples/fastapi_app/app.py          # a scripted tour, then serve on 127.0.0.1:8001
+    python examples/fastapi_app/app.py --tour   # only the tour
     KOALA_PUBLIC_KEY=pk_... python examples/fastapi_app/app.py   # send for real
 
 Without ``KOALA_PUBLIC_KEY`` the client runs in dry-run mode: nothing leaves the machine,
@@ -226,7 +226,7 @@ def render(client: KoalaClient, koala: Tracker, user: User | None, error: str) -
     )
 
 
-def tour() -> None:
+def tour(client: KoalaClient) -> None:
     """Drive the app with Starlette's TestClient and print each batch Koala would receive."""
     with warnings.catch_warnings():  # recent Starlette asks for httpx2 instead of httpx
         warnings.simplefilter("ignore")
@@ -237,7 +237,6 @@ def tour() -> None:
     levels = [logger.level for logger in quiet]
     for logger in quiet:
         logger.setLevel(logging.WARNING)
-    client = KoalaClient(dry_run=True)  # the tour never sends, even with a key set
     steps = [
         ("A new visitor opens the home page", "GET", "/", None),
         ("They sign up", "POST", "/signup", {"name": "Ada Lovelace", "email": "ada@acme-robotics.com"}),
@@ -274,18 +273,19 @@ def tour() -> None:
 
 
 def main(argv: list[str]) -> int:
+    # In dry-run mode the tour records with the served app's client, so its batches are on
+    # the page; with a key set it uses a dry-run client of its own: the tour never sends.
+    tour(client if client.dry_run else KoalaClient(dry_run=True))
     if "--tour" in argv:
-        tour()
         return 0
     try:
         import uvicorn
     except ImportError:
         print("Serving needs uvicorn: pip install uvicorn (or run with --tour)", file=sys.stderr)
         return 1
-    port = int(os.environ.get("PORT", "8001"))
-    client: KoalaClient = app.state.koala_client
+    port = int(os.environ.get("PORT", "8001"))  # 8001: it can run beside the Flask example (8000)
     mode = "dry run: batches are logged, not sent" if client.dry_run else "sending to Koala"
-    print(f"Serving on http://127.0.0.1:{port} ({mode}); try --tour for a scripted walk-through", flush=True)
+    print(f"Serving on http://127.0.0.1:{port} ({mode}); Ctrl-C to stop", flush=True)
     # Behind a proxy, add proxy_headers=True, forwarded_allow_ips="<proxy address>": the visitor's
     # address (how Koala matches the company) is then the real one.
     uvicorn.run(app, host="127.0.0.1", port=port)
@@ -294,7 +294,8 @@ def main(argv: list[str]) -> int:
 
 # Show the client's INFO lines (in dry-run mode, each batch it would send), also under `uvicorn app:app`.
 logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-app = create_app(KoalaClient())  # dry run unless KOALA_PUBLIC_KEY is set
+client = KoalaClient()  # dry run unless KOALA_PUBLIC_KEY is set
+app = create_app(client)
 
 if __name__ == "__main__":
     sys.exit(main(sys.argv[1:]))

@@ -148,19 +148,18 @@ def create_app(client: KoalaClient) -> Flask:
     return app
 
 
-def tour() -> None:
+def tour(client: KoalaClient) -> None:
     """Drive the app with Flask's test client and print each batch Koala would receive."""
     quiet = logging.getLogger("koala_middleware")  # the tour prints batches itself
     level = quiet.level
     quiet.setLevel(logging.WARNING)
     try:
-        _tour()
+        _tour(client)
     finally:
         quiet.setLevel(level)
 
 
-def _tour() -> None:
-    client = KoalaClient(dry_run=True)  # the tour never sends, even with a key set
+def _tour(client: KoalaClient) -> None:
     browser = create_app(client).test_client()
     headers = {"User-Agent": "Mozilla/5.0 (Macintosh; Intel Mac OS X 14_5) Safari/605.1.15"}
     steps = [
@@ -191,11 +190,13 @@ def _tour() -> None:
 
 
 def main(argv: list[str]) -> int:
-    tour()
+    # In dry-run mode the tour records with the served app's client, so its batches are on
+    # the page; with a key set it uses a dry-run client of its own: the tour never sends.
+    tour(client if client.dry_run else KoalaClient(dry_run=True))
     if "--tour" in argv:
         return 0
     port = int(os.environ.get("PORT", "8000"))
-    mode = "dry run: batches are logged, not sent" if app.extensions["koala"].client.dry_run else "sending to Koala"
+    mode = "dry run: batches are logged, not sent" if client.dry_run else "sending to Koala"
     print(f"Serving on http://127.0.0.1:{port} ({mode}); Ctrl-C to stop", flush=True)
     app.run(host="127.0.0.1", port=port)
     return 0
@@ -203,7 +204,8 @@ def main(argv: list[str]) -> int:
 
 # Show the client's INFO lines (in dry-run mode, each batch it would send), also under gunicorn.
 logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-app = create_app(KoalaClient())  # dry run unless KOALA_PUBLIC_KEY is set
+client = KoalaClient()  # dry run unless KOALA_PUBLIC_KEY is set
+app = create_app(client)
 
 if __name__ == "__main__":
     sys.exit(main(sys.argv[1:]))

@@ -15,6 +15,7 @@ the same environment) and the ``transport=`` hook for tests (``httpx.MockTranspo
 
 from __future__ import annotations
 
+import base64
 import logging
 import ssl
 import urllib.request
@@ -63,7 +64,9 @@ def poster(settings: DeliverySettings) -> Poster:
 def check_proxy(proxy: str) -> None:
     """Raise at the call site for a ``proxy=`` the sender cannot use."""
     if not proxy.startswith(PROXY_SCHEMES) or not urlsplit(proxy).hostname:
-        raise ValueError(f"proxy must be an http:// or https:// URL such as 'http://proxy.internal:3128', got {proxy!r}")
+        raise ValueError(
+            f"proxy must be an http:// or https:// URL such as 'http://proxy.internal:3128', got {proxy!r}"
+        )
 
 
 def proxy_for(url: str, proxy: str | None = None) -> str | None:
@@ -101,28 +104,34 @@ def ssl_context(settings: DeliverySettings) -> ssl.SSLContext:
     return ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
 
 
+def split_credentials(proxy: str | None) -> tuple[str | None, dict[str, str] | None]:
+    """A proxy URL without its ``user:password@`` part, and the header carrying them."""
+    parts = urlsplit(proxy) if proxy else None
+    if parts is None or parts.username is None:
+        return proxy, None
+    credentials = f"{unquote(parts.username)}:{unquote(parts.password or '')}".encode()
+    bare = parts._replace(netloc=parts.netloc.rsplit("@", 1)[1]).geturl()
+    return bare, {"Proxy-Authorization": "Basic " + base64.b64encode(credentials).decode()}
+
+
 class SessionPoster:
     """aiohttp: one session, kept-alive connections, a deadline per attempt, capped answers."""
 
     def __init__(self, settings: DeliverySettings) -> None:
         context = ssl_context(settings)
-        proxy = proxy_for(settings.base_url, settings.proxy)
-        self._proxy: str | None = None
-        self._proxy_auth: aiohttp.BasicAuth | None = None
-        if proxy is not None:
-            parts = urlsplit(proxy)
-            if parts.username is not None:  # credentials go in Proxy-Authorization, not the URL
-                self._proxy_auth = aiohttp.BasicAuth(
-                    unquote(parts.username), unquote(parts.password or "")
-                )
-                proxy = parts._replace(netloc=parts.netloc.rsplit("@", 1)[1]).geturl()
-            self._proxy = proxy
+        self._proxy, authorization = split_credentials(proxy_for(settings.base_url, settings.proxy))
+        # Proxy-Authorization goes on the CONNECT request for https (never through the
+        # tunnel to Koala), on each request through an http proxy otherwise.
+        tunnel = settings.base_url.startswith("https:")
+        self._proxy_headers = authorization if tunnel else None
+        session_headers = authorization if authorization and not tunnel else {}
         connector = aiohttp.TCPConnector(
             limit=max(1, settings.max_in_flight), limit_per_host=0, keepalive_timeout=KEEPALIVE, ssl=context
         )
         self._urls: dict[str, yarl.URL] = {}
         self._session = aiohttp.ClientSession(
             connector=connector,
+            headers=session_headers,
             timeout=aiohttp.ClientTimeout(total=settings.timeout),
             # Nothing a post to Koala needs: cookies, decompression, Accept* headers, or the
             # environment's proxies and .netrc (resolved above, as curl does).
@@ -137,7 +146,11 @@ class SessionPoster:
         if url is None:  # two URLs in all (/batch, /accounts/batch): parsed once each
             url = self._urls[request.url] = yarl.URL(request.url)
         async with self._session.post(
-            url, data=request.body, headers=request.headers, proxy=self._proxy, proxy_auth=self._proxy_auth,
+            url,
+            data=request.body,
+            headers=request.headers,
+            proxy=self._proxy,
+            proxy_headers=self._proxy_headers,
             allow_redirects=False,
         ) as response:
             length = response.content_length

@@ -37,8 +37,10 @@ def cost(batch: Batch) -> int:
     ``sys.getsizeof`` counts a str's real size (up to 4 bytes a character) and is O(1).
     """
     return (
-        len(batch.body) + 2 * sys.getsizeof(batch.user_agent)
-        + sum(sys.getsizeof(message_id) for message_id in batch.message_ids) + BATCH_OVERHEAD
+        len(batch.body)
+        + 2 * sys.getsizeof(batch.user_agent)
+        + sum(sys.getsizeof(message_id) for message_id in batch.message_ids)
+        + BATCH_OVERHEAD
     )
 
 

@@ -22,6 +22,7 @@ its first hand-over.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import threading
@@ -128,11 +129,7 @@ class SpoolFile:
             self.db.close()
         finally:
             if remove:
-                for path in (self.path, self.path + "-wal", self.path + "-shm"):
-                    try:
-                        os.unlink(path)
-                    except OSError:
-                        pass
+                _unlink(self.path, self.path + "-wal", self.path + "-shm")
 
 
 def _batch(path: object, user_agent: object, message_ids: object, body: object) -> Batch:
@@ -360,10 +357,8 @@ class Spool:
             self._set_aside(spool, error)
 
     def _set_aside(self, spool: SpoolFile, error: BaseException) -> None:
-        try:
+        with contextlib.suppress(Exception):
             spool.db.close()
-        except Exception:
-            pass
         _set_aside_path(spool.path, error)
 
     def close(self) -> int:
@@ -378,10 +373,8 @@ class Spool:
             left = 0
             for spool in self._files():
                 left += spool.rows
-                try:
+                with contextlib.suppress(Exception):
                     spool.close(remove=not spool.rows)
-                except Exception:
-                    pass
             self._own, self._adopted, self._rows = None, [], {}
         if left:
             logger.info(LOG_SPOOL_LEFT, left, self.directory)
@@ -394,9 +387,17 @@ def _set_aside_path(path: str, error: BaseException) -> None:
         os.rename(path, aside)
     except OSError:
         return  # gone already, or another process set it aside first
-    for extra in ("-wal", "-shm"):
-        try:
-            os.rename(path + extra, aside + extra)
-        except OSError:
-            pass
+    _rename(path + "-wal", aside + "-wal")
+    _rename(path + "-shm", aside + "-shm")
     logger.warning(LOG_SPOOL_CORRUPT, path, f"{type(error).__name__}: {error}", aside)
+
+
+def _unlink(*paths: str) -> None:
+    for path in paths:
+        with contextlib.suppress(OSError):
+            os.unlink(path)
+
+
+def _rename(path: str, new: str) -> None:
+    with contextlib.suppress(OSError):
+        os.rename(path, new)

@@ -21,8 +21,7 @@ from .._protocol import Batch
 logger = logging.getLogger("koala_middleware")
 
 LOG_DROPPED = (
-    "dropped %d batch(es), %d event(s) (%s): %s; "
-    "repeats are summarised every %.0fs, counts are in client.stats"
+    "dropped %d batch(es), %d event(s) (%s): %s; repeats are summarised every %.0fs, counts are in client.stats"
 )
 LOG_DROPPED_SUMMARY = "dropped %d more batch(es), %d event(s) (%s) in the last %.1fs; last: %s"
 LOG_REJECTED = "HTTP %d, not retried: %s"
@@ -170,8 +169,16 @@ class Counters:
         with self._lock:
             s = self._stats
             return Stats(
-                s.enqueued, s.delivered, s.retried, s.dry_run, s.events_delivered,
-                dict(s.dropped), dict(s.events_dropped), queued, s.spooled, s.recovered,
+                s.enqueued,
+                s.delivered,
+                s.retried,
+                s.dry_run,
+                s.events_delivered,
+                dict(s.dropped),
+                dict(s.events_dropped),
+                queued,
+                s.spooled,
+                s.recovered,
             )
 
 

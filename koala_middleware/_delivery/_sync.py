@@ -73,10 +73,14 @@ class SyncSender(Sender):
                 return
             delay = max(delay, self._health.held())
             if time.monotonic() + delay >= deadline:
-                self._give_up(batch, DeliveryError(
-                    "retries_exhausted", f"sync budget of {self.settings.timeout:g}s spent after "
-                    f"{batch.attempts} attempt(s)", answer.status if answer is not None else None,
-                ))
+                self._give_up(
+                    batch,
+                    DeliveryError(
+                        "retries_exhausted",
+                        f"sync budget of {self.settings.timeout:g}s spent after {batch.attempts} attempt(s)",
+                        answer.status if answer is not None else None,
+                    ),
+                )
                 return
             self.counters.add("retried")
             time.sleep(delay)

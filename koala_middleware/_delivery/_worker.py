@@ -23,6 +23,7 @@ libraries import lazily, on first use).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import selectors
 import threading
@@ -62,9 +63,8 @@ class BackgroundSender(Sender):
 
     def __init__(self, settings: DeliverySettings, on_error: ErrorHook | None) -> None:
         super().__init__(settings, on_error)
-        self._spool = (
-            Spool(settings.spool_dir, settings.max_spool_bytes) if settings.spool_dir is not None else None
-        )
+        spool_dir = settings.spool_dir
+        self._spool = Spool(spool_dir, settings.max_spool_bytes) if spool_dir is not None else None
         self._init_state()
         if self._spool is not None and self._recover():
             self._ensure_thread()
@@ -105,9 +105,7 @@ class BackgroundSender(Sender):
             if not reason:
                 self.counters.enqueued_locked()
                 if self._thread is None:
-                    start = self._thread = threading.Thread(
-                        target=self._run_thread, name="koala-sender", daemon=True
-                    )
+                    start = self._thread = threading.Thread(target=self._run_thread, name="koala-sender", daemon=True)
                 elif self._loop_idle:
                     self._loop_idle = False
                     wake = self._loop
@@ -115,17 +113,20 @@ class BackgroundSender(Sender):
             self.counters.add("enqueued")  # queued on disk, loaded when there is room
             return True
         if reason:
-            self._give_up(batch, DeliveryError(reason, "not queued: " + (
-                "the client is shut down" if reason == "shutdown" else "the queue is at its bound"
-            )))
+            self._give_up(
+                batch,
+                DeliveryError(
+                    reason,
+                    "not queued: "
+                    + ("the client is shut down" if reason == "shutdown" else "the queue is at its bound"),
+                ),
+            )
             return False
         if start is not None:
             self._start(start)
         elif wake is not None:
-            try:
+            with contextlib.suppress(RuntimeError):  # the loop closed under us (interpreter exit)
                 wake.call_soon_threadsafe(self._wake)
-            except RuntimeError:  # the loop closed under us (interpreter exit)
-                pass
         return True
 
     def pending(self) -> int:
@@ -158,10 +159,8 @@ class BackgroundSender(Sender):
             self._give_up(batch, DeliveryError("shutdown", "still queued at shutdown"))
             self._queue.finish(batch)
         if thread is not None and loop is not None and thread.is_alive():
-            try:
+            with contextlib.suppress(RuntimeError):  # already closed
                 loop.call_soon_threadsafe(self._wake)  # it sees the queue closed and stops
-            except RuntimeError:  # already closed
-                pass
             if thread is not threading.current_thread():
                 thread.join(max(deadline - time.monotonic(), 0.05))
         if self._spool is not None:
@@ -329,10 +328,8 @@ class BackgroundSender(Sender):
                 if item is None:
                     if spool_wait is not None:
                         wait = spool_wait if wait is None else min(wait, spool_wait)
-                    try:
+                    with contextlib.suppress(asyncio.TimeoutError):
                         await asyncio.wait_for(wakeup.wait(), wait)
-                    except asyncio.TimeoutError:
-                        pass
                     continue
                 task = loop.create_task(self._deliver(post, item, probe))
                 tasks.add(task)
@@ -341,10 +338,8 @@ class BackgroundSender(Sender):
             for task in list(tasks):
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
-            try:
+            with contextlib.suppress(Exception):  # closing sockets Koala left half-open: nothing to do
                 await post.close()
-            except Exception:  # closing sockets Koala left half-open: nothing to do
-                pass
 
     def _build(self, batch: Batch) -> Request | None:
         """The batch's request, or None when none can be built: then it is dropped alone."""

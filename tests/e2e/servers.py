@@ -9,11 +9,13 @@ import socket
 import subprocess
 import sys
 import time
+import uuid
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 from typing import Any
 
+import gunicorn.config
 import httpx
 
 from koala_middleware.testing import Collector
@@ -61,6 +63,16 @@ class Server:
         self.output += out.decode(errors="replace") if out else ""
         return self.proc.returncode
 
+    def stop_cleanly(self) -> None:
+        """SIGTERM; the server must exit as servers do on SIGTERM, within 15 s.
+
+        uvicorn ends its process by re-raising the signal once it has shut down (exit status
+        -SIGTERM), and no interpreter exit hook runs after that; gunicorn exits with 0.
+        """
+        stopping = time.monotonic()
+        assert self.terminate() in (0, -signal.SIGTERM), self.output[-3000:]
+        assert time.monotonic() - stopping < 15, self.output[-3000:]
+
 
 @contextmanager
 def serve(args: list[str], port: int, env: Mapping[str, str] | None = None) -> Iterator[Server]:
@@ -81,6 +93,26 @@ def serve(args: list[str], port: int, env: Mapping[str, str] | None = None) -> I
         server.terminate()
 
 
+# Recent gunicorn opens a control socket at one fixed path per user: concurrent runs would share it.
+NO_CONTROL_SOCKET = [
+    cli for s in gunicorn.config.KNOWN_SETTINGS if s.name == "control_socket_disable" for cli in s.cli
+]
+
+
+def run_gunicorn(koala: Collector, app: str, *options: str) -> AbstractContextManager[Server]:
+    """gunicorn with ``--preload``, 2 workers of 4 threads (unless ``options`` say otherwise)."""
+    port = free_port()
+    args = ["gunicorn", "--preload", "-w", "2", "--threads", "4", "-b", f"127.0.0.1:{port}",
+            *NO_CONTROL_SOCKET, *options, app]
+    return serve(args, port, env=collector_env(koala))
+
+
+def run_uvicorn(koala: Collector, app: str, *options: str) -> AbstractContextManager[Server]:
+    port = free_port()
+    args = ["uvicorn", app, "--host", "127.0.0.1", "--port", str(port), "--no-access-log", *options]
+    return serve(args, port, env=collector_env(koala))
+
+
 def collector_env(koala: Collector) -> dict[str, str]:
     """The environment that points a served app's ``KoalaClient()`` at ``koala``."""
     return {"KOALA_API_URL": koala.url, "KOALA_PUBLIC_KEY": "pk_test"}
@@ -89,6 +121,11 @@ def collector_env(koala: Collector) -> dict[str, str]:
 def batches_from(koala: Collector, ua: str, path: str = "/batch") -> list[dict[str, Any]]:
     """Accepted batch bodies sent with User-Agent ``ua`` (each test uses its own UA)."""
     return [r.json() for r in koala.requests(path) if r.headers.get("user-agent") == ua]
+
+
+def user_agent() -> str:
+    """A User-Agent of a test's own: tests sharing a server find their batches by it."""
+    return f"Mozilla/5.0 (e2e {uuid.uuid4().hex[:8]})"
 
 
 def wait_until(condition: Callable[[], bool], timeout: float = 15.0) -> bool:

@@ -67,7 +67,7 @@ def test_sigterm_delivers_pending_batches_before_exit(kind: str) -> None:
 @pytest.mark.parametrize("kind", SERVERS)
 def test_sigterm_with_a_koala_that_never_answers_exits_within_shutdown_timeout(kind: str) -> None:
     with Collector() as koala:
-        koala.hang = True
+        koala.hang()
         with start(kind, koala, shutdown_timeout=1, timeout=30) as server:
             track_requests(server, 10)
             assert koala.wait_for(10, accepted_only=False), "precondition: all 10 are in flight"
@@ -104,7 +104,7 @@ def test_interpreter_exit_flushes_pending_batches() -> None:
 
 def test_interpreter_exit_with_a_koala_that_never_answers_takes_shutdown_timeout_at_most() -> None:
     with Collector() as koala:
-        koala.hang = True
+        koala.hang()
         handed_over, exited, took = run_exit_script(koala, 30, shutdown_timeout=1, timeout=30)
     assert exited["exited_at"] - handed_over["handed_over_at"] < 1.3
     assert took < 2.5, f"exit took {took:.1f}s after the hand-over with shutdown_timeout=1"

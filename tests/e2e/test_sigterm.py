@@ -25,7 +25,11 @@ OURS = "koala_middleware._signals._on_sigterm"
 def start(mode: str, koala: Collector, **options: Any) -> tuple[subprocess.Popen[str], dict[str, Any]]:
     env = {**os.environ, "PYTHONPATH": str(ROOT), "KOALA_API_URL": koala.url, "FAULTS_CLIENT": json.dumps(options)}
     proc = subprocess.Popen(
-        [sys.executable, "-m", SCRIPT, mode], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        [sys.executable, "-m", SCRIPT, mode],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
         text=True,
     )
     assert proc.stdout is not None

@@ -27,15 +27,21 @@ FAST = {"backoff_base": 0.05, "max_backoff": 0.2, "handle_sigterm": False}
 
 def env_for(koala: Collector, **options: Any) -> dict[str, str]:
     return {
-        **os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests")]),
-        "KOALA_API_URL": koala.url, "FAULTS_CLIENT": json.dumps(options),
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests")]),
+        "KOALA_API_URL": koala.url,
+        "FAULTS_CLIENT": json.dumps(options),
     }
 
 
 def script(mode: str, count: int, koala: Collector, **options: Any) -> subprocess.Popen[str]:
     return subprocess.Popen(
-        [sys.executable, "-m", "tests.e2e.apps.spool_script", mode, str(count)], cwd=ROOT,
-        env=env_for(koala, **options), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        [sys.executable, "-m", "tests.e2e.apps.spool_script", mode, str(count)],
+        cwd=ROOT,
+        env=env_for(koala, **options),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
     )
 
 
@@ -65,9 +71,20 @@ def test_kill_9_of_gunicorn_preload_then_a_new_process_delivers_all_200_once(tmp
         koala.down()
         port = free_port()
         server = subprocess.Popen(
-            [str(BIN / "gunicorn"), "--preload", "-w", "2", "-b", f"127.0.0.1:{port}", "tests.e2e.apps.faults_wsgi:app"],
-            cwd=ROOT, env=env_for(koala, spool_dir=spool, **FAST), stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL, start_new_session=True,
+            [
+                str(BIN / "gunicorn"),
+                "--preload",
+                "-w",
+                "2",
+                "-b",
+                f"127.0.0.1:{port}",
+                "tests.e2e.apps.faults_wsgi:app",
+            ],
+            cwd=ROOT,
+            env=env_for(koala, spool_dir=spool, **FAST),
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
         )
         try:
             wait_for_port(port, server)  # type: ignore[arg-type]
@@ -105,7 +122,7 @@ def test_an_outage_longer_than_the_retry_budget_loses_nothing(tmp_path: Path) ->
         attempts = lambda: len(koala.requests(accepted_only=False))  # noqa: E731
         assert wait_until(lambda: attempts() > 2 * 30, timeout=30), "every batch tried more than its budget"
         assert client.stats.dropped == {} and client.stats.queued == 30
-        koala.status = 200
+        koala.answer_with(200)
         assert client.flush(20)
         stats = client.stats
         client.shutdown()
@@ -142,7 +159,7 @@ def test_a_garbage_or_truncated_spool_file_is_set_aside_with_one_warning(
     garbage.write_bytes(b"not a database, " * 1000)
     truncated = tmp_path / f"{PREFIX}2-truncated{SUFFIX}"
     spool = SpoolFile.open(str(truncated))
-    for n in range(200):
+    for _ in range(200):
         spool.db.execute(
             "INSERT INTO batches (path, user_agent, message_ids, body) VALUES ('/batch', 'ua', 'id', ?)", (b"x" * 500,)
         )

@@ -16,6 +16,7 @@ request, so the whole matrix costs about one server start and one shutdown.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -29,7 +30,7 @@ from typing import Any
 import httpx
 import pytest
 
-from e2e.servers import BIN, ROOT, batches_from, free_port, wait_for_port, wait_until
+from e2e.servers import BIN, ROOT, batches_from, free_port, wait_for_port
 from koala_middleware.testing import Collector
 
 WSGI = "tests.e2e.apps.faults_wsgi:app"
@@ -82,7 +83,11 @@ def popen(name: str, args: list[str], env: dict[str, str]) -> Cell:
     words = [a.format(host=HOST, port=port) for a in args]
     exe = str(BIN / words[0]) if (BIN / words[0]).exists() else words[0]
     proc = subprocess.Popen(
-        [exe, *words[1:]], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        [exe, *words[1:]],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
         start_new_session=True,
     )
     return Cell(name, proc, port)
@@ -92,8 +97,10 @@ def popen(name: str, args: list[str], env: dict[str, str]) -> Cell:
 def servers(cells: dict[str, list[str]], koala: Collector, **options: Any) -> Iterator[list[Cell]]:
     """Start every cell's server at once; on the way out, make sure none is left running."""
     env = {
-        **os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests")]),
-        "KOALA_API_URL": koala.url, "FAULTS_CLIENT": json.dumps(options),
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests")]),
+        "KOALA_API_URL": koala.url,
+        "FAULTS_CLIENT": json.dumps(options),
     }
     started = [popen(name, args, env) for name, args in cells.items()]
     for cell in started:
@@ -125,10 +132,8 @@ def stop_all(cells: list[Cell], koala: Collector, wait: float = 20.0) -> dict[st
     koala.up()
     deadline = time.monotonic() + wait
     for cell in cells:
-        try:
+        with contextlib.suppress(subprocess.TimeoutExpired):
             cell.proc.wait(max(deadline - time.monotonic(), 0.1))
-        except subprocess.TimeoutExpired:
-            pass
     return {cell.name: cell.proc.poll() for cell in cells}
 
 

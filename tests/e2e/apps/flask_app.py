@@ -14,7 +14,7 @@ from pathlib import Path
 from flask import Flask, request, stream_with_context
 from werkzeug.wrappers import Response
 
-from koala_middleware import KoalaClient
+from koala_middleware import KoalaClient, current_tracker
 from koala_middleware.flask import Koala
 
 client = KoalaClient(timeout=10, backoff_base=0.05, max_backoff=0.5, shutdown_timeout=10)
@@ -27,6 +27,12 @@ def pid() -> str:
     """Which worker answered, and that worker tracks an event."""
     request.koala.track("Pinged", {"pid": os.getpid()})
     return f"{os.getpid()} {request.koala.profile_id}"
+
+
+@app.get("/track")
+def track() -> str:
+    """Tracks one event and answers its message_id."""
+    return request.koala.track("Pinged")
 
 
 @app.get("/visitor")
@@ -44,7 +50,8 @@ def stream() -> Response:
         deadline = time.monotonic() + 10
         while not gate.exists() and time.monotonic() < deadline:
             time.sleep(0.01)
-        request.koala.track("Streamed", {"gate_seen": gate.exists()})
+        koala = request.koala
+        koala.track("Streamed", {"gate_seen": gate.exists(), "current": current_tracker() is koala})
         yield "second\n"
 
     return app.response_class(stream_with_context(body()), mimetype="text/plain")

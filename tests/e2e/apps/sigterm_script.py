@@ -24,10 +24,8 @@ import time
 import uuid
 from typing import Any
 
-from tests.e2e.apps.faults_common import client_from_env
-
 from koala_middleware import KoalaClient
-
+from tests.e2e.apps.faults_common import client_from_env
 
 kept: KoalaClient | None = None
 
@@ -46,6 +44,7 @@ def hand_over(client: KoalaClient, count: int) -> None:
 
 def main(mode: str) -> None:
     if mode == "own-handler":
+
         def theirs(signum: int, frame: object) -> None:
             print(json.dumps({"theirs": True}), flush=True)
             os._exit(3)

@@ -1,0 +1,36 @@
+"""``python -m koala_middleware check`` (also the ``koala-middleware`` command).
+
+::
+
+    $ koala-middleware check                 # KOALA_PUBLIC_KEY / KOALA_API_URL, as the client reads them
+    $ koala-middleware check --key pk_... --api-url https://api2.getkoala.com
+
+Exit status: 0 the key works, 1 no key or Koala rejected it, 2 Koala could not be asked.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from ._check import check
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="koala-middleware", description="Tools for koala-middleware.")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="command")
+    checker = commands.add_parser(
+        "check",
+        help="check that Koala accepts your public key, asked from this machine",
+        description="Check the public key with Koala (GET {api_url}/web/projects/{key}/auth) and say what "
+        "was found. Exit status: 0 the key works, 1 no key or rejected, 2 Koala could not be asked.",
+    )
+    checker.add_argument("--key", help="the public key (default: KOALA_PUBLIC_KEY)")
+    checker.add_argument("--api-url", help="Koala's API (default: KOALA_API_URL, else https://api2.getkoala.com)")
+    checker.add_argument("--timeout", type=float, default=10.0, help="seconds to wait for Koala (default: 10)")
+    args = parser.parse_args(argv)
+    return check(args.key, args.api_url, args.timeout, sys.stdout)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""A real Django project for the tests: ``DJANGO_SETTINGS_MODULE=django_project.settings``."""
