@@ -307,8 +307,13 @@ def _shutdown_at_sigterm() -> None:
     if not clients:
         return
     logger.info(LOG_SIGTERM, max(client.shutdown_timeout for client in clients))
-    for client in clients:
-        client.shutdown()
+    # All at once: the process must end within the longest shutdown_timeout, not their sum.
+    threads = [threading.Thread(target=client.shutdown, name="koala-sigterm") for client in clients[1:]]
+    for thread in threads:
+        thread.start()
+    clients[0].shutdown()
+    for thread in threads:
+        thread.join()
 
 
 def client_from_options(client: KoalaClient | None, options: ClientOptions) -> KoalaClient:

@@ -84,7 +84,11 @@ def _on_sigterm(signum: int, frame: object) -> None:
     elif _received is None:
         _received = signum
         _busy.acquire(False)  # free until now; held for the thread, so that exit waits for it
-        _thread.start_new_thread(_shut_down_then_signal, (signum,))
+        try:
+            _thread.start_new_thread(_shut_down_then_signal, (signum,))
+        except RuntimeError:  # no thread to be had: what SIGTERM would have done anyway
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
     # else: a repeat while flushing; the flush ends within shutdown_timeout anyway
 
 
