@@ -7,6 +7,7 @@ One concern per module:
 - ``_http``: posting one batch and reading the answer;
 - ``_sender``: what both modes share (accounting, ``on_error``, fork hooks);
 - ``_worker``: the background sender thread and its lifecycle; ``_sync``: ``sync=True``;
+- ``_spool``: the on-disk spool (``spool_dir``), and adopting what dead processes left;
 - ``_stats``: counters, drop warnings, :class:`DeliveryError`; ``_settings``: the options.
 """
 
