@@ -54,6 +54,8 @@ SPOOL_RETRY_MIN = 1.0
 #: per batch (which cost a fifth of the sender's throughput).
 SPOOL_SYNC_AFTER = 100
 SPOOL_SYNC_EVERY = 0.05
+#: How often the sender looks for batches on disk only while some wait there.
+SPOOL_LOAD_EVERY = 0.05
 #: Spooled batch verdicts that keep the batch on disk, to be loaded again later.
 _KEPT_ON_DISK = frozenset({"retries_exhausted", "queue_full", "queue_bytes_full"})
 
@@ -81,6 +83,8 @@ class BackgroundSender(Sender):
         self._probing = False
         self._next_adoption = time.monotonic() + ADOPT_EVERY
         self._synced = 0.0  # when the sender last deleted finished batches from the spool
+        self._spool_loaded = 0.0  # when it last loaded batches from the spool
+        self._spool_due = 0.0  # when the next batch on disk only is due (as of that load)
 
     def after_fork(self) -> None:
         super().after_fork()
@@ -233,12 +237,17 @@ class BackgroundSender(Sender):
             self._next_adoption = now + ADOPT_EVERY
             self._recover()
         wait = self._next_adoption - now
-        room = queue.room()
-        if queue.backlog and room > 0:
-            batches, due = spool.load(now, min(room, self.settings.max_in_flight))
+        if not queue.backlog or queue.room() <= 0:
+            return wait  # nothing on disk only, or no room for it: a finishing batch wakes us
+        # Not on every turn of the loop: when the next row is due, and every
+        # SPOOL_LOAD_EVERY seconds for rows parked since the last look (by other threads).
+        if now >= self._spool_due or now - self._spool_loaded >= SPOOL_LOAD_EVERY:
+            batches, due = spool.load(now, min(queue.room(), self.settings.max_in_flight))
             queue.reload(batches)
-            if due is not None and not queue.waiting:
-                wait = min(wait, max(due - now, 0.0))
+            self._spool_loaded = now
+            self._spool_due = due if due is not None else now + SPOOL_LOAD_EVERY
+        if not queue.waiting:
+            wait = min(wait, max(min(self._spool_due, self._spool_loaded + SPOOL_LOAD_EVERY) - now, 0.0))
         return wait
 
     # -- the sender thread ------------------------------------------------------------------
