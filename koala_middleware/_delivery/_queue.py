@@ -93,9 +93,12 @@ class BatchQueue:
                 self._idle.notify_all()
 
     def add_backlog(self, count: int) -> None:
-        """``count`` more batches wait on disk (call before finishing one moved there)."""
-        with self.lock:
+        """``count`` more batches wait on disk (call before finishing one moved there), or
+        fewer, when some can no longer be loaded."""
+        with self._idle:
             self.backlog += count
+            if not self.pending and not self.backlog:
+                self._idle.notify_all()
 
     def room(self) -> int:
         """How many more batches the bounds let into memory."""

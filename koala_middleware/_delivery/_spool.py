@@ -28,7 +28,7 @@ import os
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING
 
 from .._protocol import Batch
@@ -150,6 +150,10 @@ class Spool:
     def __init__(self, directory: str, max_bytes: int) -> None:
         self.directory = directory
         self.max_bytes = max_bytes
+        #: ``on_stranded(count, lost)``: batches on disk only that this process can no longer
+        #: load (their file turned out unreadable); ``lost`` when the file was set aside,
+        #: else they stay in it for the process that adopts it once this one is gone.
+        self.on_stranded: Callable[[int, bool], None] | None = None
         self._lock = threading.Lock()
         self._init_state()
 
@@ -161,6 +165,8 @@ class Spool:
         self._deletes = 0  # delete transactions on our own file since its last checkpoint
         self._bytes = 0
         self._broken = False  # cannot write: memory only from now on (logged once)
+        self._own_unreadable = False  # and cannot even read it: no more loading from it
+        self._stranded: list[tuple[int, bool]] = []  # for on_stranded, outside the lock
         self._closed = False
         self._pid = os.getpid()
         self._foreign: set[str] = set()  # a parent's files, in a forked child
@@ -257,6 +263,7 @@ class Spool:
                     self._own.db.execute("PRAGMA wal_checkpoint(PASSIVE)")
                 except Exception as error:
                     self._break(error)
+        self._report_stranded()
 
     def park(self, batch: Batch, due: float) -> bool:
         """Keep ``batch`` on disk only, to load again at ``due`` (monotonic); False if it is
@@ -271,8 +278,11 @@ class Spool:
             except Exception as error:
                 self._rows[batch] = place
                 self._set_aside_or_break(spool, error)
-                return False
-            return True
+                failed = True
+            else:
+                failed = False
+        self._report_stranded()
+        return not failed
 
     def load(self, now: float, limit: int) -> tuple[list[Batch], float | None]:
         """Batches due by ``now`` (at most ``limit``), and when the next one is due."""
@@ -280,6 +290,8 @@ class Spool:
         next_due: float | None = None
         with self._lock:
             for spool in self._files():
+                if spool is self._own and self._own_unreadable:
+                    continue
                 try:
                     if len(loaded) < limit:
                         for row, batch in spool.load(now, limit - len(loaded)):
@@ -287,11 +299,29 @@ class Spool:
                             loaded.append(batch)
                     due = spool.next_due()
                 except Exception as error:
+                    if spool is self._own:  # its parked batches are out of reach now
+                        self._own_unreadable = True
+                        self._stranded.append((self._disk_only(spool), False))
                     self._set_aside_or_break(spool, error)
                     continue
                 if due is not None and (next_due is None or due < next_due):
                     next_due = due
+        self._report_stranded()
         return loaded, next_due
+
+    def _disk_only(self, spool: SpoolFile) -> int:
+        """Rows of ``spool`` neither in memory nor finished: batches waiting on disk only."""
+        in_memory = sum(1 for place in self._rows.values() if place[0] is spool)
+        finished = sum(1 for place in self._done if place[0] is spool)
+        return max(spool.rows - in_memory - finished, 0)
+
+    def _report_stranded(self) -> None:
+        with self._lock:
+            stranded, self._stranded = self._stranded, []
+        if self.on_stranded is not None:
+            for count, lost in stranded:
+                if count:
+                    self.on_stranded(count, lost)
 
     def adopt(self) -> int:
         """Take over the files of processes that are gone; the batches they hold (all due now)."""
@@ -352,6 +382,7 @@ class Spool:
         if spool is self._own:
             self._break(error)
         else:
+            self._stranded.append((self._disk_only(spool), True))
             self._adopted.remove(spool)
             self._rows = {batch: place for batch, place in self._rows.items() if place[0] is not spool}
             self._set_aside(spool, error)

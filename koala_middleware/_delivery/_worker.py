@@ -40,6 +40,7 @@ from ._stats import DeliveryError, ErrorHook
 
 logger = logging.getLogger("koala_middleware")
 
+DETAIL_SPOOL_LOST = "on disk in a spool file that turned out unreadable (set aside as *.corrupt)"
 LOG_SHUTDOWN_LOST = "shutdown timed out with %d batch(es) undelivered"
 LOG_SENDER_FAILED = "the sender thread failed; it restarts with the next batch"
 LOG_UNEXPECTED = "unexpected error after posting a batch; counted as dropped ('error')"
@@ -67,6 +68,8 @@ class BackgroundSender(Sender):
         super().__init__(settings, on_error)
         spool_dir = settings.spool_dir
         self._spool = Spool(spool_dir, settings.max_spool_bytes) if spool_dir is not None else None
+        if self._spool is not None:
+            self._spool.on_stranded = self._stranded
         self._init_state()
         if self._spool is not None and self._recover():
             self._ensure_thread()
@@ -198,6 +201,13 @@ class BackgroundSender(Sender):
             return True
         self._queue.add_backlog(-1)
         return False
+
+    def _stranded(self, count: int, lost: bool) -> None:
+        """Batches on disk only that can no longer be loaded: out of the backlog; counted as
+        dropped when their file was set aside (otherwise the next process adopts them)."""
+        self._queue.add_backlog(-count)
+        if lost:
+            self.counters.dropped("error", count, 0, DETAIL_SPOOL_LOST)
 
     def _recover(self) -> int:
         """Adopt the spool files of processes that are gone; how many batches they hold."""
