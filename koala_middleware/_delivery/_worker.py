@@ -149,7 +149,8 @@ class BackgroundSender(Sender):
         return flushed
 
     def shutdown(self, timeout: float) -> bool:
-        """Flush within ``timeout``, then stop; what is left is counted as dropped, once.
+        """Flush within ``timeout``, then stop; what is left is counted as dropped, once
+        (with a spool it stays on disk instead, for the next process).
 
         Returns within about ``timeout`` even if Koala never answers: the last part of it
         is kept for cancelling the requests in flight, which count themselves.
