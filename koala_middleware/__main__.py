@@ -3,7 +3,7 @@
 ::
 
     $ koala-middleware check                 # KOALA_PUBLIC_KEY / KOALA_API_URL, as the client reads them
-    $ koala-middleware check --key pk_... --api-url https://api2.getkoala.com
+    $ koala-middleware check --key pk_... --api-url https://api2.getkoala.com [--proxy http://proxy:3128]
 
 Exit status: 0 the key works, 1 no key or Koala rejected it, 2 Koala could not be asked.
 """
@@ -27,9 +27,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     checker.add_argument("--key", help="the public key (default: KOALA_PUBLIC_KEY)")
     checker.add_argument("--api-url", help="Koala's API (default: KOALA_API_URL, else https://api2.getkoala.com)")
+    checker.add_argument(
+        "--proxy", help="an http:// or https:// proxy (default: HTTPS_PROXY and the like, as the client)"
+    )
     checker.add_argument("--timeout", type=float, default=10.0, help="seconds to wait for Koala (default: 10)")
     args = parser.parse_args(argv)
-    return check(args.key, args.api_url, args.timeout, sys.stdout)
+    return check(args.key, args.api_url, args.proxy, args.timeout, sys.stdout)
 
 
 if __name__ == "__main__":

@@ -1,20 +1,21 @@
 """``koala-middleware check``: does Koala accept this public key, asked from this machine?
 
-It resolves the key and URL exactly as ``KoalaClient`` does (by building one), asks Koala's
-key check (``GET {api_url}/web/projects/{key}/auth``, as Koala's own Segment destination
-does) through httpx with the environment's proxy settings, and says what it found in plain
-words. The exit status is 0 only when the key works, so a deploy script can stop on it.
+It resolves the key, URL and proxy exactly as ``KoalaClient`` and its sender do (by
+building one, and with the sender's ``proxy_for``), asks Koala's key check
+(``GET {api_url}/web/projects/{key}/auth``, as Koala's own Segment destination does) through
+that proxy with httpx, and says what it found in plain words. The exit status is 0 only when
+the key works, so a deploy script can stop on it.
 """
 
 from __future__ import annotations
 
 import os
-import urllib.request
 from typing import TextIO
 
 import httpx
 
 from ._client import KoalaClient
+from ._delivery._http import proxy_for
 
 __all__ = ["EXIT_ACCEPTED", "EXIT_CANNOT_CHECK", "EXIT_KEY_PROBLEM", "check"]
 
@@ -28,22 +29,23 @@ EXIT_CANNOT_CHECK = 2
 _REJECTED = (401, 403, 404)
 
 
-def check(key: str | None, api_url: str | None, timeout: float, out: TextIO) -> int:
+def check(key: str | None, api_url: str | None, proxy: str | None, timeout: float, out: TextIO) -> int:
     """Check ``key`` (None: ``KOALA_PUBLIC_KEY``) against ``api_url`` (None: ``KOALA_API_URL``,
-    then Koala's), writing a report to ``out``; returns the exit status."""
+    then Koala's) through ``proxy`` (None: the environment's), writing a report to ``out``;
+    returns the exit status."""
 
     def say(line: str) -> None:
         print(line, file=out)
 
     try:
-        client = KoalaClient(public_key=key, api_url=api_url)
+        client = KoalaClient(public_key=key, api_url=api_url, proxy=proxy)
     except ValueError as exc:
         say(f"Configuration error: {exc}")
         return EXIT_KEY_PROBLEM
     client.shutdown(timeout=0)  # only its resolved settings are used; it never sends
     say(f"Koala API: {client.api_url} ({_origin(api_url, 'KOALA_API_URL', 'the default')})")
-    proxy, report = _proxy(httpx.URL(client.api_url))
-    say(f"Proxy: {report}")
+    used = proxy_for(client.api_url, proxy)  # what the sender posts through
+    say(f"Proxy: {_proxy_report(httpx.URL(client.api_url), proxy, used)}")
     if client.public_key is None:
         say(
             "Public key: none. Set KOALA_PUBLIC_KEY or pass --key; without a key the middleware runs in "
@@ -53,13 +55,19 @@ def check(key: str | None, api_url: str | None, timeout: float, out: TextIO) -> 
     say(f"Public key: {client.public_key} ({_origin(key, 'KOALA_PUBLIC_KEY', None)})")
     auth_url = f"{client.api_url}/web/projects/{client.public_key}/auth"
     try:
-        with httpx.Client(trust_env=True, timeout=timeout, headers={"User-Agent": client.user_agent}) as http:
+        with httpx.Client(
+            proxy=used,
+            trust_env=False,  # the proxy is resolved above, as the sender does
+            verify=httpx.create_ssl_context(),  # the sender's trust store (certifi, SSL_CERT_FILE)
+            timeout=timeout,
+            headers={"User-Agent": client.user_agent},
+        ) as http:
             response = http.get(auth_url)
     except httpx.HTTPError as exc:
-        if proxy is not None:
+        if used is not None:
             say(
-                f"Result: Koala unreachable through the proxy {proxy} ({_describe(exc)}). Check that proxy, "
-                "or NO_PROXY if Koala should be reached directly."
+                f"Result: Koala unreachable through the proxy {_hide_password(used)} ({_describe(exc)}). "
+                "Check that proxy, or NO_PROXY if Koala should be reached directly."
             )
         else:
             say(
@@ -93,19 +101,20 @@ def _origin(given: str | None, variable: str, default: str | None) -> str:
     return default or "none"
 
 
-def _proxy(url: httpx.URL) -> tuple[str | None, str]:
-    """The proxy httpx's ``trust_env`` takes for ``url`` from HTTP(S)_PROXY / ALL_PROXY /
-    NO_PROXY (any password in it hidden; None for none), and that finding in words."""
-    proxies = urllib.request.getproxies()  # the environment's *_proxy variables, either case
-    proxy = proxies.get(url.scheme) or proxies.get("all")
-    if not proxy:
-        return None, "none (no HTTP_PROXY, HTTPS_PROXY or ALL_PROXY in the environment)"
-    names = [case(name) for name in (f"{url.scheme}_proxy", "all_proxy") for case in (str.upper, str.lower)]
-    variable = next((name for name in names if os.environ.get(name)), "the environment")
-    shown = _hide_password(proxy)
-    if urllib.request.proxy_bypass(url.host):
-        return None, f"none for {url.host}: NO_PROXY excludes it (else {shown} from {variable})"
-    return shown, f"{shown} (from {variable})"
+def _proxy_report(url: httpx.URL, given: str | None, used: str | None) -> str:
+    """Which proxy the requests to ``url`` take (``used``), and why, in words; any password
+    in a proxy URL hidden."""
+    if given is not None:
+        return f"{_hide_password(given)} (from --proxy)"
+    names = [case(name) for name in (f"{url.scheme}_proxy", "all_proxy") for case in (str.lower, str.upper)]
+    variable = next((name for name in names if os.environ.get(name)), None)
+    if used is not None:
+        return f"{_hide_password(used)} (from {variable or 'the environment'})"
+    if variable is not None:
+        return (
+            f"none for {url.host}: NO_PROXY excludes it (else {_hide_password(os.environ[variable])} from {variable})"
+        )
+    return "none (no HTTP_PROXY, HTTPS_PROXY or ALL_PROXY in the environment)"
 
 
 def _hide_password(proxy: str) -> str:

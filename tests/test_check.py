@@ -143,6 +143,16 @@ def test_the_environment_proxy_is_reported_and_used(collector: Collector, check:
         assert bypassed.returncode == 0 and "Proxy: none for 127.0.0.1: NO_PROXY excludes it" in bypassed.stdout
         assert len(collector.requests()) == 1
 
+        flag = check("check", "--key", "pk_test", "--api-url", collector.url, "--proxy", proxy_url, NO_PROXY="*")
+        assert flag.returncode == 0 and f"Proxy: http://user:***@127.0.0.1:{proxy.port} (from --proxy)" in flag.stdout
+        assert len(proxy.requests()) == 2  # --proxy wins over the environment, as proxy= does
+
         proxy.down()
         unreachable = check("check", "--key", "pk_test", "--api-url", collector.url, HTTP_PROXY=proxy_url)
         assert unreachable.returncode == 2 and "Koala unreachable through the proxy" in unreachable.stdout
+        assert "secret" not in unreachable.stdout
+
+
+def test_a_malformed_proxy_is_a_configuration_error(check: Callable[..., Done]) -> None:
+    done = check("check", "--key", "pk_test", "--proxy", "socks5://127.0.0.1:1080")
+    assert done.returncode == 1 and "Configuration error: proxy must be an http:// or https:// URL" in done.stdout

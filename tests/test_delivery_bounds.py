@@ -157,7 +157,10 @@ def test_submits_racing_a_hold_are_all_delivered(collector: Collector) -> None:
 @pytest.mark.parametrize("sync", [False, True], ids=["background", "sync"])
 def test_an_answer_dripping_1_byte_a_second_ends_each_attempt_within_timeout(collector: Collector, sync: bool) -> None:
     """Status line and headers at once, then the body at 1 byte/s: each attempt ends within
-    ``timeout`` (plus a little), the batch is retried then counted, and the sender goes on."""
+    ``timeout`` (plus a little), the batch is retried then counted, and the sender goes on.
+
+    The answer is 11 bytes, so it would take 11 s in full: 3 s (1 s of timeout, 0.1 s of
+    backoff, the rest for a busy machine) tells the deadline apart from a per-read timeout."""
     collector.drip()
     client = KoalaClient(
         "pk_test", api_url=collector.url, sync=sync, timeout=1.0, max_retries=2, backoff_base=0.05, max_backoff=0.1
@@ -168,11 +171,11 @@ def test_an_answer_dripping_1_byte_a_second_ends_each_attempt_within_timeout(col
     assert client.flush(10)
     attempts = collector.requests(accepted_only=False)
     if sync:  # one budget of `timeout` for the whole batch
-        assert len(attempts) == 1 and time.monotonic() - started < 1.5
+        assert len(attempts) == 1 and time.monotonic() - started < 3.0
     else:
         assert len(attempts) == 3
         gaps = [later.at - earlier.at for earlier, later in itertools.pairwise(attempts)]
-        assert all(gap < 1.0 + 0.1 + 0.4 for gap in gaps), gaps
+        assert all(gap < 3.0 for gap in gaps), gaps
     assert client.stats.dropped == {"retries_exhausted": 1} and client.stats.delivered == 0
     collector.reset()
     with client.tracker(profile_id=str(uuid.uuid4())) as tracker:

@@ -28,7 +28,7 @@ import yarl
 
 from ._policy import Answer
 from ._request import Request
-from ._settings import DeliverySettings
+from ._settings import PROXY_SCHEMES, DeliverySettings
 
 logger = logging.getLogger("koala_middleware")
 
@@ -42,8 +42,6 @@ BODY_CAP = 4096
 #: Seconds an idle kept-alive connection is kept: httpx's default, well under the idle
 #: timeouts of load balancers, so a connection is rarely closed under a request.
 KEEPALIVE = 5.0
-
-PROXY_SCHEMES = ("http://", "https://")
 
 
 class Poster(Protocol):
@@ -59,14 +57,6 @@ def poster(settings: DeliverySettings) -> Poster:
     if isinstance(settings.transport, httpx.AsyncBaseTransport):
         return TransportPoster(settings, settings.transport)
     return SessionPoster(settings)
-
-
-def check_proxy(proxy: str) -> None:
-    """Raise at the call site for a ``proxy=`` the sender cannot use."""
-    if not proxy.startswith(PROXY_SCHEMES) or not urlsplit(proxy).hostname:
-        raise ValueError(
-            f"proxy must be an http:// or https:// URL such as 'http://proxy.internal:3128', got {proxy!r}"
-        )
 
 
 def proxy_for(url: str, proxy: str | None = None) -> str | None:

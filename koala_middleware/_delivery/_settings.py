@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from urllib.parse import urlsplit
 
 import httpx
+
+#: The proxies the sender can talk to (aiohttp has no SOCKS).
+PROXY_SCHEMES = ("http://", "https://")
 
 
 @dataclass(frozen=True, slots=True)
@@ -26,7 +30,8 @@ class DeliverySettings:
     max_spool_bytes: int = 64 * 1024 * 1024
 
     def __post_init__(self) -> None:
-        if self.proxy is not None:
-            from ._http import check_proxy
-
-            check_proxy(self.proxy)
+        # At the call site, saying how to fix it: a bad proxy= would fail every batch later.
+        if self.proxy is not None and (not self.proxy.startswith(PROXY_SCHEMES) or not urlsplit(self.proxy).hostname):
+            raise ValueError(
+                f"proxy must be an http:// or https:// URL such as 'http://proxy.internal:3128', got {self.proxy!r}"
+            )

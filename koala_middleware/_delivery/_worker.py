@@ -26,9 +26,11 @@ import asyncio
 import contextlib
 import logging
 import selectors
-import threading
 import time
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
 
+from .. import _native
 from .._protocol import Batch
 from ._http import Poster, poster
 from ._queue import BatchQueue, Waiting
@@ -37,6 +39,9 @@ from ._sender import Sender
 from ._settings import DeliverySettings
 from ._spool import Spool
 from ._stats import DeliveryError, ErrorHook
+
+if TYPE_CHECKING:
+    from _typeshed import FileDescriptorLike
 
 logger = logging.getLogger("koala_middleware")
 
@@ -76,9 +81,9 @@ class BackgroundSender(Sender):
 
     def _init_state(self) -> None:
         self._queue = BatchQueue(self.settings)
-        self._thread: threading.Thread | None = None
+        self._thread: _native.SenderThread | None = None
         # Held by the sender thread except while it waits in select(): see park().
-        self._running = threading.Lock()
+        self._running = _native.Lock()
         # The loop's side; set by the sender thread.
         self._loop: asyncio.AbstractEventLoop | None = None
         self._wakeup: asyncio.Event | None = None
@@ -112,7 +117,7 @@ class BackgroundSender(Sender):
             if not reason:
                 self.counters.enqueued_locked()
                 if self._thread is None:
-                    start = self._thread = threading.Thread(target=self._run_thread, name="koala-sender", daemon=True)
+                    start = self._thread = _native.SenderThread(self._run_thread, "koala-sender")
                 elif self._loop_idle:
                     self._loop_idle = False
                     wake = self._loop
@@ -141,7 +146,8 @@ class BackgroundSender(Sender):
 
     def flush(self, timeout: float) -> bool:
         """Wait until all batches handed over so far are delivered or given up."""
-        if threading.current_thread() is self._thread:  # an on_error hook: never wait on ourselves
+        thread = self._thread
+        if thread is not None and thread.is_current():  # an on_error hook: never wait on ourselves
             return not self._queue.pending
         flushed = self._queue.wait_idle(timeout)
         if flushed and self._spool is not None:
@@ -169,7 +175,7 @@ class BackgroundSender(Sender):
         if thread is not None and loop is not None and thread.is_alive():
             with contextlib.suppress(RuntimeError):  # already closed
                 loop.call_soon_threadsafe(self._wake)  # it sees the queue closed and stops
-            if thread is not threading.current_thread():
+            if not thread.is_current():
                 thread.join(max(deadline - time.monotonic(), 0.05))
         if self._spool is not None:
             self._spool.close()  # what is left stays on disk, for the next process
@@ -263,7 +269,7 @@ class BackgroundSender(Sender):
 
     # -- the sender thread ------------------------------------------------------------------
 
-    def _start(self, thread: threading.Thread) -> None:
+    def _start(self, thread: _native.SenderThread) -> None:
         try:
             thread.start()
         except RuntimeError as error:  # "can't create new thread" (interpreter exit, limits)
@@ -276,14 +282,14 @@ class BackgroundSender(Sender):
     def _run_thread(self) -> None:
         running = self._running
         running.acquire()
-        loop = asyncio.SelectorEventLoop(_ParkingSelector(running))
+        loop = _native.new_event_loop(_ParkingSelector(running))
         try:
             loop.run_until_complete(self._main())
         except Exception:
             logger.exception(LOG_SENDER_FAILED)
         finally:
             with self._queue.lock:
-                if self._thread is threading.current_thread():
+                if self._thread is not None and self._thread.is_current():
                     self._thread = None  # a later submit starts a new one
                     self._loop = None
                     self._loop_idle = False
@@ -292,7 +298,7 @@ class BackgroundSender(Sender):
 
     def park(self) -> bool:
         thread = self._thread
-        if thread is None or not thread.is_alive() or thread is threading.current_thread():
+        if thread is None or not thread.is_alive() or thread.is_current():
             return False
         # Bounded: a sender stuck in an on_error hook must not block the host's fork.
         return self._running.acquire(timeout=FORK_PARK_TIMEOUT)
@@ -407,20 +413,41 @@ class BackgroundSender(Sender):
                 self._queue.finish(batch)
 
 
-class _ParkingSelector(selectors.DefaultSelector):
+class _ParkingSelector(selectors.BaseSelector):
     """The sender loop's selector: ``running`` is released only while waiting for I/O.
 
     So whoever holds ``running`` (a fork about to happen) knows the sender thread is in
     ``select()``, in no import and holding no lock of any library.
+
+    It wraps the selector :mod:`.._native` picks when the thread starts: the original one
+    even where gevent or eventlet patched ``selectors`` after this module was imported.
     """
 
-    def __init__(self, running: threading.Lock) -> None:
-        super().__init__()
+    def __init__(self, running: _native.LockType) -> None:
+        self._selector = _native.new_selector()
         self._running = running
 
     def select(self, timeout: float | None = None) -> list[tuple[selectors.SelectorKey, int]]:
         self._running.release()
         try:
-            return super().select(timeout)
+            return self._selector.select(timeout)
         finally:
             self._running.acquire()
+
+    def register(self, fileobj: FileDescriptorLike, events: int, data: Any = None) -> selectors.SelectorKey:
+        return self._selector.register(fileobj, events, data)
+
+    def unregister(self, fileobj: FileDescriptorLike) -> selectors.SelectorKey:
+        return self._selector.unregister(fileobj)
+
+    def modify(self, fileobj: FileDescriptorLike, events: int, data: Any = None) -> selectors.SelectorKey:
+        return self._selector.modify(fileobj, events, data)
+
+    def get_key(self, fileobj: FileDescriptorLike) -> selectors.SelectorKey:
+        return self._selector.get_key(fileobj)
+
+    def get_map(self) -> Mapping[FileDescriptorLike, selectors.SelectorKey]:
+        return self._selector.get_map()
+
+    def close(self) -> None:
+        self._selector.close()

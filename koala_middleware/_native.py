@@ -1,0 +1,188 @@
+"""The sender's own OS thread and event loop, also where gevent or eventlet patched the stdlib.
+
+Under gevent (gunicorn ``-k gevent``) or eventlet, ``threading.Thread`` makes a greenlet:
+the sender's asyncio loop would share the worker's one OS thread with every request.
+Where its selector is the real one (the library was imported before the worker patched,
+as with gunicorn ``--preload``), each wait for Koala blocks every request of the worker,
+for as long as Koala takes to answer or the backoff lasts; where it is gevent's, the loop
+still counts as running in that thread, so a request's ``asyncio.run()`` (or asgiref's
+``async_to_sync``) fails with "cannot be called from a running event loop".
+
+So where ``threading`` is patched, the sender runs on a thread started with the original
+``_thread.start_new_thread``, and its loop uses the original selector and resolves host
+names with the original ``getaddrinfo`` on a native thread of its own: asyncio's default
+executor would make its workers greenlets of this thread, which no hub ever runs (and
+which the interpreter then waits for at exit). All of these are looked up when used, not
+at import: a worker patches after ``--preload`` imported this module. The sender and the
+request side share state through locks from the original ``_thread.allocate_lock``, which
+exclude OS threads whatever was patched; they are held for a few steps, never across I/O,
+so a greenlet waiting on one stalls its worker for microseconds at most.
+
+Without monkey-patching these are ``threading.Thread``, ``threading.Lock``,
+``selectors.DefaultSelector`` and ``asyncio.SelectorEventLoop``, unchanged.
+"""
+
+from __future__ import annotations
+
+import _thread
+import asyncio
+import selectors
+import sys
+import threading
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+__all__ = ["Lock", "LockType", "SenderThread", "new_event_loop", "new_selector"]
+
+LockType = _thread.LockType
+
+
+class _Originals(NamedTuple):
+    start_new_thread: Callable[..., int]
+    allocate_lock: Callable[[], LockType]
+    get_ident: Callable[[], int]
+    getaddrinfo: Callable[..., Any]
+    selector: type[selectors.BaseSelector]
+
+
+def _originals() -> _Originals | None:
+    """What gevent or eventlet replaced, as it was; None when ``threading`` is not patched.
+
+    Read from ``sys.modules`` only: a process that never imported gevent or eventlet is
+    not patched, and importing them here would cost every other process their start-up.
+    """
+    monkey = sys.modules.get("gevent.monkey")
+    if monkey is not None and monkey.is_module_patched("threading"):
+        start, allocate, ident = monkey.get_original("_thread", ("start_new_thread", "allocate_lock", "get_ident"))
+        return _Originals(
+            start, allocate, ident,
+            monkey.get_original("socket", "getaddrinfo"), monkey.get_original("selectors", "DefaultSelector"),
+        )
+    patcher = sys.modules.get("eventlet.patcher")
+    if patcher is not None and patcher.is_monkey_patched("thread"):
+        thread = patcher.original("_thread")
+        return _Originals(
+            thread.start_new_thread, thread.allocate_lock, thread.get_ident,
+            patcher.original("socket").getaddrinfo, patcher.original("selectors").DefaultSelector,
+        )
+    return None
+
+
+def Lock() -> LockType:  # noqa: N802 - stands in for threading.Lock
+    """A lock that excludes OS threads, also where ``threading.Lock`` was patched to a greenlet lock."""
+    originals = _originals()
+    return _thread.allocate_lock() if originals is None else originals.allocate_lock()
+
+
+def new_selector() -> selectors.BaseSelector:
+    """A selector that blocks this OS thread alone (gevent's would wait on a hub no one runs here)."""
+    originals = _originals()
+    return selectors.DefaultSelector() if originals is None else originals.selector()
+
+
+def new_event_loop(selector: selectors.BaseSelector) -> asyncio.AbstractEventLoop:
+    """An event loop on ``selector`` for a :class:`SenderThread`."""
+    originals = _originals()
+    return asyncio.SelectorEventLoop(selector) if originals is None else _NativeLoop(selector, originals)
+
+
+class _NativeLoop(asyncio.SelectorEventLoop):
+    """A loop whose ``getaddrinfo`` runs the original one on a native thread per lookup.
+
+    Lookups happen once per new connection (connections are kept alive), so a thread
+    each costs little, and nothing needs a pool to shut down at exit.
+    """
+
+    def __init__(self, selector: selectors.BaseSelector, originals: _Originals) -> None:
+        super().__init__(selector)
+        self._originals = originals
+
+    async def getaddrinfo(
+        self,
+        host: bytes | str | None,
+        port: bytes | str | int | None,
+        *,
+        family: int = 0,
+        type: int = 0,
+        proto: int = 0,
+        flags: int = 0,
+    ) -> list[Any]:  # typeshed's exact type differs between Python versions
+        future: asyncio.Future[list[Any]] = self.create_future()
+
+        def settle(result: Any, error: BaseException | None) -> None:
+            if future.done():  # cancelled meanwhile
+                return
+            if error is None:
+                future.set_result(result)
+            else:
+                future.set_exception(error)
+
+        def resolve() -> None:
+            try:
+                result, error = self._originals.getaddrinfo(host, port, family, type, proto, flags), None
+            except BaseException as exc:  # handed to the awaiting coroutine
+                result, error = None, exc
+            try:
+                self.call_soon_threadsafe(settle, result, error)
+            except RuntimeError:  # the loop closed meanwhile (shutdown): no one waits
+                pass
+
+        self._originals.start_new_thread(resolve, ())
+        return await future
+
+
+class SenderThread:
+    """Runs ``target`` on a daemon OS thread; the subset of ``threading.Thread`` the sender uses.
+
+    Unpatched, it is a ``threading.Thread`` (named, listed by ``threading.enumerate()``).
+    Patched, a native thread whose end releases a native lock, for ``join`` and ``is_alive``.
+    """
+
+    __slots__ = ("_done", "_get_ident", "_target", "_thread", "ident", "name")
+
+    def __init__(self, target: Callable[[], None], name: str) -> None:
+        self._target = target
+        self.name = name
+        self.ident: int | None = None
+        self._thread: threading.Thread | None = None
+        self._done: LockType | None = None
+        self._get_ident: Callable[[], int] = threading.get_ident
+
+    def start(self) -> None:
+        """Start the thread; raises RuntimeError if the OS refuses one, as ``threading`` does."""
+        originals = _originals()
+        if originals is None:
+            self._thread = threading.Thread(target=self._target, name=self.name, daemon=True)
+            self._thread.start()
+            self.ident = self._thread.ident
+            return
+        self._get_ident = originals.get_ident
+        self._done = done = originals.allocate_lock()
+        done.acquire()
+        try:
+            self.ident = originals.start_new_thread(self._run_native, (done,))
+        except BaseException:
+            self._done = None
+            raise
+
+    def _run_native(self, done: LockType) -> None:
+        self.ident = self._get_ident()  # before start() returns it: is_current() works at once
+        try:
+            self._target()
+        finally:
+            done.release()
+
+    def is_current(self) -> bool:
+        """Whether the caller runs on this thread."""
+        return self.ident is not None and self._get_ident() == self.ident
+
+    def is_alive(self) -> bool:
+        if self._thread is not None:
+            return self._thread.is_alive()
+        return self._done is not None and self._done.locked()
+
+    def join(self, timeout: float) -> None:
+        if self._thread is not None:
+            self._thread.join(timeout)
+        elif self._done is not None and self._done.acquire(True, max(timeout, 0.0)):
+            self._done.release()
