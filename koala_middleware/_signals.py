@@ -105,7 +105,10 @@ def _shut_down_then_signal(signum: int) -> None:
         return
     # To the main thread itself: a process-wide signal could be taken by another thread
     # and leave the main thread asleep in a system call.
-    signal.pthread_kill(_main_thread, signum)
+    try:
+        signal.pthread_kill(_main_thread, signum)
+    except (OSError, ValueError, OverflowError):  # gevent: idents are greenlets', not threads'
+        os.kill(os.getpid(), signum)
     time.sleep(MAIN_THREAD_WAIT)
     logger.warning(LOG_SIGTERM_STUCK, MAIN_THREAD_WAIT)
     os._exit(128 + signum)  # the shell's status for "killed by signum"

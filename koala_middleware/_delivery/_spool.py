@@ -25,12 +25,12 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING
 
+from .. import _native
 from .._protocol import Batch
 
 if TYPE_CHECKING:
@@ -143,8 +143,9 @@ def _batch(path: object, user_agent: object, message_ids: object, body: object) 
 class Spool:
     """This process's spool file, the files it adopted, and which batch is in which row.
 
-    Thread-safe: hand-overs (request threads) and the sender thread share one lock; every
-    call is a short SQLite statement on a local file.
+    Thread-safe: hand-overs (request threads) and the sender thread share one lock (an OS
+    lock also under gevent, as the queue's); every call is a short SQLite statement on a
+    local file.
     """
 
     def __init__(self, directory: str, max_bytes: int) -> None:
@@ -154,7 +155,7 @@ class Spool:
         #: load (their file turned out unreadable); ``lost`` when the file was set aside,
         #: else they stay in it for the process that adopts it once this one is gone.
         self.on_stranded: Callable[[int, bool], None] | None = None
-        self._lock = threading.Lock()
+        self._lock = _native.Lock()
         self._init_state()
 
     def _init_state(self) -> None:
@@ -177,7 +178,7 @@ class Spool:
         parents = [spool for spool in [self._own, *self._adopted] if spool is not None]
         _inherited.extend(spool.db for spool in parents)
         foreign = self._foreign | {spool.path for spool in parents}
-        self._lock = threading.Lock()
+        self._lock = _native.Lock()
         self._init_state()
         self._foreign = foreign
 

@@ -240,7 +240,7 @@ class BackgroundSender(Sender):
         with self._queue.lock:
             if self._thread is not None:
                 return
-            start = self._thread = threading.Thread(target=self._run_thread, name="koala-sender", daemon=True)
+            start = self._thread = _native.SenderThread(self._run_thread, "koala-sender")
         self._start(start)
 
     def _refill(self) -> float | None:

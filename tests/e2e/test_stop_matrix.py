@@ -21,10 +21,12 @@ import json
 import os
 import signal
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -62,6 +64,13 @@ NO_LIFESPAN: dict[str, list[str]] = {
     "granian-mounted": ["granian", "--interface", "asgi", "--host", "{host}", "--port", "{port}", MOUNTED],
     "uvicorn-litestar": ["uvicorn", "--host", "{host}", "--port", "{port}", "--no-access-log", LITESTAR],
     "hypercorn-litestar": ["hypercorn", "-b", "{host}:{port}", LITESTAR],
+}
+#: The documented limits: uvicorn's workers load the app after installing their own SIGTERM
+#: handler and die of the signal once they have shut down, so without lifespan nothing runs
+#: in between. The spool covers them: the batch arrives after a restart.
+LIMITS: dict[str, list[str]] = {
+    "uvicorn-workers-2-mounted": [*CELLS["uvicorn-workers-2"][:-1], MOUNTED],
+    "uvicorn-workers-2-litestar": [*CELLS["uvicorn-workers-2"][:-1], LITESTAR],
 }
 
 
@@ -164,3 +173,31 @@ def test_sigterm_with_koala_down_delivers_the_pending_batch(matrix: dict[str, Ou
     outcome = matrix[cell]
     assert outcome.code is not None, f"{cell} did not exit within 20 s:\n{outcome.output[-3000:]}"
     assert outcome.delivered == 1, f"{cell}: {outcome.delivered} batch(es) arrived\n{outcome.output[-3000:]}"
+
+
+def test_the_limits_lose_nothing_with_a_spool_the_batch_arrives_after_a_restart(tmp_path: Path) -> None:
+    spool = str(tmp_path)
+    with Collector() as koala:
+        with servers(LIMITS, koala, spool_dir=spool) as cells:
+            koala.down()
+            for cell in cells:
+                track_one(cell)
+            codes = stop_all(cells, koala)
+        assert all(code is not None for code in codes.values()), codes
+        restart = subprocess.run(
+            [sys.executable, "-m", "tests.e2e.apps.spool_script", "deliver", "0"],
+            cwd=ROOT,
+            env={
+                **os.environ,
+                "PYTHONPATH": str(ROOT),
+                "KOALA_API_URL": koala.url,
+                "FAULTS_CLIENT": json.dumps({"spool_dir": spool, "handle_sigterm": False}),
+            },
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+        assert restart.returncode == 0, restart.stderr
+        delivered = {cell.name: len(batches_from(koala, cell.user_agent)) for cell in cells}
+    assert delivered == dict.fromkeys(LIMITS, 1), (delivered, restart.stdout)
