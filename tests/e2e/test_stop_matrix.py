@@ -8,7 +8,9 @@ client's SIGTERM handler flushes; uvicorn loads the app before it installs its o
 and re-raises SIGTERM into it once it has shut down; hypercorn's and granian's
 ``multiprocessing`` workers flush in the handler or at ``multiprocessing``'s exit.
 ``NO_LIFESPAN`` puts the middleware where lifespan never reaches it (a Starlette ``Mount``,
-a Litestar route): the same mechanisms, minus lifespan, still deliver.
+a Litestar route): the same mechanisms, minus lifespan, still deliver, except under
+uvicorn ``--workers 2`` (``LIMITS``, a documented limit): there the spool delivers the
+batch after a restart.
 
 All servers run at once against one collector, each told apart by the User-Agent of its
 request, so the whole matrix costs about one server start and one shutdown.
