@@ -43,9 +43,10 @@ LOG_SPOOL_CORRUPT = "%s is not a readable spool file (%s); set aside as %s"
 LOG_SPOOL_ADOPTED = "adopted %d batch(es) left in %s by a process that is gone"
 LOG_SPOOL_LEFT = "%d batch(es) left in the spool %s for the next process to deliver"
 
-#: The sender checkpoints its own file's WAL after this many of its delete transactions (so
-#: that the checkpoint's fsync never lands on a request thread's hand-over).
-CHECKPOINT_EVERY = 200
+#: The sender checkpoints its own file's WAL after this many transactions on it (so that the
+#: checkpoint's fsync never lands on a request thread's hand-over, and the WAL, a page per
+#: hand-over, stays within a few megabytes also while nothing is delivered).
+CHECKPOINT_EVERY = 1000
 
 PREFIX = "koala-spool-"
 SUFFIX = ".sqlite3"
@@ -163,7 +164,7 @@ class Spool:
         self._adopted: list[SpoolFile] = []
         self._rows: dict[Batch, tuple[SpoolFile, int]] = {}
         self._done: list[tuple[SpoolFile, int]] = []  # rows of finished batches, to delete
-        self._deletes = 0  # delete transactions on our own file since its last checkpoint
+        self._writes = 0  # transactions on our own file since its last checkpoint
         self._bytes = 0
         self._broken = False  # cannot write: memory only from now on (logged once)
         self._own_unreadable = False  # and cannot even read it: no more loading from it
@@ -199,6 +200,7 @@ class Spool:
             except Exception as error:  # full disk, read-only volume, vanished directory
                 self._break(error)
                 return "memory"
+            self._writes += 1
             self._rows[batch] = own, row
             self._bytes += size
             return ""
@@ -236,6 +238,11 @@ class Spool:
         """Batches removed but not deleted from disk yet."""
         return len(self._done)
 
+    @property
+    def needs_sync(self) -> bool:
+        """Finished batches to delete, or a WAL to checkpoint."""
+        return bool(self._done) or self._writes >= CHECKPOINT_EVERY
+
     def sync(self) -> None:
         """Delete the rows of finished batches, one transaction per file (the sender calls
         this when it has a moment: a delete per batch cost it a third of its throughput),
@@ -254,14 +261,14 @@ class Spool:
                     self._set_aside_or_break(spool, error)
                     continue
                 if spool is self._own:
-                    self._deletes += 1
+                    self._writes += 1
                 elif not spool.rows:
                     self._adopted.remove(spool)
                     spool.close(remove=True)
-            if self._own is not None and self._deletes >= CHECKPOINT_EVERY:
-                self._deletes = 0
+            if self._own is not None and self._writes >= CHECKPOINT_EVERY:
+                self._writes = 0
                 try:
-                    self._own.db.execute("PRAGMA wal_checkpoint(PASSIVE)")
+                    self._own.db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
                 except Exception as error:
                     self._break(error)
         self._report_stranded()
@@ -276,6 +283,7 @@ class Spool:
             spool, row = place
             try:
                 spool.db.execute("UPDATE batches SET due = ? WHERE id = ?", (due, row))
+                self._writes += spool is self._own
             except Exception as error:
                 self._rows[batch] = place
                 self._set_aside_or_break(spool, error)

@@ -349,7 +349,7 @@ class BackgroundSender(Sender):
                 wakeup.clear()
                 spool_wait = self._refill() if self._spool is not None else None
                 item, wait, probe = self._take(len(tasks))
-                if self._spool is not None and self._spool.finished:
+                if self._spool is not None and self._spool.needs_sync:
                     spool_wait = self._sync_spool(item is None and not tasks, spool_wait)
                 if item is None:
                     if spool_wait is not None:
