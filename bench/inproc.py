@@ -303,9 +303,11 @@ def session_cookie(loop: asyncio.AbstractEventLoop) -> str:
 
 
 def build_cases(loop: asyncio.AbstractEventLoop) -> list[Case]:
-    returning = f"ko_id={VISITOR_ID}; _ga=GA1.2.1234567890.1700000000"
+    # A returning visitor holds both cookies: ko_id and its server-kept copy (no Set-Cookie).
+    returning = f"ko_id={VISITOR_ID}; ko_id_server={VISITOR_ID}; _ga=GA1.2.1234567890.1700000000"
     # More visitors than the middleware remembers Cookie headers of: every request is a miss.
-    unseen = [f"ko_id={uuid.uuid4()}; _ga=GA1.2.1234567890.1700000000" for _ in range(UNSEEN_VISITORS)]
+    unseen = [f"ko_id={v}; ko_id_server={v}; _ga=GA1.2.1234567890.1700000000"
+              for v in (uuid.uuid4() for _ in range(UNSEEN_VISITORS))]
     session = session_cookie(loop)
     returning_with_session = f"{returning}; {session}"
 
@@ -317,7 +319,7 @@ def build_cases(loop: asyncio.AbstractEventLoop) -> list[Case]:
             app = starlette_app(middleware(client) if client is not None and middleware else None)
             scope = asgi_scope(path, cookie)
             headers = asgi_response_headers(app, scope, loop)
-            _expect(headers, b"set-cookie", b"ko_id=", expect_cookie, client, expect_batches)
+            _expect(headers, b"set-cookie", b"ko_id", expect_cookie, client, expect_batches)
             scopes = [asgi_scope(path, other) for other in others] if others else None
             return asgi_runner(app, scope, loop, scopes), _stopper(client)
         return make
@@ -331,7 +333,7 @@ def build_cases(loop: asyncio.AbstractEventLoop) -> list[Case]:
                 app.wsgi_app = KoalaWSGIMiddleware(app.wsgi_app, client=client)  # type: ignore[method-assign]
             environ = wsgi_environ(path, cookie)
             headers = wsgi_response_headers(app, environ)
-            _expect(headers, "set-cookie", "ko_id=", expect_cookie, client, expect_batches)
+            _expect(headers, "set-cookie", "ko_id", expect_cookie, client, expect_batches)
             environs = [wsgi_environ(path, other) for other in others] if others else None
             return wsgi_runner(app, environ, environs), _stopper(client)
         return make

@@ -8,7 +8,7 @@
 Parts: (1) in-process cost per request, Starlette and Flask, bare vs middleware, with
 Starlette's SessionMiddleware as a yardstick; (2) requests/s and latency through uvicorn and
 gunicorn; (3) isolation from a slow Koala; (4) the sender's batches/s to a 50 ms Koala;
-(5) the on-disk spool's cost per hand-over and its batches/s to a 50 ms Koala.
+(6) the on-disk spool's cost per hand-over and its batches/s to a 50 ms Koala.
 Every figure is a ratio within one run (interleaved rounds, medians), printed with the
 machine it ran on. Progress goes to stderr, the table to stdout.
 """

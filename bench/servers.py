@@ -27,7 +27,10 @@ from pathlib import Path
 from .collector import ROOT, CollectorProcess
 from .common import Row, check, median, say
 
-RETURNING_COOKIE = "ko_id=0f8fad5b-d9cb-4980-b0f2-4b2a1c6f5d3e; _ga=GA1.2.1234567890.1700000000"
+RETURNING_COOKIE = (  # ko_id and its server-kept copy: a returning visitor gets no Set-Cookie
+    "ko_id=0f8fad5b-d9cb-4980-b0f2-4b2a1c6f5d3e; ko_id_server=0f8fad5b-d9cb-4980-b0f2-4b2a1c6f5d3e; "
+    "_ga=GA1.2.1234567890.1700000000"
+)
 CONNECTIONS = 8
 GUNICORN_THREADS = 4
 

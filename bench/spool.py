@@ -1,4 +1,4 @@
-"""Part 5: what the on-disk spool (``spool_dir``) costs.
+"""Part 6: what the on-disk spool (``spool_dir``) costs.
 
 Hand-over: the calling thread's CPU per ``client.send(batch)`` with the spool and without,
 rounds interleaved in one run; the difference is the spool's own cost (one SQLite insert,
@@ -61,7 +61,7 @@ def run(quick: bool = False) -> list[Row]:
     ratio = median([s / m for (s, _), (m, _) in zip(delivered["spool"], delivered["memory"], strict=True)])
     return [
         Row(
-            "5",
+            "6",
             "spool: CPU added to each hand-over (SQLite insert, WAL, synchronous=NORMAL)",
             f"{extra:.1f} us per batch ({median(handed['spool']):.1f} with, {median(handed['memory']):.1f} without)",
             None,
@@ -69,7 +69,7 @@ def run(quick: bool = False) -> list[Row]:
             check(extra, 30),
         ),
         Row(
-            "5",
+            "6",
             "spool: background sender with spool_dir, 50 ms Koala",
             f"{rate:,.0f} batches/s, {cpu:.2f} ms sender CPU/batch (without: {plain_rate:,.0f}/s, {plain_cpu:.2f} ms)",
             ratio,

@@ -214,9 +214,7 @@ class KoalaClient:
 
     def send_tracker(self, tracker: Tracker) -> None:
         """Hand a tracker's records over as batches (non-blocking unless ``sync``)."""
-        batches = tracker.batches()
-        tracker._reset()
-        for batch in batches:
+        for batch in tracker._take():
             self.send(batch)
 
     def send(self, batch: Batch) -> None:
@@ -260,8 +258,8 @@ class KoalaClient:
         """A snapshot of the delivery counters (delivered, retried, dropped by reason...)."""
         return self._sender.counters.snapshot(self._sender.pending())
 
-    def _drop_items(self, count: int, reason: str) -> None:
-        self._sender.counters.dropped(reason, 0, count)
+    def _drop_items(self, count: int, reason: str, detail: str = "") -> None:
+        self._sender.counters.dropped(reason, 0, count, detail)
 
     def _web_tracker(self, profile_id: str | None, user_agent: str | None, ip: str | None, enabled: bool) -> Tracker:
         """The middlewares' tracker: inputs come from the request, already checked."""

@@ -5,6 +5,11 @@ middlewares read and set that same cookie: readable from JavaScript (never
 HttpOnly), ``Path=/`` and scoped to the registrable domain ("eTLD+1") so that
 every subdomain of a site shares one visitor id.
 
+Beside it the middlewares keep a server-kept copy of the id (``ko_id_server``, HttpOnly):
+Safari caps cookies written by JavaScript (as the pixel writes ``ko_id``) at 7 days, but
+not cookies set in a ``Set-Cookie`` header by the site's own server, so the copy outlives
+an expired ``ko_id`` and restores it.
+
 This runs on every request and the Cookie and Host headers are client-controlled:
 parsing never raises, rejected values are never echoed, and per-host work is
 memoised in bounded caches.
@@ -17,7 +22,7 @@ import ipaddress
 import logging
 import re
 import threading
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 from publicsuffixlist import PublicSuffixList
@@ -35,7 +40,12 @@ _MAX_HOST_INPUT = 300  # longer than any valid name with a port; also keeps cach
 _SEEN_SIZE = 4096  # Cookie headers whose visitor id is remembered (an int and an id each)
 # RFC 6265 cookie-name: an RFC 7230 token.
 _TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
-_UUID4 = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}")
+# A visitor id Koala's pixel or server may have written: a URL-safe token of 16 to 64
+# characters, which covers UUIDs of any version in either case and nanoid-style ids; never
+# the nil UUID (a placeholder, not an id). Kept exactly as written: Koala matches the string.
+_NIL_UUID = "00000000-0000-0000-0000-000000000000"
+_VISITOR_ID = r"(?!" + _NIL_UUID + r"(?![A-Za-z0-9_-]))[A-Za-z0-9_-]{16,64}"
+_VISITOR_ID_RE = re.compile(_VISITOR_ID)
 # Letters, digits, hyphen and underscore (browsers accept ``_``); no empty labels.
 _HOSTNAME = re.compile(r"(?:[a-z0-9_-]{1,63}\.)*[a-z0-9_-]{1,63}")
 _NUMERIC_LABEL = re.compile(r"[0-9]+|0x[0-9a-f]*")
@@ -54,15 +64,28 @@ class CookieSettings:
     max_age: int = 365 * 24 * 3600
     secure: bool | None = None
     samesite: str = "lax"
+    #: Keep a server-kept HttpOnly copy of the id (see the module's docstring).
+    server_copy: bool = True
+    server_copy_name: str = "ko_id_server"
 
     def __post_init__(self) -> None:
-        if not isinstance(self.name, str) or not _TOKEN.fullmatch(self.name):
-            raise ValueError("CookieSettings.name may only hold ASCII letters, digits and !#$%&'*+.^_`|~-")
-        if self.name.lower().startswith(("__secure-", "__host-")):
-            # Browsers drop such cookies when set without Secure or with a Domain.
-            raise ValueError("CookieSettings.name must not start with __Secure- or __Host-; use a plain name")
+        _check_name("name", self.name)
+        if not isinstance(self.server_copy, bool):
+            raise TypeError("CookieSettings.server_copy must be True or False")
+        _check_name("server_copy_name", self.server_copy_name)
+        if self.server_copy and self.server_copy_name == self.name:
+            raise ValueError("CookieSettings.server_copy_name must differ from the cookie's name")
         if self.domain is not None:
-            object.__setattr__(self, "domain", _setting_host("domain", self.domain))
+            domain = _setting_host("domain", self.domain)
+            if _is_ip(domain) or _public_suffix_list().is_public(domain):
+                # A browser rejects a Domain attribute naming a public suffix (or an IP):
+                # every visitor would get a new id on every request.
+                raise ValueError(
+                    f"CookieSettings.domain {domain!r} is "
+                    f"{'an IP address' if _is_ip(domain) else 'a public suffix (browsers refuse cookies for it)'}; "
+                    "name your own registrable domain, e.g. 'example.co.uk', or leave it unset"
+                )
+            object.__setattr__(self, "domain", domain)
         if self.allowed_hosts is not None:
             if isinstance(self.allowed_hosts, (str, bytes)):
                 raise TypeError("CookieSettings.allowed_hosts must be a list or tuple of host names, not one string")
@@ -85,6 +108,19 @@ class CookieSettings:
         object.__setattr__(self, "samesite", samesite)
 
 
+def _check_name(option: str, name: object) -> None:
+    if not isinstance(name, str) or not _TOKEN.fullmatch(name):
+        raise ValueError(f"CookieSettings.{option} may only hold ASCII letters, digits and !#$%&'*+.^_`|~-")
+    if name.lower().startswith(("__secure-", "__host-")):
+        # Browsers drop such cookies when set without Secure or with a Domain.
+        raise ValueError(f"CookieSettings.{option} must not start with __Secure- or __Host-; use a plain name")
+
+
+def _is_ip(host: str) -> bool:
+    """An IPv4 or IPv6 address, as browsers parse a host (a last label that is a number)."""
+    return ":" in host or _NUMERIC_LABEL.fullmatch(host.rpartition(".")[2]) is not None
+
+
 def _setting_host(option: str, value: object) -> str:
     """Normalise a configured host name, refusing anything a Domain attribute cannot hold."""
     if not isinstance(value, str):
@@ -96,13 +132,15 @@ def _setting_host(option: str, value: object) -> str:
 
 
 def new_visitor_id() -> str:
-    """A fresh id in the format the pixel generates."""
+    """A fresh id in the format the pixel generates (a lower-case UUID v4)."""
     return random_uuid4()
 
 
 def is_valid_visitor_id(value: str) -> bool:
-    """Only ids we could have issued are trusted; anything else is replaced, never echoed."""
-    return isinstance(value, str) and len(value) == 36 and _UUID4.fullmatch(value) is not None
+    """Only ids Koala's pixel or server may have written are kept; anything else is
+    replaced, never echoed: a URL-safe token (``[A-Za-z0-9_-]``) of 16 to 64 characters
+    (UUIDs of any version in either case among them), but not the nil UUID."""
+    return isinstance(value, str) and 16 <= len(value) <= 64 and _VISITOR_ID_RE.fullmatch(value) is not None
 
 
 def read_visitor_id(cookie_headers: str | Iterable[str] | None, name: str = "ko_id") -> str | None:
@@ -147,7 +185,7 @@ def _visitor_id_pattern(name: str) -> re.Pattern[str]:
     """``name=<id>`` up to a separator (``;`` or ``,``) or the end, the id alone or in double
     quotes. Starting with the name lets the search skip ahead to it; what precedes the
     name is checked by the caller."""
-    return re.compile(re.escape(name) + r'[ \t]*=[ \t]*("?)(' + _UUID4.pattern + r")\1[ \t]*(?=[;,]|\Z)")
+    return re.compile(re.escape(name) + r'[ \t]*=[ \t]*("?)(' + _VISITOR_ID + r")\1[ \t]*(?=[;,]|\Z)")
 
 
 # Compiled patterns by cookie name (names come from settings, never from the network).
@@ -246,69 +284,116 @@ def _cookie_attributes(host: str | None, https: bool, settings: CookieSettings) 
 def set_cookie_header(visitor_id: str, host: str | None, https: bool, settings: CookieSettings) -> str:
     """The Set-Cookie header value; never HttpOnly because the pixel reads the cookie."""
     if not is_valid_visitor_id(visitor_id):
-        raise ValueError("visitor_id must be a canonical UUID v4 string from new_visitor_id()")
+        raise ValueError("visitor_id must be a visitor id: 16 to 64 of A-Z a-z 0-9 _ - (see new_visitor_id())")
     return _set_cookie_header(visitor_id, host, https, settings)
 
 
-class VisitorCookie:
-    """One middleware's visitor cookie: reads the ``ko_id`` of each request, issues new ones.
+#: What a request's cookies leave to write (bits): nothing, the copy, ``ko_id``, or both.
+WRITE_NONE = 0
+WRITE_COPY = 1
+WRITE_ID = 2
+WRITE_BOTH = WRITE_COPY | WRITE_ID
 
-    Reading runs on every request, so the id read from a Cookie header is memoised, in a
+
+class VisitorCookie:
+    """One middleware's visitor cookies: reads ``ko_id`` (and its server-kept copy) of each
+    request, says which of them the response must write, and issues new ids.
+
+    Reading runs on every request, so what is read from a Cookie header is memoised, in a
     bounded cache (the header is client-controlled; the ``Set-Cookie`` attributes per host
     have theirs in ``_cookie_attributes``). A visitor's page, its API calls and its assets
     send the same header; seen before, it costs one hash and one lookup. The reading cache is keyed by the
     header's hash, so it keeps no cookie values (sessions, tokens) in memory; a collision of
     the keyed 64-bit hash is out of reach. Unseen headers are read with one ``find`` and one
-    anchored match (or, for unusual ones, a search).
+    anchored match per cookie name (or, for unusual ones, a search).
     """
 
-    __slots__ = ("_name", "_plain_id", "_seen", "settings")
+    __slots__ = ("_copy", "_copy_name", "_name", "_plain_copy", "_plain_id", "_seen", "settings")
 
     def __init__(self, settings: CookieSettings) -> None:
         self.settings = settings
         self._name = settings.name
-        self._plain_id = re.compile(re.escape(settings.name + "=") + "(" + _UUID4.pattern + ")(?=[;,]|\\Z)").match
-        self._seen: dict[int, str] = {}
+        self._plain_id = _plain_matcher(settings.name)
+        self._copy = settings.server_copy
+        self._copy_name = settings.server_copy_name
+        self._plain_copy = _plain_matcher(settings.server_copy_name)
+        self._seen: dict[int, tuple[str, int]] = {}
 
     def read(self, cookie: bytes | str | None) -> str | None:
-        """The visitor id in a Cookie header (several joined with ``"; "``), or None.
+        """The visitor id in a Cookie header (several joined with ``"; "``), or None."""
+        found = self.resolve(cookie)
+        return found[0] if found is not None else None
 
-        ``bytes`` (ASGI) are latin-1, as HTTP headers are; ``str`` is a WSGI header.
+    def resolve(self, cookie: bytes | str | None) -> tuple[str, int] | None:
+        """``(visitor_id, writes)`` for a Cookie header, or None for a new visitor.
+
+        The id is ``ko_id`` when valid, else the server-kept copy's; ``writes`` says which
+        cookies the response must (re)write: ``WRITE_COPY`` when the copy is missing or
+        differs (``ko_id`` wins), ``WRITE_ID`` when only the copy was valid. ``bytes``
+        (ASGI) are latin-1, as HTTP headers are; ``str`` is a WSGI header.
         """
         if cookie is None:
             return None
         key = hash(cookie)
-        visitor_id = self._seen.get(key)
-        if visitor_id is None:
-            visitor_id = self._parse(cookie.decode("latin-1") if isinstance(cookie, bytes) else cookie)
-            if visitor_id is not None:
+        found = self._seen.get(key)
+        if found is None:
+            found = self._parse(cookie.decode("latin-1") if isinstance(cookie, bytes) else cookie)
+            if found is not None:
                 if len(self._seen) >= _SEEN_SIZE:
                     self._seen.clear()  # a new generation: simpler and cheaper than LRU order
-                self._seen[key] = visitor_id
-        return visitor_id
+                self._seen[key] = found
+        return found
 
-    def _parse(self, cookie: str) -> str | None:
-        """Same answer as :func:`read_visitor_id`: the first occurrence of the name, when it
-        starts a cookie as ``name=<id>``, is the first valid one; anything else is searched."""
-        start = cookie.find(self._name)
-        if start < 0:
-            return None
-        if start == 0 or cookie[start - 1] in ";," or cookie[start - 2 : start] in _SEPARATORS:
-            found = self._plain_id(cookie, start)
-            if found is not None:
-                return found.group(1)
-        return _search_visitor_id((cookie,), self._name)
+    def _parse(self, cookie: str) -> tuple[str, int] | None:
+        visitor_id = _first_id(cookie, self._name, self._plain_id)
+        if not self._copy:
+            return None if visitor_id is None else (visitor_id, WRITE_NONE)
+        copy = _first_id(cookie, self._copy_name, self._plain_copy)
+        if visitor_id is None:
+            return None if copy is None else (copy, WRITE_ID)
+        return visitor_id, WRITE_NONE if copy == visitor_id else WRITE_COPY
 
-    def issue(self, host: str | None, https: bool) -> tuple[str, str]:
-        """A fresh visitor id and its ``Set-Cookie`` value for a request to ``host``."""
-        visitor_id = random_uuid4()  # valid by construction: no check needed
-        return visitor_id, _set_cookie_header(visitor_id, host, https, self.settings)
+    def issue(self) -> str:
+        """A fresh visitor id (its cookies: ``set_cookies(id, WRITE_BOTH, ...)``)."""
+        return random_uuid4()
+
+    def set_cookies(self, visitor_id: str, writes: int, host: str | None, https: bool) -> list[str]:
+        """The ``Set-Cookie`` values that write ``visitor_id`` to the cookies in ``writes``:
+        the same attributes for both, and HttpOnly for the copy (only the server writes it)."""
+        attributes = _attributes(host, https, self.settings)  # one cache lookup for both
+        headers = []
+        if writes & WRITE_ID:
+            headers.append(self._name + "=" + visitor_id + attributes)
+        if writes & WRITE_COPY and self._copy:
+            headers.append(self._copy_name + "=" + visitor_id + attributes + "; HttpOnly")
+        return headers
+
+
+def _plain_matcher(name: str) -> Callable[[str, int], re.Match[str] | None]:
+    return re.compile(re.escape(name + "=") + "(" + _VISITOR_ID + ")(?=[;,]|\\Z)").match
+
+
+def _first_id(cookie: str, name: str, plain: Callable[[str, int], re.Match[str] | None]) -> str | None:
+    """Same answer as :func:`read_visitor_id`: the first occurrence of the name, when it
+    starts a cookie as ``name=<id>``, is the first valid one; anything else is searched."""
+    start = cookie.find(name)
+    if start < 0:
+        return None
+    if start == 0 or cookie[start - 1] in ";," or cookie[start - 2 : start] in _SEPARATORS:
+        found = plain(cookie, start)
+        if found is not None:
+            return found.group(1)
+    return _search_visitor_id((cookie,), name)
 
 
 def _set_cookie_header(visitor_id: str, host: str | None, https: bool, settings: CookieSettings) -> str:
+    return settings.name + "=" + visitor_id + _attributes(host, https, settings)
+
+
+def _attributes(host: str | None, https: bool, settings: CookieSettings) -> str:
     if not isinstance(host, str) or len(host) > _MAX_HOST_INPUT:
-        host = None
-    return settings.name + "=" + visitor_id + _cookie_attributes(host, bool(https), settings)
+        host = None  # client-controlled: odd or oversized hosts stay out of the cache
+    return _cookie_attributes(host, bool(https), settings)
 
 
 _logged_shared_cache_skip = False

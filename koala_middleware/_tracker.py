@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import contextvars
 import datetime
+import logging
+import os
+import threading
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
@@ -19,12 +22,49 @@ from ._validate import check_domain, check_email, check_id, check_name, encode_m
 
 if TYPE_CHECKING:
     from ._client import KoalaClient
+    from ._visit import Visits
 
 MAX_ITEMS_PER_TRACKER = 10_000
+
+logger = logging.getLogger("koala_middleware")
+LOG_FOLLOW_UP = (
+    "a request's tracker recorded after its request was handed over (a kept reference, a "
+    "thread or a task); each such call is sent as a follow-up batch (logged once)"
+)
+LOG_FOLLOW_UP_FAILED = "could not hand a follow-up batch to the sender; it is lost"
+TRACKER_FULL_DETAIL = (
+    f"a tracker keeps at most {MAX_ITEMS_PER_TRACKER} items (events, identifies, account() calls) "
+    "until it is handed over; record less per request, or call tracker.send() in between"
+)
+COOKIE_WITHHELD_DETAIL = (
+    "a new visitor's cookie was not set (a response a shared cache may store, a 304, or no "
+    "response) and no email was identified: no browser holds the id, so nothing is sent"
+)
+
+#: A request tracker's stages: the handler runs; the response started (its headers are out);
+#: the middleware handed the tracker over (later records are sent as follow-up batches).
+OPEN, STARTED, HANDED_OVER = 0, 1, 2
+
+# Orders records and hand-overs: a thread or task started by a handler may record while the
+# middleware hands its tracker over, and neither may lose the other's items. Held for list
+# appends and for building batches only (no I/O); uncontended, it costs ~0.1 us a record.
+_lock = threading.Lock()
+
+
+def _new_lock_in_child() -> None:
+    """A forked child gets a fresh lock: another thread may have held it at the fork."""
+    global _lock
+    _lock = threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_new_lock_in_child)
 
 _current: contextvars.ContextVar[Tracker | None] = contextvars.ContextVar(
     "koala_tracker", default=None
 )
+_logged_follow_up = False
+_UNREAD: Any = object()  # a request tracker's User-Agent and IP before they are read
 
 
 def current_tracker() -> Tracker | None:
@@ -36,13 +76,46 @@ def current_tracker() -> Tracker | None:
     return _current.get()
 
 
-class _Recorder:
-    __slots__ = ("_event_ids", "_events", "_identifies")
+def _event_item(
+    event: str, properties: Mapping[str, Any] | None, message_id: str | None, sent_at: datetime.datetime | None
+) -> tuple[str, str]:
+    """An event's encoded item and its ``message_id``, checked at the call site."""
+    check_name(event)
+    properties_json = encode_mapping(properties, "properties")
+    message_id = random_uuid4() if message_id is None else check_id(message_id, "message_id")
+    return _protocol.event_item(message_id, event, properties_json, format_sent_at(sent_at)), message_id
+
+
+def _account_identify_item(traits: Mapping[str, Any] | None, group_id: str | None) -> str:
+    if group_id is not None:
+        check_id(group_id, "group_id")
+        traits = {**(traits or {}), "group_id": group_id}
+    return _protocol.account_identify_item(encode_mapping(traits, "traits"))
+
+
+class _AccountRecords:
+    """What one tracker recorded about one account since its last hand-over."""
+
+    __slots__ = ("event_ids", "events", "identifies")
 
     def __init__(self) -> None:
-        self._events: list[str] = []
-        self._event_ids: list[str] = []
-        self._identifies: list[str] = []
+        self.events: list[str] = []
+        self.event_ids: list[str] = []
+        self.identifies: list[str] = []
+
+
+class AccountRecorder:
+    """Records traits and events of one account (company), sent to ``/accounts/batch``.
+
+    A handle on its tracker's records: what it records counts against the tracker's item
+    limit and is handed over with the tracker (also when kept and used after that).
+    """
+
+    __slots__ = ("_tracker", "domain")
+
+    def __init__(self, tracker: Tracker, domain: str) -> None:
+        self._tracker = tracker
+        self.domain = domain
 
     def track(
         self,
@@ -52,74 +125,71 @@ class _Recorder:
         message_id: str | None = None,
         sent_at: datetime.datetime | None = None,
     ) -> str:
-        """Record an event (the person's, or the account's); returns its ``message_id``.
-
-        ``message_id`` is Koala's idempotency key: a UUID unless you pass your own.
-        """
-        check_name(event)
-        properties_json = encode_mapping(properties, "properties")
-        message_id = random_uuid4() if message_id is None else check_id(message_id, "message_id")
-        item = _protocol.event_item(message_id, event, properties_json, format_sent_at(sent_at))
-        if self._room():
-            self._events.append(item)
-            self._event_ids.append(message_id)
+        """Record an event of the account; returns its ``message_id`` (Koala's idempotency
+        key: a UUID unless you pass your own)."""
+        item, message_id = _event_item(event, properties, message_id, sent_at)
+        tracker = self._tracker
+        with _lock:
+            records = tracker._account_records(self.domain)
+            if records is not None:
+                records.events.append(item)
+                records.event_ids.append(message_id)
+        if tracker._stage == HANDED_OVER:
+            tracker._follow_up()
         return message_id
-
-    def _room(self) -> bool:
-        raise NotImplementedError
-
-    def _has_items(self) -> bool:
-        return bool(self._events or self._identifies)
-
-
-class AccountRecorder(_Recorder):
-    """Records traits and events of one account (company), sent to ``/accounts/batch``."""
-
-    __slots__ = ("_tracker", "domain")
-
-    def __init__(self, tracker: Tracker, domain: str) -> None:
-        super().__init__()
-        self._tracker = tracker
-        self.domain = domain
-
-    def _room(self) -> bool:
-        return self._tracker._room()
 
     def identify(self, traits: Mapping[str, Any] | None = None, *, group_id: str | None = None) -> None:
         """Record account traits; ``group_id`` separates tenants/workspaces of one company."""
-        if group_id is not None:
-            check_id(group_id, "group_id")
-            traits = {**(traits or {}), "group_id": group_id}
-        item = _protocol.account_identify_item(encode_mapping(traits, "traits"))
-        if self._room():
-            self._identifies.append(item)
+        item = _account_identify_item(traits, group_id)
+        tracker = self._tracker
+        with _lock:
+            records = tracker._account_records(self.domain)
+            if records is not None:
+                records.identifies.append(item)
+        if tracker._stage == HANDED_OVER:
+            tracker._follow_up()
 
-    def _batches(self, user_agent: str) -> list[_protocol.Batch]:
-        return _protocol.account_batches(self.domain, self._events, self._event_ids, self._identifies, user_agent)
+    def __repr__(self) -> str:
+        return f"<AccountRecorder domain={self.domain!r}>"
 
 
-class Tracker(_Recorder):
+class Tracker:
     """Everything recorded about one person (``profile_id`` and/or ``email``).
 
     In a web request the middleware makes it: ``profile_id`` is the visitor's ``ko_id``
     cookie and the batch carries the visitor's User-Agent and IP. Elsewhere, use
     ``with client.tracker(email=...) as tracker:``, which sends on exit.
+
+    Thread-safe: records from several threads (or tasks) are kept in order of arrival.
     """
 
     __slots__ = (
         "_accounts",
         "_client",
         "_count",
+        "_event_ids",
+        "_events",
+        "_fresh",
+        "_identifies",
         "_ip",
-        "_read_visitor",
+        "_pending",
         "_request",
+        "_set_cookies",
+        "_stage",
         "_user_agent",
+        "_visits",
         "email",
         "enabled",
         "profile_id",
     )
 
-    _read_visitor: Callable[[Any], tuple[str | None, str | None]]  # set by RequestTracker
+    _events: list[str]
+    _event_ids: list[str]
+    _identifies: list[str]
+    #: A request tracker's ``Set-Cookie`` values for its response (see RequestTracker).
+    _set_cookies: list[str] | None
+    #: Batches made by ``reset()`` from the records before it, handed over with the rest.
+    _pending: list[_protocol.Batch] | None
 
     def __init__(
         self,
@@ -130,8 +200,8 @@ class Tracker(_Recorder):
         ip: str | None = None,
         enabled: bool = True,
     ) -> None:
-        # The record lists come with the first record (see _room); _Recorder.__init__ is
-        # not called. RequestTracker sets these same fields its own way.
+        # The record lists come with the first record (see _room). RequestTracker sets
+        # these same fields its own way.
         self._client = client
         self.profile_id = profile_id
         self.email = email
@@ -139,42 +209,76 @@ class Tracker(_Recorder):
         self._ip = ip
         #: False when the visitor opted out (GPC, consent): calls are validated, then ignored.
         self.enabled = enabled
-        self._accounts: dict[str, AccountRecorder] | None = None
+        self._accounts: dict[str, _AccountRecords] | None = None
         self._count = 0
         self._request: Any = None  # see RequestTracker
+        self._stage = OPEN
+        self._pending = None
+        #: True while ``profile_id`` is an id made for this request whose cookie has not gone
+        #: out: no browser holds it, so it must not reach Koala (see ``_build``).
+        self._fresh = False
+        self._visits: Visits | None = None
 
     @property
     def user_agent(self) -> str | None:
         """The visitor's User-Agent, sent with the batch (None: the client's)."""
-        if self._request is not None:
+        value = self._user_agent
+        if value is _UNREAD:  # a request's tracker: read when first needed
             self._read_request()
-        return getattr(self, "_user_agent", None)  # unset: released unread (see RequestTracker)
+            value = self._user_agent
+        return value
 
     @user_agent.setter
     def user_agent(self, value: str | None) -> None:
-        if self._request is not None:
-            self._read_request()
         self._user_agent = value
 
     @property
     def ip(self) -> str | None:
         """The visitor's IP address, sent with the batch (unless ``send_ip=False``)."""
-        if self._request is not None:
+        value = self._ip
+        if value is _UNREAD:
             self._read_request()
-        return getattr(self, "_ip", None)
+            value = self._ip
+        return value
 
     @ip.setter
     def ip(self, value: str | None) -> None:
-        if self._request is not None:
-            self._read_request()
         self._ip = value
 
     def _read_request(self) -> None:
-        self._user_agent, self._ip = self._read_visitor(self._request)
-        self._request = None
+        """Fill in the User-Agent and IP not set yet, from the request while it is held
+        (None once the middleware let go of it)."""
+        request = self._request  # once: the middleware may let go of it meanwhile
+        visits = self._visits
+        user_agent, ip = visits.read_visitor(request) if request is not None and visits is not None else (None, None)
+        if self._user_agent is _UNREAD:
+            self._user_agent = user_agent
+        if self._ip is _UNREAD:
+            self._ip = ip
 
     def __repr__(self) -> str:
         return f"<Tracker profile_id={self.profile_id!r} enabled={self.enabled}>"
+
+    def track(
+        self,
+        event: str,
+        properties: Mapping[str, Any] | None = None,
+        *,
+        message_id: str | None = None,
+        sent_at: datetime.datetime | None = None,
+    ) -> str:
+        """Record an event of this person; returns its ``message_id``.
+
+        ``message_id`` is Koala's idempotency key: a UUID unless you pass your own.
+        """
+        item, message_id = _event_item(event, properties, message_id, sent_at)
+        with _lock:
+            if self._room():
+                self._events.append(item)
+                self._event_ids.append(message_id)
+        if self._stage == HANDED_OVER:
+            self._follow_up()
+        return message_id
 
     def identify(self, email: str | None = None, traits: Mapping[str, Any] | None = None) -> None:
         """Tie this visitor to ``email`` (and/or record person traits)."""
@@ -184,28 +288,77 @@ class Tracker(_Recorder):
         elif self.email is not None and traits is not None and "email" not in traits:
             traits = {**traits, "email": self.email}
         item = _protocol.visitor_identify_item(encode_mapping(traits, "traits"), format_sent_at(None))
-        if self._room():
-            if email is not None:
-                self.email = email
-            self._identifies.append(item)
+        with _lock:
+            if self._room():
+                if email is not None:
+                    self.email = email
+                self._identifies.append(item)
+        if self._stage == HANDED_OVER:
+            self._follow_up()
 
     def account(
-        self, domain: str, traits: Mapping[str, Any] | None = None, *, group_id: str | None = None
+        self,
+        domain: str,
+        traits: Mapping[str, Any] | None = None,
+        *,
+        group_id: str | None = None,
+        link: bool = True,
     ) -> AccountRecorder:
-        """Record traits of the account at ``domain``; returns a recorder for its events."""
+        """Record traits of the account at ``domain``; returns a recorder for its events.
+
+        ``traits`` (and ``group_id``) go to ``/accounts/batch``. With ``link`` (the
+        default), this person is also linked to the company, as Koala's browser SDK does it:
+        an identify whose traits hold ``"$account": {"domain": ..., "group_id": ...,
+        <traits>}``, one per call. Pass ``link=False`` to record about an account without
+        tying this person to it (a back-office job syncing many companies).
+        """
         domain = check_domain(domain)
-        accounts = self._accounts
-        if accounts is None:
-            accounts = self._accounts = {}
-        recorder = accounts.get(domain)
-        if recorder is None:
-            recorder = accounts[domain] = AccountRecorder(self, domain)
+        account_item = None
         if traits is not None or group_id is not None:
-            recorder.identify(traits, group_id=group_id)
-        return recorder
+            account_item = _account_identify_item(traits, group_id)
+        link_item = None
+        if link:
+            link_traits: dict[str, Any] = {"$account": self._account_link(domain, traits, group_id)}
+            if self.email is not None:
+                link_traits["email"] = self.email
+            link_item = _protocol.visitor_identify_item(encode_mapping(link_traits, "traits"), format_sent_at(None))
+        if account_item is not None or link_item is not None:
+            with _lock:
+                if link_item is not None and self._room():
+                    self._identifies.append(link_item)
+                if account_item is not None:
+                    records = self._account_records(domain)
+                    if records is not None:
+                        records.identifies.append(account_item)
+            if self._stage == HANDED_OVER:
+                self._follow_up()
+        return AccountRecorder(self, domain)
+
+    @staticmethod
+    def _account_link(domain: str, traits: Mapping[str, Any] | None, group_id: str | None) -> dict[str, Any]:
+        """``$account`` as Koala's browser SDK writes it: domain, group_id, then the traits
+        (whose own ``domain``/``group_id`` cannot redirect the link)."""
+        link: dict[str, Any] = {"domain": domain}
+        if group_id is not None:
+            link["group_id"] = group_id
+        if traits:
+            link.update(traits)
+            link["domain"] = domain
+            if group_id is not None:
+                link["group_id"] = group_id
+        return link
+
+    def reset(self) -> None:
+        """Forget who this visitor is (at logout): only in a web request (see RequestTracker)."""
+        if self.enabled:
+            raise RuntimeError(
+                "reset() works on a web request's tracker: it sets a new ko_id cookie on the "
+                "response. Outside a request, record for the next person with client.tracker(...)"
+            )
 
     def _room(self) -> bool:
-        """Count an item in; False (and counted as dropped) when it must not be kept."""
+        """Count an item in; False (and counted as dropped) when it must not be kept.
+        The caller holds ``_lock``."""
         if not self.enabled:
             return False
         count = self._count
@@ -214,42 +367,94 @@ class Tracker(_Recorder):
             self._event_ids = []
             self._identifies = []
         elif count >= MAX_ITEMS_PER_TRACKER:
-            self._client._drop_items(1, "tracker_full")
+            self._client._drop_items(1, "tracker_full", TRACKER_FULL_DETAIL)
             return False
         self._count = count + 1
         return True
 
+    def _account_records(self, domain: str) -> _AccountRecords | None:
+        """The records of ``domain`` with room for one more item, or None. Holds ``_lock``."""
+        if not self._room():
+            return None
+        accounts = self._accounts
+        if accounts is None:
+            accounts = self._accounts = {}
+        records = accounts.get(domain)
+        if records is None:
+            records = accounts[domain] = _AccountRecords()
+        return records
+
     def batches(self) -> list[_protocol.Batch]:
-        """The requests this tracker's records make (empty when nothing was recorded)."""
+        """The requests this tracker's records make (empty when nothing was recorded), as
+        they would be handed over now."""
+        with _lock:
+            return self._build(self._fresh and self._stage != OPEN)[0]
+
+    def _build(self, unheld: bool) -> tuple[list[_protocol.Batch], int]:
+        """The batches of what was recorded, and how many person items were left out
+        because ``unheld``: the id is one no browser holds, and there is no email to send
+        them under instead. Holds ``_lock``."""
+        pending = self._pending
+        result: list[_protocol.Batch] = list(pending) if pending is not None else []
         if not self._count:
-            return []
+            return result, 0
         client = self._client
         user_agent = self.user_agent or client.user_agent
-        if self._has_items():
-            result = _protocol.visitor_batches(
-                self.profile_id,
-                self.email,
-                self.ip if client.send_ip else None,
-                self._events,
-                self._event_ids,
-                self._identifies,
-                user_agent,
-            )
-        else:
-            result = []
+        withheld = 0
+        if self._events or self._identifies:
+            profile_id = self.profile_id
+            if unheld:
+                profile_id = None
+                if self.email is None:
+                    withheld = len(self._events) + len(self._identifies)
+            if not withheld:
+                result += _protocol.visitor_batches(
+                    profile_id,
+                    self.email,
+                    self.ip if client.send_ip else None,
+                    self._events,
+                    self._event_ids,
+                    self._identifies,
+                    user_agent,
+                )
         if self._accounts:
-            for recorder in self._accounts.values():
-                if recorder._has_items():
-                    result.extend(recorder._batches(user_agent))
-        return result
+            for domain, records in self._accounts.items():
+                result += _protocol.account_batches(
+                    domain, records.events, records.event_ids, records.identifies, user_agent
+                )
+        return result, withheld
+
+    def _take(self) -> list[_protocol.Batch]:
+        """The hand-over: the batches of everything recorded so far, and a fresh start."""
+        with _lock:
+            batches, withheld = self._build(self._fresh)
+            self._count = 0  # the next record makes fresh lists
+            self._accounts = None
+            self._pending = None
+        if withheld:
+            self._client._drop_items(withheld, "cookie_withheld", COOKIE_WITHHELD_DETAIL)
+        return batches
 
     def send(self) -> None:
-        """Hand what was recorded to the client (non-blocking) and start afresh."""
+        """Hand what was recorded to the client (non-blocking) and start afresh.
+
+        For a new visitor, before the response has started, this waits for the response:
+        whether its cookie goes out decides where the records go (see the README).
+        """
+        if self._fresh and self._stage == OPEN:
+            return
         self._client.send_tracker(self)
 
-    def _reset(self) -> None:
-        self._accounts = None
-        self._count = 0  # the next record makes fresh lists
+    def _follow_up(self) -> None:
+        """Hand over what was recorded after the hand-over, at once, as its own batch."""
+        global _logged_follow_up
+        if not _logged_follow_up:
+            _logged_follow_up = True
+            logger.debug(LOG_FOLLOW_UP)
+        try:
+            self._client.send_tracker(self)
+        except Exception:  # a thread or task of the app: never raise into it over tracking
+            logger.exception(LOG_FOLLOW_UP_FAILED)
 
     def __enter__(self) -> Tracker:
         return self
@@ -272,7 +477,9 @@ class RequestTracker(Tracker):
     leave every request's objects to the garbage collector. After that, unread fields are None.
 
     :param request: the WSGI ``environ`` or ASGI ``scope``.
-    :param read_visitor: ``read_visitor(request) -> (user_agent, ip)``.
+    :param visits: the middleware's rules (reading the request, issuing cookies).
+    :param set_cookies: the ``Set-Cookie`` values the response must carry, or None.
+    :param fresh: ``profile_id`` was made for this request (a new visitor).
     """
 
     __slots__ = ()
@@ -283,7 +490,9 @@ class RequestTracker(Tracker):
         profile_id: str | None,
         enabled: bool,
         request: Any,
-        read_visitor: Callable[[Any], tuple[str | None, str | None]],
+        visits: Visits,
+        set_cookies: list[str] | None = None,
+        fresh: bool = False,
     ) -> None:
         self._client = client
         self.profile_id = profile_id
@@ -292,4 +501,44 @@ class RequestTracker(Tracker):
         self._accounts = None
         self._count = 0
         self._request = request
-        self._read_visitor = read_visitor
+        self._visits = visits
+        self._set_cookies = set_cookies
+        self._fresh = fresh
+        self._stage = OPEN
+        self._pending = None
+        self._user_agent = self._ip = _UNREAD
+
+    def reset(self) -> None:
+        """Forget who this visitor is, as Koala's ``ko.reset()`` does at logout.
+
+        What was recorded so far goes to Koala under the current id (and email); the
+        response gets a new ``ko_id`` (and server-kept copy), set as for a new visitor, so it
+        replaces the pixel's; what is recorded afterwards goes under the new id, with no
+        email. ``profile_id`` is the new id from now on. Call it before the response starts.
+        A visitor who is not tracked (opted out, excluded path) is left as is.
+        """
+        if not self.enabled:
+            return
+        if self._stage != OPEN:
+            raise RuntimeError(
+                "reset() must be called before the response starts: its Set-Cookie goes in the "
+                "response headers (call it in the handler, not in a background task or a stream)"
+            )
+        visits = self._visits
+        assert visits is not None  # set by the middleware with the request
+        with _lock:
+            if self._count:
+                # The records so far, under the current id; the count stays (one request's cap).
+                batches, withheld = self._build(self._fresh)  # a fresh id replaced is never held
+                self._pending = batches
+                self._events = []
+                self._event_ids = []
+                self._identifies = []
+                self._accounts = None
+            else:
+                withheld = 0
+            self.profile_id, self._set_cookies = visits.new_visitor(self._request)
+            self.email = None
+            self._fresh = True
+        if withheld:
+            self._client._drop_items(withheld, "cookie_withheld", COOKIE_WITHHELD_DETAIL)

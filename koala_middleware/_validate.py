@@ -27,13 +27,26 @@ _EMAIL = re.compile(r"^[^@\s]+@[^@\s]+\.[^@\s.]{2,}$")
 _DOMAIN = re.compile(r"^(?=.{1,253}$)([a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?\.)+[a-z0-9-]{2,63}$")
 
 
+def _safe_repr(value: Any) -> str:
+    """``repr(value)``, or its type's name when that ``__repr__`` raises (or runs long)."""
+    try:
+        text = repr(value)
+    except Exception:
+        return f"<{type(value).__name__}>"
+    return text if len(text) <= 100 else text[:97] + "..."
+
+
 def _find_bad_value(value: Any, path: str) -> tuple[str, str] | None:
     """Walk ``value`` to name the first part JSON cannot carry (only run after a failure)."""
     if isinstance(value, Mapping):
-        for key, item in value.items():
+        try:
+            items = list(value.items())
+        except Exception as exc:
+            return path, f"a {type(value).__name__} whose items() raised {type(exc).__name__}"
+        for key, item in items:
             if not isinstance(key, str):
-                return f"{path}[{key!r}]", f"a key of type {type(key).__name__} (keys must be str)"
-            found = _find_bad_value(item, f"{path}[{key!r}]")
+                return f"{path}[{_safe_repr(key)}]", f"a key of type {type(key).__name__} (keys must be str)"
+            found = _find_bad_value(item, f"{path}[{_safe_repr(key)}]")
             if found:
                 return found
         return None
@@ -67,9 +80,12 @@ def encode_mapping(value: Mapping[str, Any] | None, what: str) -> str:
             f"{what} contains itself (a circular reference) or is nested too deeply to send as JSON; "
             "pass a copy without the cycle"
         ) from None
-    except (TypeError, ValueError) as exc:
-        found = _find_bad_value(value, what)
-        where, problem = found if found else (what, str(exc))
+    except Exception as exc:  # TypeError, ValueError, or whatever a custom mapping raises
+        try:
+            found = _find_bad_value(value, what)
+        except Exception:  # a value odd enough to fail the walk too: name the whole
+            found = None
+        where, problem = found if found else (what, f"not encodable ({type(exc).__name__})")
         raise TypeError(
             f"{where} is {problem}, which cannot be sent as JSON; convert it to a str, number, "
             "bool, list or dict (datetime, date, UUID and Decimal are converted for you)"

@@ -18,9 +18,9 @@ from typing import TYPE_CHECKING, Any, Literal
 
 
 from ._client import ClientOptions, KoalaClient, client_from_options
-from ._cookie import CookieSettings, VisitorCookie
+from ._cookie import WRITE_BOTH, CookieSettings, VisitorCookie, may_set_cookie
 from ._request import RequestInfo, RequestReader
-from ._tracker import RequestTracker, Tracker
+from ._tracker import STARTED, RequestTracker, Tracker
 
 if TYPE_CHECKING:
     from typing_extensions import Unpack
@@ -48,6 +48,8 @@ class VisitorOptions(ClientOptions, total=False):
     cookie_max_age: int
     cookie_secure: bool | None
     cookie_samesite: SameSite
+    cookie_server_copy: bool
+    cookie_server_copy_name: str
     allowed_hosts: Sequence[str] | None
     exclude_paths: Sequence[str]
     should_track: TrackDecision | None
@@ -90,6 +92,8 @@ def configure(
     cookie_max_age: int = _COOKIE_DEFAULTS.max_age,
     cookie_secure: bool | None = _COOKIE_DEFAULTS.secure,
     cookie_samesite: SameSite = "lax",
+    cookie_server_copy: bool = _COOKIE_DEFAULTS.server_copy,
+    cookie_server_copy_name: str = _COOKIE_DEFAULTS.server_copy_name,
     allowed_hosts: Sequence[str] | None = _COOKIE_DEFAULTS.allowed_hosts,
     exclude_paths: Sequence[str] = (),
     should_track: TrackDecision | None = None,
@@ -105,6 +109,10 @@ def configure(
     :param cookie_max_age: seconds (default one year; browsers cap it at 400 days).
     :param cookie_secure: ``Secure``; by default set on https requests.
     :param cookie_samesite: ``lax`` (default), ``strict`` or ``none`` (which needs Secure).
+    :param cookie_server_copy: keep a server-kept, HttpOnly copy of the id (default on):
+        Safari caps cookies written by JavaScript, as the pixel writes ``ko_id``, at 7 days;
+        the copy, set in a ``Set-Cookie`` header, is not capped and restores ``ko_id``.
+    :param cookie_server_copy_name: the copy's cookie name (default ``ko_id_server``).
     :param allowed_hosts: hosts the cookie may be set for (and their subdomains); others get
         no cookie. Default: any host.
     :param exclude_paths: paths (and everything under them) that get no cookie and no
@@ -120,6 +128,8 @@ def configure(
         max_age=cookie_max_age,
         secure=cookie_secure,
         samesite=cookie_samesite,
+        server_copy=cookie_server_copy,
+        server_copy_name=cookie_server_copy_name,
     )
     settings = MiddlewareSettings(cookie, exclude_paths, should_track, respect_gpc)
     unknown = client_options.keys() - ClientOptions.__optional_keys__
@@ -141,11 +151,11 @@ class Visits:
     __slots__ = (
         "_cookie",
         "_excluded",
-        "_read_visitor",
         "_reader",
         "_respect_gpc",
         "_should_track",
         "client",
+        "read_visitor",
         "settings",
     )
 
@@ -156,12 +166,14 @@ class Visits:
         # Read once: ``start`` runs on every request.
         self._cookie = VisitorCookie(settings.cookie)
         self._excluded = settings.excluded if settings.exclude_paths else None
-        self._read_visitor = reader.visitor
+        #: ``read_visitor(request) -> (user_agent, ip)``, for a tracker's batch.
+        self.read_visitor = reader.visitor
         self._respect_gpc = settings.respect_gpc
         self._should_track = settings.should_track
 
-    def start(self, request: Any, cookie: bytes | str | None, gpc: bool) -> tuple[Tracker, str | None]:
-        """This request's tracker, and the ``Set-Cookie`` value for a new visitor (or None).
+    def start(self, request: Any, cookie: bytes | str | None, gpc: bool) -> RequestTracker:
+        """This request's tracker; ``tracker._set_cookies`` are the ``Set-Cookie`` values its
+        response needs (added at response start by ``response_cookies``), or None.
 
         :param request: the ``environ`` or ``scope``; other parts are read from it when needed.
         :param cookie: the Cookie header (several joined with ``"; "``), or None; bytes
@@ -170,20 +182,50 @@ class Visits:
         """
         client = self.client
         if self._excluded is not None and self._excluded(self._reader.path(request)):
-            return RequestTracker(client, None, False, request, self._read_visitor), None
-        visitor_id = self._cookie.read(cookie)
+            return RequestTracker(client, None, False, request, self)
+        found = self._cookie.resolve(cookie)
         if (gpc and self._respect_gpc) or (
             self._should_track is not None and not _consents(self._should_track, self._reader.info(request))
         ):
-            return RequestTracker(client, visitor_id, False, request, self._read_visitor), None
-        if visitor_id is None:
-            visitor_id, set_cookie = self._cookie.issue(*self._reader.site(request))
-            return RequestTracker(client, visitor_id, True, request, self._read_visitor), set_cookie
-        return RequestTracker(client, visitor_id, True, request, self._read_visitor), None
+            return RequestTracker(client, found[0] if found is not None else None, False, request, self)
+        if found is None:
+            visitor_id, set_cookies = self.new_visitor(request)
+            return RequestTracker(client, visitor_id, True, request, self, set_cookies, True)
+        visitor_id, writes = found
+        if writes:  # a returning visitor with one of the two cookies missing or stale
+            host, https = self._reader.site(request)
+            return RequestTracker(
+                client, visitor_id, True, request, self, self._cookie.set_cookies(visitor_id, writes, host, https)
+            )
+        return RequestTracker(client, visitor_id, True, request, self)
+
+    def new_visitor(self, request: Any) -> tuple[str, list[str]]:
+        """A fresh visitor id and the ``Set-Cookie`` values that give it to the browser."""
+        visitor_id = self._cookie.issue()
+        host, https = self._reader.site(request)
+        return visitor_id, self._cookie.set_cookies(visitor_id, WRITE_BOTH, host, https)
+
+
+def response_cookies(tracker: Tracker, status: int, cache_control: Callable[[], str | None]) -> list[str] | None:
+    """At response start: the ``Set-Cookie`` values to add (None: none), and the tracker
+    told that its response started (and whether its new id went out with it).
+
+    :param cache_control: reads the response's Cache-Control (only needed with cookies).
+    """
+    tracker._stage = STARTED
+    cookies = tracker._set_cookies
+    if cookies is None:
+        return None
+    if not may_set_cookie(status, cache_control()):
+        return None
+    tracker._fresh = False  # a browser holds the id now
+    return cookies
 
 
 def finish(tracker: Tracker) -> None:
-    """Hand over what a request's handler recorded (the glue calls this when it recorded any)."""
+    """Hand over what a request's handler recorded (the glue calls this when it recorded
+    any, after setting ``tracker._stage = HANDED_OVER``: records made after that are sent
+    as follow-up batches by the tracker itself)."""
     try:
         tracker._client.send_tracker(tracker)
     except Exception:  # the response is out: never raise into the server's close()

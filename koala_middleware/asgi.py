@@ -28,10 +28,9 @@ from typing import TYPE_CHECKING, Any
 import anyio.to_thread
 
 from ._client import KoalaClient
-from ._cookie import may_set_cookie
 from ._request import RequestInfo, RequestReader
-from ._tracker import bind, unbind
-from ._visit import VisitorOptions, Visits, configure, finish
+from ._tracker import HANDED_OVER, STARTED, RequestTracker, bind, unbind
+from ._visit import VisitorOptions, Visits, configure, finish, response_cookies
 
 if TYPE_CHECKING:
     from typing_extensions import Unpack
@@ -164,20 +163,20 @@ class KoalaASGIMiddleware:
                 cookie = value if cookie is None else cookie + b"; " + value
             elif name == b"sec-gpc":
                 gpc = gpc or value.strip() == b"1"
-        tracker, set_cookie = self.visits.start(scope, cookie, gpc)
+        tracker = self.visits.start(scope, cookie, gpc)
         scope[SCOPE_KEY] = tracker
         state = scope.get("state")
         if state is None:  # not setdefault: that builds a dict on every request
             state = scope["state"] = {}
         state[STATE_KEY] = tracker
-        if set_cookie is not None:
-            send = _with_cookie(send, set_cookie)
         token = bind(tracker)
         try:
-            await self.app(scope, receive, send)
+            # Always wrapped: the handler may call tracker.reset(), which needs a Set-Cookie.
+            await self.app(scope, receive, _with_cookies(send, tracker))
         finally:
             # Events recorded before an exception are still sent; the exception goes on as it is.
             unbind(token)
+            tracker._stage = HANDED_OVER
             if tracker._count:
                 if self.client.sync:  # sync mode posts: not on the event loop
                     await anyio.to_thread.run_sync(finish, tracker)
@@ -196,8 +195,8 @@ class KoalaASGIMiddleware:
 
     def _known_visitor(self, scope: Scope) -> str | None:
         """A websocket's ``ko_id``, under the same exclusion and opt-out rules as HTTP."""
-        tracker, set_cookie = self.visits.start(scope, *_cookie_and_gpc(scope["headers"]))
-        if not tracker.enabled or set_cookie is not None:
+        tracker = self.visits.start(scope, *_cookie_and_gpc(scope["headers"]))
+        if not tracker.enabled or tracker._fresh:
             return None  # opted out, excluded, or a new id no browser will ever keep
         return tracker.profile_id
 
@@ -264,23 +263,30 @@ def flush_at_shutdown(client: KoalaClient) -> None:
         logger.exception(LOG_SHUTDOWN_FLUSH_FAILED)
 
 
-def _with_cookie(send: Send, set_cookie: str) -> Send:
-    """Wrap ``send`` to add the visitor's ``Set-Cookie`` to the response start (if allowed).
+def _with_cookies(send: Send, tracker: RequestTracker) -> Send:
+    """Wrap ``send`` to add the visitor's ``Set-Cookie`` values to the response start (if
+    allowed; see ``response_cookies``).
 
-    The app's headers are kept as they are, in order (several ``Set-Cookie`` included); the
-    message is copied, never changed in place, and its headers read once (any iterable).
+    A plain function returning ``send``'s awaitable, not a coroutine of its own: every
+    message passes here, and an ``async def`` wrapper costs a coroutine per message
+    (measured: 0.35 us vs 0.45 us a two-message response). The app's headers are kept as
+    they are, in order (several ``Set-Cookie`` included); the message is copied, never
+    changed in place, and its headers read once (any iterable).
     """
-    cookie = set_cookie.encode("latin-1")
 
-    async def send_with_cookie(message: Message) -> None:
+    def send_with_cookies(message: Message) -> Awaitable[None]:
         if message["type"] == "http.response.start":
-            headers = list(message.get("headers") or ())
-            if may_set_cookie(message["status"], _cache_control(headers)):
-                headers.append((b"set-cookie", cookie))
-            message = {**message, "headers": headers}
-        await send(message)
+            if tracker._set_cookies is None:
+                tracker._stage = STARTED
+            else:
+                headers = list(message.get("headers") or ())
+                cookies = response_cookies(tracker, message["status"], lambda: _cache_control(headers))
+                if cookies is not None:
+                    headers += [(b"set-cookie", cookie.encode("latin-1")) for cookie in cookies]
+                message = {**message, "headers": headers}
+        return send(message)
 
-    return send_with_cookie
+    return send_with_cookies
 
 
 def _cache_control(headers: Iterable[tuple[bytes, bytes]]) -> str | None:

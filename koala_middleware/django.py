@@ -53,10 +53,9 @@ except ImportError as exc:  # pragma: no cover - exercised in a subprocess test
     raise ImportError("koala_middleware.django needs Django: pip install 'koala-middleware[django]'") from exc
 
 from ._client import KoalaClient
-from ._cookie import may_set_cookie
 from ._request import RequestInfo, RequestReader
-from ._tracker import Tracker, bind, unbind
-from ._visit import MiddlewareSettings, Visits, configure, finish
+from ._tracker import HANDED_OVER, Tracker, bind, unbind
+from ._visit import MiddlewareSettings, Visits, configure, finish, response_cookies
 from .asgi import SCOPE_KEY, ASGIApp, Receive, Scope, Send, flush_at_shutdown, lifespan_with_flush
 from .wsgi import ENVIRON_KEY
 
@@ -120,12 +119,11 @@ class KoalaMiddleware:
             markcoroutinefunction(self)  # Django then calls it without a thread hop
         self.client, middleware_settings = _from_settings()
         self.visits = Visits(self.client, middleware_settings, REQUEST_READER)
-        self._cookie_name = middleware_settings.cookie.name
 
     def __call__(self, request: Any) -> Any:
         if self.async_mode:
             return self.__acall__(request)
-        tracker, set_cookie = self._start(request)
+        tracker = self._start(request)
         if tracker is None:
             return self.get_response(request)
         token = bind(tracker)
@@ -138,10 +136,10 @@ class KoalaMiddleware:
             raise
         finally:
             unbind(token)
-        return self._respond(response, tracker, set_cookie)
+        return self._respond(response, tracker)
 
     async def __acall__(self, request: Any) -> Any:
-        tracker, set_cookie = self._start(request)
+        tracker = self._start(request)
         if tracker is None:
             return await self.get_response(request)
         token = bind(tracker)
@@ -154,11 +152,11 @@ class KoalaMiddleware:
             raise
         finally:
             unbind(token)
-        return self._respond(response, tracker, set_cookie)
+        return self._respond(response, tracker)
 
-    def _start(self, request: Any) -> tuple[Tracker | None, str | None]:
-        """The request's tracker and a new visitor's Set-Cookie; (None, None) when an outer
-        Koala middleware already made the tracker (it is handed on as ``request.koala``)."""
+    def _start(self, request: Any) -> Tracker | None:
+        """The request's tracker; None when an outer Koala middleware already made the
+        tracker (it is handed on as ``request.koala``)."""
         meta = request.META
         outer = meta.get(ENVIRON_KEY)
         if outer is None:
@@ -166,18 +164,17 @@ class KoalaMiddleware:
             outer = scope.get(SCOPE_KEY) if scope is not None else None
         if outer is not None:
             setattr(request, REQUEST_ATTRIBUTE, outer)
-            return None, None
-        tracker, set_cookie = self.visits.start(request, meta.get("HTTP_COOKIE"), meta.get("HTTP_SEC_GPC") == "1")
+            return None
+        tracker = self.visits.start(request, meta.get("HTTP_COOKIE"), meta.get("HTTP_SEC_GPC") == "1")
         setattr(request, REQUEST_ATTRIBUTE, tracker)
-        return tracker, set_cookie
+        return tracker
 
-    def _respond(self, response: Any, tracker: Tracker, set_cookie: str | None) -> Any:
-        if (
-            set_cookie is not None
-            and self._cookie_name not in response.cookies  # the view set its own: it wins
-            and may_set_cookie(response.status_code, response.get("Cache-Control"))
-        ):
-            response.cookies[self._cookie_name] = _morsel(set_cookie)
+    def _respond(self, response: Any, tracker: Tracker) -> Any:
+        # The view has run: its response is this request's response start (reset() included).
+        for set_cookie in response_cookies(tracker, response.status_code, lambda: response.get("Cache-Control")) or ():
+            name = set_cookie.partition("=")[0]
+            if name not in response.cookies:  # the view set its own: it wins
+                response.cookies[name] = _morsel(set_cookie)
         closers = getattr(response, "_resource_closers", None)
         if closers is None:  # not an HttpResponseBase: nothing will tell us it went out
             _done(tracker)
@@ -190,7 +187,8 @@ class KoalaMiddleware:
 
 def _done(tracker: Tracker) -> None:
     """Hand over what the request recorded, and let go of the request (no request <->
-    tracker cycle left for the garbage collector)."""
+    tracker cycle left for the garbage collector). Later records are follow-up batches."""
+    tracker._stage = HANDED_OVER
     if tracker._count:
         finish(tracker)
     tracker._request = None

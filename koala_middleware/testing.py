@@ -316,6 +316,10 @@ class Collector:
                     await self._unhang.wait()
                 if self._delay:
                     await asyncio.sleep(self._delay)
+                if reader.at_eof() or writer.is_closing():
+                    # The client went away while waiting (it timed out, or its process was
+                    # killed): as far as it knows, this batch was never delivered.
+                    return
                 status, extra, payload = self._answer(received)
                 with self._changed:
                     received.status = status

@@ -15,6 +15,7 @@ right, ``KoalaWSGIMiddleware(ProxyFix(app))`` sees the proxy's address. A raw
 
 from __future__ import annotations
 
+import contextlib
 import contextvars
 import itertools
 from collections.abc import Iterable, Iterator
@@ -22,10 +23,9 @@ from typing import TYPE_CHECKING, Any
 
 
 from ._client import KoalaClient
-from ._cookie import may_set_cookie
 from ._request import RequestInfo, RequestReader
-from ._tracker import Tracker, bind
-from ._visit import VisitorOptions, Visits, configure, finish
+from ._tracker import HANDED_OVER, STARTED, Tracker, bind
+from ._visit import VisitorOptions, Visits, configure, finish, response_cookies
 
 if TYPE_CHECKING:
     from typing_extensions import Unpack
@@ -58,8 +58,10 @@ def request_info(environ: WSGIEnvironment) -> RequestInfo:
 def _path(environ: WSGIEnvironment) -> str:
     path: str = environ.get("PATH_INFO") or "/"
     if not path.isascii():
-        # PEP 3333 hands the raw path bytes over as latin-1; ASGI gives decoded text.
-        path = path.encode("latin-1").decode("utf-8", "replace")
+        # PEP 3333 hands the raw path bytes over as latin-1; ASGI gives decoded text. A
+        # character above U+00FF means a server (or a test client) already decoded it.
+        with contextlib.suppress(UnicodeEncodeError):
+            path = path.encode("latin-1").decode("utf-8", "replace")
     return path
 
 
@@ -94,12 +96,10 @@ class KoalaWSGIMiddleware:
         self.visits = Visits(self.client, settings, ENVIRON_READER)
 
     def __call__(self, environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
-        tracker, set_cookie = self.visits.start(
-            environ, environ.get("HTTP_COOKIE"), environ.get("HTTP_SEC_GPC") == "1"
-        )
+        tracker = self.visits.start(environ, environ.get("HTTP_COOKIE"), environ.get("HTTP_SEC_GPC") == "1")
         environ[ENVIRON_KEY] = tracker
-        if set_cookie is not None:
-            start_response = _StartWithCookie(start_response, set_cookie)
+        # Always wrapped: the handler may call tracker.reset(), which needs a Set-Cookie.
+        start_response = _start_with_cookies(start_response, tracker)
         # The app runs in its own copy of the server's context with the tracker bound: the
         # call, each chunk and close() (see _Response), and nothing leaks into the server's.
         context = contextvars.copy_context()
@@ -107,6 +107,7 @@ class KoalaWSGIMiddleware:
         try:
             iterable = context.run(self.app, environ, start_response)
         except BaseException:
+            tracker._stage = HANDED_OVER
             if tracker._count:
                 finish(tracker)  # what the handler recorded before raising is still sent
             tracker._request = None  # no tracker <-> environ cycle left behind (see RequestTracker)
@@ -147,6 +148,7 @@ class _Response:
             if close is not None:
                 self._context.run(close)
         finally:
+            tracker._stage = HANDED_OVER
             if tracker._count:
                 finish(tracker)
             tracker._request = None  # no tracker <-> environ cycle left behind
@@ -161,23 +163,25 @@ class _SizedResponse(_Response):
         return len(self._iterable)  # type: ignore[arg-type]
 
 
-class _StartWithCookie:
-    """``start_response`` for a new visitor: adds the ``Set-Cookie`` the response may carry.
+def _start_with_cookies(start_response: StartResponse, tracker: Tracker) -> StartResponse:
+    """``start_response`` that adds the visitor's ``Set-Cookie`` values the response may carry
+    (a new visitor's, a missing copy, a ``reset()``), and tells the tracker it started.
 
     Called again with ``exc_info`` when an error replaces the response: the new headers
-    need the cookie too, and the server decides whether to re-raise.
+    need the cookies too, and the server decides whether to re-raise. A closure, not an
+    object with ``__call__``: every request passes here, and calling a closure is cheaper.
     """
 
-    __slots__ = ("_set_cookie", "_start_response")
+    def start_with_cookies(status: str, headers: list[tuple[str, str]], exc_info: Any = None) -> Any:
+        if tracker._set_cookies is None:  # most requests: nothing to add
+            tracker._stage = STARTED
+            return start_response(status, headers, exc_info)
+        cookies = response_cookies(tracker, _status_code(status), lambda: _cache_control(headers))
+        if cookies is not None:
+            headers = [*headers, *[("Set-Cookie", cookie) for cookie in cookies]]
+        return start_response(status, headers, exc_info)
 
-    def __init__(self, start_response: StartResponse, set_cookie: str) -> None:
-        self._start_response = start_response
-        self._set_cookie = set_cookie
-
-    def __call__(self, status: str, headers: list[tuple[str, str]], exc_info: Any = None) -> Any:
-        if may_set_cookie(_status_code(status), _cache_control(headers)):
-            headers = [*headers, ("Set-Cookie", self._set_cookie)]
-        return self._start_response(status, headers, exc_info)
+    return start_with_cookies
 
 
 def _status_code(status: str) -> int:

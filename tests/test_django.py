@@ -252,3 +252,23 @@ def test_without_django_the_import_says_what_to_install() -> None:
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=False)
     assert done.stdout.strip() == "koala_middleware.django needs Django: pip install 'koala-middleware[django]'"
+
+
+def test_the_server_kept_copy_and_reset_through_django(koala_client: KoalaClient, collector: Collector) -> None:
+    new = Client().get("/who", HTTP_HOST="www.example.com")
+    visitor = new.json()["ko_id"]
+    copy = new.cookies["ko_id_server"]
+    assert copy.value == visitor and copy["httponly"] and not new.cookies["ko_id"]["httponly"]
+    only_copy = Client(HTTP_COOKIE=f"ko_id_server={visitor}").get("/who", HTTP_HOST="www.example.com")
+    assert only_copy.json()["ko_id"] == visitor and only_copy.cookies["ko_id"].value == visitor
+    assert "ko_id_server" not in only_copy.cookies
+    both = Client(HTTP_COOKIE=f"ko_id={visitor}; ko_id_server={visitor}").get("/who", HTTP_HOST="www.example.com")
+    assert not both.cookies
+
+    reset = Client(HTTP_COOKIE=f"ko_id={ID}; ko_id_server={ID}").get("/logout", HTTP_HOST="www.example.com")
+    after = reset.json()["after"]
+    assert reset.json()["before"] == ID and after != ID
+    assert reset.cookies["ko_id"].value == reset.cookies["ko_id_server"].value == after
+    assert reset.cookies["ko_id"]["domain"] == "example.com"
+    batches = {e["event"]: b["profile_id"] for b in delivered(koala_client, collector) for e in b.get("events", [])}
+    assert batches == {"Before Reset": ID, "After Reset": after}

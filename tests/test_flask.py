@@ -266,14 +266,15 @@ def test_handler_that_tracks_then_raises_gets_flasks_500_and_its_events_are_sent
     client: KoalaClient, collector: Collector
 ) -> None:
     app = make_app(client)
-    response = app.test_client().get("/boom", headers={"User-Agent": UA}, buffered=True)
-    assert response.status_code == 500
+    browser = app.test_client()
+    response = browser.get("/boom", headers={"User-Agent": UA}, buffered=True)
+    assert response.status_code == 500  # Flask's own 500 still carries the new visitor's cookie
     assert collector.wait_for(1)
     assert [e["event"] for e in collector.events()] == ["Started Checkout"]
     assert collector.requests()[0].headers["user-agent"] == UA
     app.testing = True  # PROPAGATE_EXCEPTIONS: the exception leaves the middleware unchanged
     with pytest.raises(Boom, match="handler failed"):
-        app.test_client().get("/boom")
+        browser.get("/boom")  # a returning visitor now: their id is held by the browser
     assert collector.wait_for(2)
     assert current_tracker() is None
 
@@ -373,8 +374,11 @@ def test_example_app_sends_sign_ups_and_account_traits_to_koala(client: KoalaCli
     assert collector.wait_for(4)
     # Batches are posted concurrently: compare without relying on their order.
     assert sorted(e["event"] for e in collector.events()) == ["Signed Up", "Upgraded Plan"]
-    (signup,) = [b for b in collector.batches() if "identifies" in b]
+    signed_up = [b for b in collector.batches() if any(e["event"] == "Signed Up" for e in b.get("events", []))]
+    (signup,) = signed_up
     assert signup["email"] == "grace@navy-labs.com" and signup["identifies"][0]["traits"]["name"] == "Grace Hopper"
+    links = [i["traits"]["$account"] for b in collector.batches() for i in b.get("identifies", []) if "$account" in i["traits"]]
+    assert {"domain": "navy-labs.com", "plan": "trial", "signed_up_by": "grace@navy-labs.com"} in links
     accounts = collector.account_batches()
     assert [a["domain"] for a in accounts] == ["navy-labs.com", "navy-labs.com"]
     assert {"plan": "enterprise", "seats": 40} in [a["identifies"][0]["traits"] for a in accounts]

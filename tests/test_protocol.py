@@ -85,7 +85,12 @@ def test_account_traits_and_events_go_to_the_account_endpoint(client: KoalaClien
         message_id = acme.track("Workspace Created", {"workspace_id": "1234"})
     assert client.flush(5)
 
-    assert collector.requests("/web/projects/pk_test/batch") == []  # visitor recorded nothing
+    # The person is linked to the company once per account() call, as the browser SDK does it.
+    [person] = collector.requests("/web/projects/pk_test/batch")
+    assert [i["traits"] for i in person.json()["identifies"]] == [
+        {"$account": {"domain": "acme.com", "group_id": "dev-team", "plan": "enterprise"}, "email": "ada@example.com"},
+        {"$account": {"domain": "acme.com", "group_id": "marketing", "plan": "free"}, "email": "ada@example.com"},
+    ]
     [request] = collector.requests("/web/projects/pk_test/accounts/batch")
     body = request.json()
     assert set(body) == {"domain", "identifies", "events"}

@@ -217,6 +217,11 @@ def _strings(value: Any) -> Iterator[str]:
             yield from _strings(item)
 
 
+#: Drops that are the rules working, not a fault: logged at DEBUG (still counted).
+QUIET_REASONS = frozenset({"cookie_withheld"})
+
+
 def _log(reason: str, message: str, args: tuple[object, ...]) -> None:
     # A 4xx means a bug or a wrong key: the host's developers must see it.
-    logger.log(logging.ERROR if reason == "rejected" else logging.WARNING, message, *args)
+    level = logging.ERROR if reason == "rejected" else logging.DEBUG if reason in QUIET_REASONS else logging.WARNING
+    logger.log(level, message, *args)

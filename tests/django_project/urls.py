@@ -12,4 +12,5 @@ urlpatterns = [
     path("healthz", views.healthz),
     path("who", views.who),
     path("file", views.file),
+    path("logout", views.logout),
 ]

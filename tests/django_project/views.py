@@ -80,3 +80,12 @@ def who(request: HttpRequest) -> HttpResponse:
 def file(request: HttpRequest) -> FileResponse:
     request.koala.track("Downloaded")  # type: ignore[attr-defined]
     return FileResponse(open(__file__, "rb"))
+
+
+def logout(request: HttpRequest) -> HttpResponse:
+    koala = request.koala  # type: ignore[attr-defined]
+    before = koala.profile_id
+    koala.track("Before Reset")
+    koala.reset()
+    koala.track("After Reset")
+    return JsonResponse({"before": before, "after": koala.profile_id})

@@ -93,8 +93,10 @@ def test_the_id_set_on_one_subdomain_is_sent_on_another_and_readable_by_javascri
     visitor_id = first["profile_id"]
     assert UUID4.fullmatch(visitor_id)
     assert first["cookie"] == ""  # a fresh profile: the id was made by the server
-    assert set_cookie == f"ko_id={visitor_id}; Domain=example.test; Path=/; Max-Age=31536000; SameSite=Lax"
+    attributes = "; Domain=example.test; Path=/; Max-Age=31536000; SameSite=Lax"
+    assert set_cookie == f"ko_id={visitor_id}{attributes}\nko_id_server={visitor_id}{attributes}; HttpOnly"
     assert f"ko_id={visitor_id}" in first_js.split("; ")
+    assert "ko_id_server" not in first_js  # HttpOnly: the server-kept copy is not for scripts
 
     (kept,) = [c for c in browser_context.cookies() if c["name"] == "ko_id"]
     assert kept["value"] == visitor_id
@@ -111,15 +113,43 @@ def test_the_id_set_on_one_subdomain_is_sent_on_another_and_readable_by_javascri
     other, other_js, _, other_set_cookie = visit(browser_context, f"http://other.test:{port}/")
     assert "ko_id" not in other["cookie"]
     assert UUID4.fullmatch(other["profile_id"]) and other["profile_id"] != visitor_id
-    assert other_set_cookie == f"ko_id={other['profile_id']}; Path=/; Max-Age=31536000; SameSite=Lax"
+    assert other_set_cookie == (
+        f"ko_id={other['profile_id']}; Path=/; Max-Age=31536000; SameSite=Lax\n"
+        f"ko_id_server={other['profile_id']}; Path=/; Max-Age=31536000; SameSite=Lax; HttpOnly"
+    )
     assert other_js == f"ko_id={other['profile_id']}"
 
+    # reset() at logout: the browser holds the new id on every subdomain.
+    logged_out, logged_out_js, _, logout_set_cookie = visit(browser_context, f"http://app.example.test:{port}/logout")
+    new_id = logged_out["profile_id"]
+    assert UUID4.fullmatch(new_id) and new_id != visitor_id
+    assert logout_set_cookie == f"ko_id={new_id}{attributes}\nko_id_server={new_id}{attributes}; HttpOnly"
+    assert f"ko_id={new_id}" in logged_out_js.split("; ")
+    after, after_js, _, after_set_cookie = visit(browser_context, f"http://www.example.test:{port}/")
+    assert after["profile_id"] == new_id and after_set_cookie is None and f"ko_id={new_id}" in after_js.split("; ")
+
+    # The page's script deletes ko_id, as Safari's 7-day cap on script-written cookies would:
+    # the next navigation restores the same id from the server-kept copy.
+    page = browser_context.new_page()
+    page.goto(f"http://www.example.test:{port}/")
+    page.evaluate("document.cookie = 'ko_id=; Max-Age=0; Domain=example.test; Path=/'")
+    assert "ko_id=" not in page.evaluate("document.cookie")
+    page.close()
+    restored, restored_js, _, restored_set_cookie = visit(browser_context, f"http://app.example.test:{port}/")
+    assert "ko_id=" not in restored["cookie"].replace("ko_id_server=", "")  # only the copy was sent
+    assert restored["profile_id"] == new_id  # the same visitor, not a new one
+    assert restored_set_cookie == f"ko_id={new_id}{attributes}"
+    assert f"ko_id={new_id}" in restored_js.split("; ")
+
     # Koala receives the visits of the two subdomains as one visitor, with the browser's UA.
-    assert collector.wait_for(3, timeout=15), collector.received
-    batches = {(b["events"][0]["properties"]["host"], b["profile_id"]) for b in collector.batches()}
+    assert collector.wait_for(7, timeout=15), collector.received
+    batches = {(b["events"][0]["properties"]["host"], b["events"][0]["event"], b["profile_id"]) for b in collector.batches()}
     assert batches == {
-        ("app.example.test", visitor_id),
-        ("www.example.test", visitor_id),
-        ("other.test", other["profile_id"]),
+        ("app.example.test", "Viewed Page", visitor_id),
+        ("www.example.test", "Viewed Page", visitor_id),
+        ("other.test", "Viewed Page", other["profile_id"]),
+        ("app.example.test", "Logged Out", visitor_id),  # before reset(): the old id
+        ("www.example.test", "Viewed Page", new_id),
+        ("app.example.test", "Viewed Page", new_id),
     }
     assert {r.headers["user-agent"] for r in collector.requests("/batch")} == {user_agent}

@@ -39,7 +39,7 @@ def message_ids(koala: Collector, ua: str) -> list[str]:
 
 def test_the_apps_own_set_cookies_survive(server: Server) -> None:
     response = httpx.get(server.url + "/cookies")
-    assert [c.split("=")[0] for c in response.headers.get_list("set-cookie")] == ["session", "theme", "ko_id"]
+    assert [c.split("=")[0] for c in response.headers.get_list("set-cookie")] == ["session", "theme", "ko_id", "ko_id_server"]
 
 
 def test_events_arrive_with_the_visitors_user_agent_and_an_untrusted_forwarded_for_is_ignored(

@@ -41,8 +41,17 @@ async def page(request: Request) -> HTMLResponse:
     )
 
 
+async def logout(request: Request) -> HTMLResponse:
+    """Koala's ``ko.reset()``, server-side: a new anonymous visitor from this response on."""
+    tracker = request.state.koala
+    tracker.track("Logged Out", {"host": request.url.hostname or ""})
+    tracker.reset()
+    return HTMLResponse(PAGE.format(cookie=html.escape(request.headers.get("cookie", "")),
+                                    profile_id=html.escape(tracker.profile_id or "")))
+
+
 app = KoalaASGIMiddleware(
-    Starlette(routes=[Route("/", page)]),
+    Starlette(routes=[Route("/", page), Route("/logout", logout)]),
     client=client,
     allowed_hosts=["example.test"],
 )
