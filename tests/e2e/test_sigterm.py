@@ -77,8 +77,13 @@ def test_a_handler_installed_before_the_client_is_kept() -> None:
     assert code == 3 and '"theirs"' in out, err
 
 
-@pytest.mark.parametrize(("mode", "options"), [("thread", {}), ("wait", {"handle_sigterm": False})])
-def test_no_handler_off_the_main_thread_or_when_turned_off(mode: str, options: dict[str, Any]) -> None:
+@pytest.mark.parametrize(
+    ("mode", "options"),
+    [("thread", {}), ("wait", {"handle_sigterm": False}), ("wait", {"sync": True}), ("wait", {"dry_run": True})],
+)
+def test_no_handler_off_the_main_thread_when_turned_off_or_with_nothing_to_flush(
+    mode: str, options: dict[str, Any]
+) -> None:
     with Collector() as koala:
         proc, first = start(mode, koala, **options)
         assert first["handler"] == "default"
