@@ -177,3 +177,22 @@ def test_a_garbage_or_truncated_spool_file_is_set_aside_with_one_warning(
     names = sorted(os.listdir(tmp_path))
     assert not garbage.exists() and not truncated.exists(), names
     assert sum(name.endswith(".corrupt") for name in names) == 2, names
+
+
+def test_a_spool_file_with_rows_it_cannot_read_is_set_aside_and_its_batches_counted(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    odd = SpoolFile.open(str(tmp_path / f"{PREFIX}3-odd{SUFFIX}"))
+    for body in (b'{"profile_id":"a","events":[]}', "a text body, not bytes"):
+        odd.db.execute(
+            "INSERT INTO batches (path, user_agent, message_ids, body) VALUES ('/batch', 'ua', 'id', ?)", (body,)
+        )
+    odd.close(remove=False)
+    with Collector() as koala, caplog.at_level(logging.WARNING, logger="koala_middleware"):
+        client = KoalaClient("pk_test", api_url=koala.url, spool_dir=str(tmp_path), **FAST)
+        assert client.flush(10), "never waits for batches it can no longer load"
+        stats = client.stats
+        client.shutdown()
+    assert stats.recovered == 2 and stats.dropped == {"error": 2} and stats.queued == 0, stats
+    assert [r.msg for r in caplog.records].count(LOG_SPOOL_CORRUPT) == 1
+    assert sum(name.endswith(".corrupt") for name in os.listdir(tmp_path)) == 1
