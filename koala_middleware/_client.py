@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import atexit
 import collections
+import functools
 import json
 import logging
 import os
@@ -16,6 +17,7 @@ import re
 import sys
 import threading
 import weakref
+from collections.abc import Callable
 from typing import TypedDict
 
 import httpx
@@ -185,6 +187,10 @@ class KoalaClient:
         if self.dry_run:
             logger.info(LOG_DRY_RUN_ON)
         _live_clients.add(self)
+        # A client collected with batches still pending (made in a function that returned)
+        # leaves its sender to the exit hooks, which flush it like a live client's.
+        self._orphaned = weakref.finalize(self, _orphaned, self._sender, self.shutdown_timeout, self.handle_sigterm)
+        self._orphaned.atexit = False
         if not self.sync and not self.dry_run:
             _shutdown_at_multiprocessing_exit()
             if self.handle_sigterm:
@@ -251,6 +257,7 @@ class KoalaClient:
     def shutdown(self, timeout: float | None = None) -> bool:
         """Flush (within ``timeout``, default ``shutdown_timeout``), then stop the sender."""
         _live_clients.discard(self)
+        self._orphaned.detach()
         return self._sender.shutdown(self.shutdown_timeout if timeout is None else timeout)
 
     @property
@@ -267,14 +274,30 @@ class KoalaClient:
 
 
 _live_clients: weakref.WeakSet[KoalaClient] = weakref.WeakSet()
+#: Senders of clients collected while they held batches: (shutdown, handle_sigterm).
+_orphans: list[tuple[Callable[[], object], bool]] = []
+
+
+def _orphaned(sender: BackgroundSender | SyncSender, timeout: float, handle_sigterm: bool) -> None:
+    if sender.pending():
+        _orphans.append((functools.partial(sender.shutdown, timeout), handle_sigterm))
+
+
+def _stoppers(sigterm: bool) -> list[Callable[[], object]]:
+    """What the exit hooks (or, with ``sigterm``, the SIGTERM handler) shut down: every live
+    client (that wants it), and the senders of collected ones that still held batches."""
+    clients = [c.shutdown for c in list(_live_clients) if not sigterm or (c.handle_sigterm and not c.sync)]
+    orphans = [shutdown for shutdown, handle_sigterm in _orphans if not sigterm or handle_sigterm]
+    _orphans.clear()
+    return [*clients, *orphans]
 
 
 @atexit.register
 def _shutdown_at_exit() -> None:
     exiting()
-    for client in list(_live_clients):
+    for shutdown in _stoppers(sigterm=False):
         try:
-            client.shutdown()
+            shutdown()
         except Exception:  # never turn interpreter exit into a traceback
             logger.exception(LOG_EXIT_FAILED)
     exit_as_signalled()
@@ -301,15 +324,15 @@ def _shutdown_at_multiprocessing_exit() -> None:
 
 def _shutdown_at_sigterm() -> None:
     """The SIGTERM handler's work (in its own thread): stop the clients that want it."""
-    clients = [client for client in list(_live_clients) if client.handle_sigterm and not client.sync]
-    if not clients:
+    stoppers = _stoppers(sigterm=True)
+    if not stoppers:
         return
-    logger.info(LOG_SIGTERM, max(client.shutdown_timeout for client in clients))
+    logger.info(LOG_SIGTERM, max([c.shutdown_timeout for c in list(_live_clients)], default=5.0))
     # All at once: the process must end within the longest shutdown_timeout, not their sum.
-    threads = [threading.Thread(target=client.shutdown, name="koala-sigterm") for client in clients[1:]]
+    threads = [threading.Thread(target=stop, name="koala-sigterm") for stop in stoppers[1:]]
     for thread in threads:
         thread.start()
-    clients[0].shutdown()
+    stoppers[0]()
     for thread in threads:
         thread.join()
 

@@ -56,6 +56,16 @@ def test_sigterm_delivers_what_is_pending_then_dies_of_sigterm(mode: str) -> Non
         assert len(set(koala.message_ids())) == 5, err
 
 
+@pytest.mark.parametrize(("mode", "code"), [("local-exit", 0), ("local-sigterm", -signal.SIGTERM)])
+def test_a_client_collected_with_batches_pending_is_still_flushed(mode: str, code: int) -> None:
+    """A client made in a function that returned: exit and SIGTERM still deliver its batches."""
+    with Collector(delay=0.5) as koala:
+        proc, _ = start(mode, koala, shutdown_timeout=5)
+        returncode, _, err = finish(proc)
+        assert returncode == code, err
+        assert len(set(koala.message_ids())) == 5, err
+
+
 def test_sigterm_with_koala_down_at_the_signal_delivers_when_it_is_back() -> None:
     with Collector() as koala:
         koala.down()

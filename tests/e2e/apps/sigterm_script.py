@@ -10,11 +10,14 @@ installed once the client exists) after handing over 5 batches, then, by MODE:
   holds it for 0.3 s more (the handler must not wait on it);
 - ``exit``: signals itself and returns at once: interpreter exit (and its flush) begins
   while the handler's thread flushes too; neither may cut the other short;
+- ``local-exit`` / ``local-sigterm``: the client lives in a function that returns (so it is
+  garbage-collected with its batches pending), then the script ends, or signals itself;
 - ``thread``: makes the client in a thread other than the main one (no handler possible).
 """
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import signal
@@ -42,7 +45,19 @@ def hand_over(client: KoalaClient, count: int) -> None:
             tracker.track("Stopping", {"n": n, "pid": os.getpid()})
 
 
+def hand_over_and_forget() -> None:
+    hand_over(client_from_env(), 5)
+
+
 def main(mode: str) -> None:
+    if mode.startswith("local-"):
+        hand_over_and_forget()
+        gc.collect()
+        print(json.dumps({"handler": describe(signal.getsignal(signal.SIGTERM))}), flush=True)
+        if mode == "local-sigterm":
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(60)
+        return
     if mode == "own-handler":
 
         def theirs(signum: int, frame: object) -> None:
