@@ -1,13 +1,16 @@
 """The local Koala stand-in in a process of its own, so its work is not timed with ours.
 
 ``python -m bench.collector --delay 0.05`` prints its URL on the first line, then answers
-``count`` on stdin with the number of requests it accepted so far; it exits when stdin
-closes (so it never outlives the benchmark that started it).
+``count`` on stdin with the number of requests it accepted so far, and ``items`` with the
+number of records in the bodies accepted since the last ``count`` or ``items`` (the items of every list
+at the top of a JSON body: Koala's ``events`` and ``identifies``, PostHog's and Segment's
+``batch``); it exits when stdin closes (so it never outlives the benchmark that started it).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -34,6 +37,13 @@ class CollectorProcess:
     def count(self) -> int:
         assert self.proc.stdin is not None and self.proc.stdout is not None
         self.proc.stdin.write("count\n")
+        self.proc.stdin.flush()
+        return int(self.proc.stdout.readline())
+
+    def items(self) -> int:
+        """Records (events, identifies, ...) in the bodies accepted since the last ``count``/``items``."""
+        assert self.proc.stdin is not None and self.proc.stdout is not None
+        self.proc.stdin.write("items\n")
         self.proc.stdin.flush()
         return int(self.proc.stdout.readline())
 
@@ -67,6 +77,20 @@ def main() -> None:
                 accepted += len(koala.requests())
                 koala.clear()
                 print(accepted, flush=True)
+            elif line.strip() == "items":
+                received = koala.requests()
+                koala.clear()
+                print(sum(_items(r.body) for r in received), flush=True)
+
+
+def _items(body: bytes) -> int:
+    try:
+        decoded = json.loads(body)
+    except ValueError:
+        return 0
+    if not isinstance(decoded, dict):
+        return 0
+    return sum(len(value) for value in decoded.values() if isinstance(value, list))
 
 
 if __name__ == "__main__":

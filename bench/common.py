@@ -10,7 +10,19 @@ import statistics
 import sys
 from collections.abc import Sequence
 
-PACKAGES = ("koala-middleware", "starlette", "flask", "werkzeug", "uvicorn", "gunicorn", "httpx", "h11")
+PACKAGES = (
+    "koala-middleware",
+    "starlette",
+    "flask",
+    "werkzeug",
+    "uvicorn",
+    "gunicorn",
+    "httpx",
+    "h11",
+    "aiohttp",
+    "posthog",
+    "segment-analytics-python",
+)
 
 
 def cpu_model() -> str:

@@ -220,7 +220,7 @@ class KoalaClient:
 
     def send_tracker(self, tracker: Tracker) -> None:
         """Hand a tracker's records over as batches (non-blocking unless ``sync``)."""
-        for batch in tracker._take():
+        for batch in tracker.take():
             self.send(batch)
 
     def send(self, batch: Batch) -> None:
@@ -265,12 +265,10 @@ class KoalaClient:
         """A snapshot of the delivery counters (delivered, retried, dropped by reason...)."""
         return self._sender.counters.snapshot(self._sender.pending())
 
-    def _drop_items(self, count: int, reason: str, detail: str = "") -> None:
-        self._sender.counters.dropped(reason, 0, count, detail)
-
-    def _web_tracker(self, profile_id: str | None, user_agent: str | None, ip: str | None, enabled: bool) -> Tracker:
-        """The middlewares' tracker: inputs come from the request, already checked."""
-        return Tracker(self, profile_id, None, user_agent, ip, enabled)  # positional: once per request
+    def count_dropped(self, items: int, reason: str, detail: str = "") -> None:
+        """Count (in :attr:`stats`) and log ``items`` recorded but never sent, and why
+        (trackers report theirs here, e.g. ``tracker_full``)."""
+        self._sender.counters.dropped(reason, 0, items, detail)
 
 
 _live_clients: weakref.WeakSet[KoalaClient] = weakref.WeakSet()

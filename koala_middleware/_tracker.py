@@ -13,16 +13,13 @@ import logging
 import os
 import threading
 from collections.abc import Callable, Mapping
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from . import _protocol
+from ._cookie import may_set_cookie
 from ._encoding import format_sent_at
 from ._ids import random_uuid4
 from ._validate import check_domain, check_email, check_id, check_name, encode_mapping
-
-if TYPE_CHECKING:
-    from ._client import KoalaClient
-    from ._visit import Visits
 
 MAX_ITEMS_PER_TRACKER = 10_000
 
@@ -32,6 +29,7 @@ LOG_FOLLOW_UP = (
     "thread or a task); each such call is sent as a follow-up batch (logged once)"
 )
 LOG_FOLLOW_UP_FAILED = "could not hand a follow-up batch to the sender; it is lost"
+LOG_HANDOVER_FAILED = "could not hand the request's batch to the sender; it is lost"
 TRACKER_FULL_DETAIL = (
     f"a tracker keeps at most {MAX_ITEMS_PER_TRACKER} items (events, identifies, account() calls) "
     "until it is handed over; record less per request, or call tracker.send() in between"
@@ -65,6 +63,35 @@ _current: contextvars.ContextVar[Tracker | None] = contextvars.ContextVar(
 )
 _logged_follow_up = False
 _UNREAD: Any = object()  # a request tracker's User-Agent and IP before they are read
+
+
+class Sink(Protocol):
+    """Where a tracker's records go (the :class:`~koala_middleware.KoalaClient`), as far as
+    the tracker needs to know: recording and sending change apart."""
+
+    @property
+    def user_agent(self) -> str:
+        """The User-Agent of batches with no visitor's own."""
+
+    @property
+    def send_ip(self) -> bool:
+        """Whether batches carry the visitor's IP."""
+
+    def send_tracker(self, tracker: Tracker) -> None:
+        """Take what ``tracker`` recorded (its ``take()``) for delivery."""
+
+    def count_dropped(self, items: int, reason: str, detail: str = "") -> None:
+        """Count (and log) ``items`` recorded but never sent, and why."""
+
+
+class RequestRules(Protocol):
+    """What a request's tracker asks of its middleware's rules, about its request."""
+
+    def read_visitor(self, request: Any) -> tuple[str | None, str | None]:
+        """``(user_agent, ip)`` of the request."""
+
+    def new_visitor(self, request: Any) -> tuple[str, list[str]]:
+        """A fresh visitor id and the ``Set-Cookie`` values that give it to the browser."""
 
 
 def current_tracker() -> Tracker | None:
@@ -193,15 +220,14 @@ class Tracker:
 
     def __init__(
         self,
-        client: KoalaClient,
+        client: Sink,
         profile_id: str | None = None,
         email: str | None = None,
         user_agent: str | None = None,
         ip: str | None = None,
         enabled: bool = True,
     ) -> None:
-        # The record lists come with the first record (see _room). RequestTracker sets
-        # these same fields its own way.
+        # The record lists come with the first record (see _room).
         self._client = client
         self.profile_id = profile_id
         self.email = email
@@ -217,7 +243,8 @@ class Tracker:
         #: True while ``profile_id`` is an id made for this request whose cookie has not gone
         #: out: no browser holds it, so it must not reach Koala (see ``_build``).
         self._fresh = False
-        self._visits: Visits | None = None
+        self._visits: RequestRules | None = None
+        self._set_cookies = None
 
     @property
     def user_agent(self) -> str | None:
@@ -367,7 +394,7 @@ class Tracker:
             self._event_ids = []
             self._identifies = []
         elif count >= MAX_ITEMS_PER_TRACKER:
-            self._client._drop_items(1, "tracker_full", TRACKER_FULL_DETAIL)
+            self._client.count_dropped(1, "tracker_full", TRACKER_FULL_DETAIL)
             return False
         self._count = count + 1
         return True
@@ -424,7 +451,7 @@ class Tracker:
                 )
         return result, withheld
 
-    def _take(self) -> list[_protocol.Batch]:
+    def take(self) -> list[_protocol.Batch]:
         """The hand-over: the batches of everything recorded so far, and a fresh start."""
         with _lock:
             batches, withheld = self._build(self._fresh)
@@ -432,7 +459,7 @@ class Tracker:
             self._accounts = None
             self._pending = None
         if withheld:
-            self._client._drop_items(withheld, "cookie_withheld", COOKIE_WITHHELD_DETAIL)
+            self._client.count_dropped(withheld, "cookie_withheld", COOKIE_WITHHELD_DETAIL)
         return batches
 
     def send(self) -> None:
@@ -476,6 +503,9 @@ class RequestTracker(Tracker):
     (``_request = None``): the request holds the tracker too, and a cycle per request would
     leave every request's objects to the garbage collector. After that, unread fields are None.
 
+    The middleware tells it when its response starts (:meth:`start_response`) and when the
+    request is done (:meth:`finish`).
+
     :param request: the WSGI ``environ`` or ASGI ``scope``.
     :param visits: the middleware's rules (reading the request, issuing cookies).
     :param set_cookies: the ``Set-Cookie`` values the response must carry, or None.
@@ -486,27 +516,54 @@ class RequestTracker(Tracker):
 
     def __init__(
         self,
-        client: KoalaClient,
+        client: Sink,
         profile_id: str | None,
         enabled: bool,
         request: Any,
-        visits: Visits,
+        visits: RequestRules,
         set_cookies: list[str] | None = None,
         fresh: bool = False,
     ) -> None:
-        self._client = client
-        self.profile_id = profile_id
-        self.email = None
-        self.enabled = enabled
-        self._accounts = None
-        self._count = 0
+        super().__init__(client, profile_id, None, _UNREAD, _UNREAD, enabled)
         self._request = request
         self._visits = visits
         self._set_cookies = set_cookies
         self._fresh = fresh
-        self._stage = OPEN
-        self._pending = None
-        self._user_agent = self._ip = _UNREAD
+
+    @property
+    def new_visitor(self) -> bool:
+        """``profile_id`` was made for this request and no browser holds it (yet)."""
+        return self._fresh
+
+    def start_response(self, status: int, cache_control: Callable[[], str | None]) -> list[str] | None:
+        """The response starts: the ``Set-Cookie`` values it must carry, or None (none, or
+        a response a shared cache may store, or a 304: see ``may_set_cookie``).
+
+        :param cache_control: reads the response's Cache-Control (only needed with cookies).
+        """
+        self._stage = STARTED
+        cookies = self._set_cookies
+        if cookies is None or not may_set_cookie(status, cache_control()):
+            return None
+        self._fresh = False  # a browser holds the id now
+        return cookies
+
+    def finish(self) -> None:
+        """The request is done (its response went out): hand over what was recorded, and
+        let go of the request (no tracker <-> request cycle is left for the garbage
+        collector). Records made later are sent as follow-up batches. Never raises."""
+        self._stage = HANDED_OVER
+        if self._count:  # reset() keeps the count with its pending batches
+            try:
+                self._client.send_tracker(self)
+            except Exception:  # the response is out: never raise into the server's close()
+                logger.exception(LOG_HANDOVER_FAILED)
+        self._request = None
+
+    @property
+    def has_records(self) -> bool:
+        """Something was recorded that :meth:`finish` will hand over."""
+        return bool(self._count)
 
     def reset(self) -> None:
         """Forget who this visitor is, as Koala's ``ko.reset()`` does at logout.
@@ -541,4 +598,4 @@ class RequestTracker(Tracker):
             self.email = None
             self._fresh = True
         if withheld:
-            self._client._drop_items(withheld, "cookie_withheld", COOKIE_WITHHELD_DETAIL)
+            self._client.count_dropped(withheld, "cookie_withheld", COOKIE_WITHHELD_DETAIL)

@@ -2,9 +2,9 @@
 
 ``Visits.start(...)`` decides, once per request: is it tracked (excluded path, Global
 Privacy Control, your consent callback), who the visitor is (their ``ko_id`` cookie or a
-fresh id), and which ``Set-Cookie`` the response needs (added only if ``may_set_cookie``
-allows it at response start). ``finish(tracker)`` hands the tracker over after the
-response. This runs on every request: the glue passes the Cookie and Sec-GPC headers, and
+fresh id), and which ``Set-Cookie`` the response needs; the request's tracker then tells
+the glue, at response start, what to add (``tracker.start_response``), and hands itself
+over after the response (``tracker.finish()``). This runs on every request: the glue passes the Cookie and Sec-GPC headers, and
 anything else is read from the request (through its ``RequestReader``) only when a rule
 needs it, so a returning visitor costs a cookie read and a tracker, nothing more.
 """
@@ -18,9 +18,9 @@ from typing import TYPE_CHECKING, Any, Literal
 
 
 from ._client import ClientOptions, KoalaClient, client_from_options
-from ._cookie import WRITE_BOTH, CookieSettings, VisitorCookie, may_set_cookie
+from ._cookie import WRITE_BOTH, CookieSettings, VisitorCookie
 from ._request import RequestInfo, RequestReader
-from ._tracker import STARTED, RequestTracker, Tracker
+from ._tracker import RequestTracker
 
 if TYPE_CHECKING:
     from typing_extensions import Unpack
@@ -29,7 +29,6 @@ TrackDecision = Callable[[RequestInfo], bool]
 SameSite = Literal["lax", "strict", "none", "Lax", "Strict", "None"]
 
 logger = logging.getLogger("koala_middleware")
-LOG_HANDOVER_FAILED = "could not hand the request's batch to the sender; it is lost"
 LOG_SHOULD_TRACK_FAILED = "should_track raised; not tracking this request (fix the callback)"
 
 _COOKIE_DEFAULTS = CookieSettings()
@@ -172,8 +171,8 @@ class Visits:
         self._should_track = settings.should_track
 
     def start(self, request: Any, cookie: bytes | str | None, gpc: bool) -> RequestTracker:
-        """This request's tracker; ``tracker._set_cookies`` are the ``Set-Cookie`` values its
-        response needs (added at response start by ``response_cookies``), or None.
+        """This request's tracker, which knows the ``Set-Cookie`` values its response needs
+        (the glue asks it at response start: ``tracker.start_response(...)``).
 
         :param request: the ``environ`` or ``scope``; other parts are read from it when needed.
         :param cookie: the Cookie header (several joined with ``"; "``), or None; bytes
@@ -204,32 +203,6 @@ class Visits:
         visitor_id = self._cookie.issue()
         host, https = self._reader.site(request)
         return visitor_id, self._cookie.set_cookies(visitor_id, WRITE_BOTH, host, https)
-
-
-def response_cookies(tracker: Tracker, status: int, cache_control: Callable[[], str | None]) -> list[str] | None:
-    """At response start: the ``Set-Cookie`` values to add (None: none), and the tracker
-    told that its response started (and whether its new id went out with it).
-
-    :param cache_control: reads the response's Cache-Control (only needed with cookies).
-    """
-    tracker._stage = STARTED
-    cookies = tracker._set_cookies
-    if cookies is None:
-        return None
-    if not may_set_cookie(status, cache_control()):
-        return None
-    tracker._fresh = False  # a browser holds the id now
-    return cookies
-
-
-def finish(tracker: Tracker) -> None:
-    """Hand over what a request's handler recorded (the glue calls this when it recorded
-    any, after setting ``tracker._stage = HANDED_OVER``: records made after that are sent
-    as follow-up batches by the tracker itself)."""
-    try:
-        tracker._client.send_tracker(tracker)
-    except Exception:  # the response is out: never raise into the server's close()
-        logger.exception(LOG_HANDOVER_FAILED)
 
 
 def _consents(should_track: TrackDecision, info: RequestInfo) -> bool:

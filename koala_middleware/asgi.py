@@ -29,8 +29,8 @@ import anyio.to_thread
 
 from ._client import KoalaClient
 from ._request import RequestInfo, RequestReader
-from ._tracker import HANDED_OVER, STARTED, RequestTracker, bind, unbind
-from ._visit import VisitorOptions, Visits, configure, finish, response_cookies
+from ._tracker import RequestTracker, bind, unbind
+from ._visit import VisitorOptions, Visits, configure
 
 if TYPE_CHECKING:
     from typing_extensions import Unpack
@@ -176,13 +176,10 @@ class KoalaASGIMiddleware:
         finally:
             # Events recorded before an exception are still sent; the exception goes on as it is.
             unbind(token)
-            tracker._stage = HANDED_OVER
-            if tracker._count:
-                if self.client.sync:  # sync mode posts: not on the event loop
-                    await anyio.to_thread.run_sync(finish, tracker)
-                else:
-                    finish(tracker)  # an append to the sender's queue
-            tracker._request = None  # no tracker <-> scope cycle left behind (see RequestTracker)
+            if self.client.sync and tracker.has_records:  # sync mode posts: not on the event loop
+                await anyio.to_thread.run_sync(tracker.finish)
+            else:
+                tracker.finish()  # an append to the sender's queue
 
     async def _not_http(self, scope: Scope, receive: Receive, send: Send) -> None:
         kind = scope["type"]
@@ -196,7 +193,7 @@ class KoalaASGIMiddleware:
     def _known_visitor(self, scope: Scope) -> str | None:
         """A websocket's ``ko_id``, under the same exclusion and opt-out rules as HTTP."""
         tracker = self.visits.start(scope, *_cookie_and_gpc(scope["headers"]))
-        if not tracker.enabled or tracker._fresh:
+        if not tracker.enabled or tracker.new_visitor:
             return None  # opted out, excluded, or a new id no browser will ever keep
         return tracker.profile_id
 
@@ -265,7 +262,7 @@ def flush_at_shutdown(client: KoalaClient) -> None:
 
 def _with_cookies(send: Send, tracker: RequestTracker) -> Send:
     """Wrap ``send`` to add the visitor's ``Set-Cookie`` values to the response start (if
-    allowed; see ``response_cookies``).
+    allowed; see ``RequestTracker.start_response``).
 
     A plain function returning ``send``'s awaitable, not a coroutine of its own: every
     message passes here, and an ``async def`` wrapper costs a coroutine per message
@@ -276,13 +273,12 @@ def _with_cookies(send: Send, tracker: RequestTracker) -> Send:
 
     def send_with_cookies(message: Message) -> Awaitable[None]:
         if message["type"] == "http.response.start":
-            if tracker._set_cookies is None:
-                tracker._stage = STARTED
-            else:
-                headers = list(message.get("headers") or ())
-                cookies = response_cookies(tracker, message["status"], lambda: _cache_control(headers))
-                if cookies is not None:
-                    headers += [(b"set-cookie", cookie.encode("latin-1")) for cookie in cookies]
+            headers = message.get("headers") or []
+            if not isinstance(headers, list):
+                headers = list(headers)  # any iterable: read once
+            cookies = tracker.start_response(message["status"], lambda: _cache_control(headers))
+            if cookies is not None:
+                headers = [*headers, *[(b"set-cookie", cookie.encode("latin-1")) for cookie in cookies]]
                 message = {**message, "headers": headers}
         return send(message)
 

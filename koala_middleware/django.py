@@ -41,7 +41,6 @@ import functools
 import itertools
 import threading
 from collections.abc import AsyncIterator, Callable, Mapping
-from functools import partial
 from http.cookies import Morsel
 from typing import Any
 
@@ -54,8 +53,8 @@ except ImportError as exc:  # pragma: no cover - exercised in a subprocess test
 
 from ._client import KoalaClient
 from ._request import RequestInfo, RequestReader
-from ._tracker import HANDED_OVER, Tracker, bind, unbind
-from ._visit import MiddlewareSettings, Visits, configure, finish, response_cookies
+from ._tracker import RequestTracker, Tracker, bind, unbind
+from ._visit import MiddlewareSettings, Visits, configure
 from .asgi import SCOPE_KEY, ASGIApp, Receive, Scope, Send, flush_at_shutdown, lifespan_with_flush
 from .wsgi import ENVIRON_KEY
 
@@ -132,7 +131,7 @@ class KoalaMiddleware:
             if response.streaming:
                 _bind_stream(response, tracker)
         except BaseException:
-            _done(tracker)  # what the view recorded before raising is still sent
+            tracker.finish()  # what the view recorded before raising is still sent
             raise
         finally:
             unbind(token)
@@ -148,13 +147,13 @@ class KoalaMiddleware:
             if response.streaming:
                 _bind_stream(response, tracker)
         except BaseException:
-            _done(tracker)
+            tracker.finish()
             raise
         finally:
             unbind(token)
         return self._respond(response, tracker)
 
-    def _start(self, request: Any) -> Tracker | None:
+    def _start(self, request: Any) -> RequestTracker | None:
         """The request's tracker; None when an outer Koala middleware already made the
         tracker (it is handed on as ``request.koala``)."""
         meta = request.META
@@ -169,29 +168,20 @@ class KoalaMiddleware:
         setattr(request, REQUEST_ATTRIBUTE, tracker)
         return tracker
 
-    def _respond(self, response: Any, tracker: Tracker) -> Any:
+    def _respond(self, response: Any, tracker: RequestTracker) -> Any:
         # The view has run: its response is this request's response start (reset() included).
-        for set_cookie in response_cookies(tracker, response.status_code, lambda: response.get("Cache-Control")) or ():
+        for set_cookie in tracker.start_response(response.status_code, lambda: response.get("Cache-Control")) or ():
             name = set_cookie.partition("=")[0]
             if name not in response.cookies:  # the view set its own: it wins
                 response.cookies[name] = _morsel(set_cookie)
         closers = getattr(response, "_resource_closers", None)
         if closers is None:  # not an HttpResponseBase: nothing will tell us it went out
-            _done(tracker)
+            tracker.finish()
         else:
             # Django calls these from response.close(): WSGI servers after the body, its
             # ASGI handler after the last chunk, its test clients once the content is read.
-            closers.append(partial(_done, tracker))
+            closers.append(tracker.finish)
         return response
-
-
-def _done(tracker: Tracker) -> None:
-    """Hand over what the request recorded, and let go of the request (no request <->
-    tracker cycle left for the garbage collector). Later records are follow-up batches."""
-    tracker._stage = HANDED_OVER
-    if tracker._count:
-        finish(tracker)
-    tracker._request = None
 
 
 def _morsel(set_cookie: str) -> Morsel[str]:

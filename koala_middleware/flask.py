@@ -56,7 +56,7 @@ class KoalaRequestMixin:
         if tracker is None:
             # Not through the middleware (test_request_context): a handler must not break
             # over tracking, so it gets a tracker that validates calls and records nothing.
-            tracker = self.environ[ENVIRON_KEY] = _middleware().client._web_tracker(None, None, None, False)
+            tracker = self.environ[ENVIRON_KEY] = Tracker(_middleware().client, enabled=False)
             _warn_no_middleware()
         return tracker
 

@@ -24,8 +24,8 @@ from typing import TYPE_CHECKING, Any
 
 from ._client import KoalaClient
 from ._request import RequestInfo, RequestReader
-from ._tracker import HANDED_OVER, STARTED, Tracker, bind
-from ._visit import VisitorOptions, Visits, configure, finish, response_cookies
+from ._tracker import RequestTracker, bind
+from ._visit import VisitorOptions, Visits, configure
 
 if TYPE_CHECKING:
     from typing_extensions import Unpack
@@ -107,10 +107,7 @@ class KoalaWSGIMiddleware:
         try:
             iterable = context.run(self.app, environ, start_response)
         except BaseException:
-            tracker._stage = HANDED_OVER
-            if tracker._count:
-                finish(tracker)  # what the handler recorded before raising is still sent
-            tracker._request = None  # no tracker <-> environ cycle left behind (see RequestTracker)
+            tracker.finish()  # what the handler recorded before raising is still sent
             raise
         if hasattr(iterable, "__len__"):
             return _SizedResponse(iterable, context, tracker)
@@ -129,10 +126,10 @@ class _Response:
 
     __slots__ = ("_context", "_iterable", "_tracker")
 
-    def __init__(self, iterable: Iterable[bytes], context: contextvars.Context, tracker: Tracker) -> None:
+    def __init__(self, iterable: Iterable[bytes], context: contextvars.Context, tracker: RequestTracker) -> None:
         self._iterable = iterable
         self._context = context
-        self._tracker: Tracker | None = tracker  # None once closed
+        self._tracker: RequestTracker | None = tracker  # None once closed
 
     def __iter__(self) -> Iterator[bytes]:
         # iter() runs no app code for lists, generators or werkzeug's iterables (a generator's
@@ -148,10 +145,7 @@ class _Response:
             if close is not None:
                 self._context.run(close)
         finally:
-            tracker._stage = HANDED_OVER
-            if tracker._count:
-                finish(tracker)
-            tracker._request = None  # no tracker <-> environ cycle left behind
+            tracker.finish()
 
 
 class _SizedResponse(_Response):
@@ -163,7 +157,7 @@ class _SizedResponse(_Response):
         return len(self._iterable)  # type: ignore[arg-type]
 
 
-def _start_with_cookies(start_response: StartResponse, tracker: Tracker) -> StartResponse:
+def _start_with_cookies(start_response: StartResponse, tracker: RequestTracker) -> StartResponse:
     """``start_response`` that adds the visitor's ``Set-Cookie`` values the response may carry
     (a new visitor's, a missing copy, a ``reset()``), and tells the tracker it started.
 
@@ -173,10 +167,7 @@ def _start_with_cookies(start_response: StartResponse, tracker: Tracker) -> Star
     """
 
     def start_with_cookies(status: str, headers: list[tuple[str, str]], exc_info: Any = None) -> Any:
-        if tracker._set_cookies is None:  # most requests: nothing to add
-            tracker._stage = STARTED
-            return start_response(status, headers, exc_info)
-        cookies = response_cookies(tracker, _status_code(status), lambda: _cache_control(headers))
+        cookies = tracker.start_response(_status_code(status), lambda: _cache_control(headers))
         if cookies is not None:
             headers = [*headers, *[("Set-Cookie", cookie) for cookie in cookies]]
         return start_response(status, headers, exc_info)

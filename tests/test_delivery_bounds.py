@@ -20,7 +20,7 @@ import pytest
 
 from e2e.servers import wait_until
 from helpers import FAST_RETRIES
-from koala_middleware import Batch, KoalaClient
+from koala_middleware import Batch, KoalaClient, Tracker
 from koala_middleware._delivery._stats import EXCERPT_CHARS, LOG_DROPPED
 from koala_middleware.testing import Collector, Received
 
@@ -110,7 +110,7 @@ def test_a_rejection_log_carries_a_short_excerpt_without_the_batch_s_email_ids_o
         "pk_test", api_url=collector.url, on_error=lambda b, e: details.append(e.detail), **FAST_RETRIES
     )
     profile_id = str(uuid.uuid4())
-    tracker = client._web_tracker(profile_id, "UA/echo", "203.0.113.7", True)
+    tracker = Tracker(client, profile_id, user_agent="UA/echo", ip="203.0.113.7")
     tracker.identify("ada.lovelace@example.com", {"plan": "pro"})
     message_id = tracker.track("Signed Up", {"coupon": "SECRET-42"})
     client.send_tracker(tracker)

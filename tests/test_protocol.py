@@ -6,7 +6,7 @@ import datetime
 import re
 import uuid
 
-from koala_middleware import KoalaClient, __version__
+from koala_middleware import KoalaClient, Tracker, __version__
 from koala_middleware.testing import Collector
 
 SENT_AT = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$")
@@ -118,7 +118,7 @@ def test_caller_message_id_and_sent_at_are_kept(client: KoalaClient, collector: 
 def test_ip_is_sent_when_known_and_can_be_turned_off(collector: Collector) -> None:
     for send_ip, expected in ((True, "203.0.113.9"), (False, None)):
         client = KoalaClient("pk_test", api_url=collector.url, send_ip=send_ip)
-        tracker = client._web_tracker(str(uuid.uuid4()), "UA", "203.0.113.9", True)
+        tracker = Tracker(client, str(uuid.uuid4()), user_agent="UA", ip="203.0.113.9")
         tracker.track("Viewed Pricing")
         tracker.send()
         assert client.flush(5)

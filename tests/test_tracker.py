@@ -154,7 +154,7 @@ def test_client_tracker_needs_an_identity() -> None:
 
 def test_disabled_tracker_validates_but_records_nothing() -> None:
     client = KoalaClient(dry_run=True)
-    tracker = client._web_tracker(str(uuid.uuid4()), "UA", "127.0.0.1", enabled=False)
+    tracker = Tracker(client, str(uuid.uuid4()), user_agent="UA", ip="127.0.0.1", enabled=False)
     with pytest.raises(TypeError):
         tracker.track(1)  # type: ignore[arg-type]
     tracker.track("Opted Out Visit")

@@ -15,7 +15,7 @@ import random
 import time
 from typing import NamedTuple
 
-from .. import _native
+from . import _native
 from ._settings import DeliverySettings
 
 
@@ -101,7 +101,7 @@ class Health:
         self.failures = 0
         self.gate = 0.0
         self.hold = 0.0
-        self._lock = _native.Lock()  # the sender is an OS thread even under gevent
+        self._lock = _native.Lock()
 
     def failed(self, settings: DeliverySettings, probe: bool, retry_after: float | None) -> tuple[float, bool]:
         """Record a failure; (seconds until the next attempt, whether it is the first)."""

@@ -17,8 +17,8 @@ import threading
 import time
 from collections.abc import Callable
 
-from .. import _native
 from .._protocol import Batch
+from . import _native
 from ._request import Request
 from ._settings import DeliverySettings
 
@@ -52,7 +52,7 @@ class BatchQueue:
     """
 
     def __init__(self, settings: DeliverySettings) -> None:
-        # Native: the sender is an OS thread even under gevent (see _native).
+        # A native lock: the sender is an OS thread even under gevent (see _native).
         self.lock = _native.Lock()
         self._idle = threading.Condition(self.lock)
         self.waiting: collections.deque[Waiting] = collections.deque()

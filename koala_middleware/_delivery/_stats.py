@@ -15,8 +15,8 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from .. import _native
 from .._protocol import Batch
+from . import _native
 
 logger = logging.getLogger("koala_middleware")
 
@@ -106,7 +106,7 @@ class Counters:
     WARN_EVERY = 10.0
 
     def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
-        self._lock = _native.Lock()  # the sender is an OS thread even under gevent
+        self._lock = _native.Lock()
         self._stats = Stats()
         self._clock = clock
         self._unlogged: dict[str, _Unlogged] = {}

@@ -30,8 +30,8 @@ import time
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
-from .. import _native
 from .._protocol import Batch
+from . import _native
 from ._http import Poster, poster
 from ._queue import BatchQueue, Waiting
 from ._request import DETAIL_UNBUILDABLE, Request, build
@@ -419,8 +419,8 @@ class _ParkingSelector(selectors.BaseSelector):
     So whoever holds ``running`` (a fork about to happen) knows the sender thread is in
     ``select()``, in no import and holding no lock of any library.
 
-    It wraps the selector :mod:`.._native` picks when the thread starts: the original one
-    even where gevent or eventlet patched ``selectors`` after this module was imported.
+    It wraps the selector :mod:`._native` picks when the thread starts: the original one
+    even where gevent patched ``selectors`` after this module was imported.
     """
 
     def __init__(self, running: _native.LockType) -> None:

@@ -1,6 +1,6 @@
-"""The sender's own OS thread and event loop, also where gevent or eventlet patched the stdlib.
+"""The sender's own OS thread and event loop, also where gevent monkey-patched the stdlib.
 
-Under gevent (gunicorn ``-k gevent``) or eventlet, ``threading.Thread`` makes a greenlet:
+Under gevent (gunicorn ``-k gevent``), ``threading.Thread`` makes a greenlet:
 the sender's asyncio loop would share the worker's one OS thread with every request.
 Where its selector is the real one (the library was imported before the worker patched,
 as with gunicorn ``--preload``), each wait for Koala blocks every request of the worker,
@@ -8,7 +8,7 @@ for as long as Koala takes to answer or the backoff lasts; where it is gevent's,
 still counts as running in that thread, so a request's ``asyncio.run()`` (or asgiref's
 ``async_to_sync``) fails with "cannot be called from a running event loop".
 
-So where ``threading`` is patched, the sender runs on a thread started with the original
+So where gevent patched ``threading``, the sender runs on a thread started with the original
 ``_thread.start_new_thread``, and its loop uses the original selector and resolves host
 names with the original ``getaddrinfo`` on a native thread of its own: asyncio's default
 executor would make its workers greenlets of this thread, which no hub ever runs (and
@@ -18,7 +18,11 @@ request side share state through locks from the original ``_thread.allocate_lock
 exclude OS threads whatever was patched; they are held for a few steps, never across I/O,
 so a greenlet waiting on one stalls its worker for microseconds at most.
 
-Without monkey-patching these are ``threading.Thread``, ``threading.Lock``,
+Eventlet is left as it is: gunicorn no longer has an eventlet worker, eventlet itself is
+deprecated, and its copies of the original modules (``patcher.original("selectors")``)
+hand out a selector that fails; there the sender stays a green thread, which delivers.
+
+Without gevent's patching these are ``threading.Thread``, ``threading.Lock``,
 ``selectors.DefaultSelector`` and ``asyncio.SelectorEventLoop``, unchanged.
 """
 
@@ -26,6 +30,7 @@ from __future__ import annotations
 
 import _thread
 import asyncio
+import contextlib
 import selectors
 import sys
 import threading
@@ -38,6 +43,8 @@ LockType = _thread.LockType
 
 
 class _Originals(NamedTuple):
+    """The stdlib functions and class the sender needs, as they were before gevent patched them."""
+
     start_new_thread: Callable[..., int]
     allocate_lock: Callable[[], LockType]
     get_ident: Callable[[], int]
@@ -46,29 +53,25 @@ class _Originals(NamedTuple):
 
 
 def _originals() -> _Originals | None:
-    """What gevent or eventlet replaced, as it was; None when ``threading`` is not patched.
+    """What gevent replaced, as it was; None when gevent did not patch ``threading``.
 
-    Read from ``sys.modules`` only: a process that never imported gevent or eventlet is
-    not patched, and importing them here would cost every other process their start-up.
+    Read from ``sys.modules`` only: a process that never imported gevent is not patched,
+    and importing it here would cost every other process its start-up.
     """
     monkey = sys.modules.get("gevent.monkey")
     if monkey is not None and monkey.is_module_patched("threading"):
         start, allocate, ident = monkey.get_original("_thread", ("start_new_thread", "allocate_lock", "get_ident"))
         return _Originals(
-            start, allocate, ident,
-            monkey.get_original("socket", "getaddrinfo"), monkey.get_original("selectors", "DefaultSelector"),
-        )
-    patcher = sys.modules.get("eventlet.patcher")
-    if patcher is not None and patcher.is_monkey_patched("thread"):
-        thread = patcher.original("_thread")
-        return _Originals(
-            thread.start_new_thread, thread.allocate_lock, thread.get_ident,
-            patcher.original("socket").getaddrinfo, patcher.original("selectors").DefaultSelector,
+            start,
+            allocate,
+            ident,
+            monkey.get_original("socket", "getaddrinfo"),
+            monkey.get_original("selectors", "DefaultSelector"),
         )
     return None
 
 
-def Lock() -> LockType:  # noqa: N802 - stands in for threading.Lock
+def Lock() -> LockType:
     """A lock that excludes OS threads, also where ``threading.Lock`` was patched to a greenlet lock."""
     originals = _originals()
     return _thread.allocate_lock() if originals is None else originals.allocate_lock()
@@ -122,10 +125,8 @@ class _NativeLoop(asyncio.SelectorEventLoop):
                 result, error = self._originals.getaddrinfo(host, port, family, type, proto, flags), None
             except BaseException as exc:  # handed to the awaiting coroutine
                 result, error = None, exc
-            try:
+            with contextlib.suppress(RuntimeError):  # the loop closed meanwhile (shutdown): no one waits
                 self.call_soon_threadsafe(settle, result, error)
-            except RuntimeError:  # the loop closed meanwhile (shutdown): no one waits
-                pass
 
         self._originals.start_new_thread(resolve, ())
         return await future
