@@ -30,8 +30,8 @@ import uuid
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING
 
-from .. import _native
 from .._protocol import Batch
+from . import _native
 
 if TYPE_CHECKING:
     import sqlite3
