@@ -67,8 +67,7 @@ def main(argv: list[str] | None = None) -> int:
     took = time.monotonic() - started
 
     print(f"Machine: {common.machine_line()}.")
-    print(f"Run: `python3 scripts/dev.py bench{' --quick' if args.quick else ''}` "
-          f"({', '.join(parts)}; {took:.0f} s).")
+    print(f"Run: `python3 scripts/dev.py bench{' --quick' if args.quick else ''}` ({', '.join(parts)}; {took:.0f} s).")
     print()
     print(common.markdown(rows))
     missed = [row for row in rows if row.met is False]

@@ -53,7 +53,6 @@ class ClientOptions(TypedDict, total=False):
     max_queue_batches: int
     max_queue_bytes: int
     max_in_flight: int
-    connections_per_pool: int
     proxy: str | None
     max_retries: int
     backoff_base: float
@@ -83,8 +82,6 @@ class KoalaClient:
     :param max_queue_bytes: the queue's bound in bytes, likewise.
     :param max_in_flight: how many batches are posted at once, over as many kept-alive
         connections.
-    :param connections_per_pool: no longer used (the sender keeps one pool of
-        ``max_in_flight`` connections); accepted so existing configurations keep working.
     :param proxy: an ``http://`` or ``https://`` proxy URL (credentials allowed) for every
         request to Koala, overriding the environment's ``HTTPS_PROXY`` / ``HTTP_PROXY`` /
         ``ALL_PROXY`` / ``NO_PROXY``, which apply otherwise.
@@ -121,7 +118,6 @@ class KoalaClient:
         max_queue_batches: int = 10_000,
         max_queue_bytes: int = 32 * 1024 * 1024,
         max_in_flight: int = 100,
-        connections_per_pool: int = 5,
         proxy: str | None = None,
         max_retries: int = 8,
         backoff_base: float = 0.5,
@@ -169,7 +165,6 @@ class KoalaClient:
             max_queue_batches=max_queue_batches,
             max_queue_bytes=max_queue_bytes,
             max_in_flight=max_in_flight,
-            connections_per_pool=connections_per_pool,
             proxy=proxy,
             max_retries=max_retries,
             backoff_base=backoff_base,
@@ -200,15 +195,13 @@ class KoalaClient:
         mode = "dry-run" if self.dry_run else "sync" if self.sync else "background"
         return f"<KoalaClient {self.api_url} key={self.public_key!r} {mode}>"
 
-
     def tracker(
         self, profile_id: str | None = None, email: str | None = None, user_agent: str | None = None
     ) -> Tracker:
         """A tracker for code outside a web request; ``with`` it to send on exit."""
         if profile_id is None and email is None:
             raise ValueError(
-                "tracker() needs a profile_id (the visitor's ko_id) or an email: Koala ties every "
-                "batch to one person"
+                "tracker() needs a profile_id (the visitor's ko_id) or an email: Koala ties every batch to one person"
             )
         if profile_id is not None:
             check_id(profile_id, "profile_id")
@@ -339,8 +332,6 @@ def client_from_options(client: KoalaClient | None, options: ClientOptions) -> K
     """The middlewares' ``client=None, **client_options`` rule: use the client, or make one."""
     if client is not None:
         if options:
-            raise TypeError(
-                f"pass client options {sorted(options)} to KoalaClient(...), not alongside client="
-            )
+            raise TypeError(f"pass client options {sorted(options)} to KoalaClient(...), not alongside client=")
         return client
     return KoalaClient(**options)
