@@ -26,7 +26,11 @@ class CollectorProcess:
     def __init__(self, delay: float) -> None:
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "bench.collector", "--delay", str(delay)],
-            cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, bufsize=1,
+            cwd=ROOT,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+            bufsize=1,
         )
         assert self.proc.stdout is not None
         self.url = self.proc.stdout.readline().strip()

@@ -188,9 +188,11 @@ def wsgi_environ(path: str, cookie: str | None) -> dict[str, Any]:
 _REQUEST = {"type": "http.request", "body": b"", "more_body": False}
 
 
-def asgi_runner(app: Any, scope: dict[str, Any], loop: asyncio.AbstractEventLoop,
-                others: list[dict[str, Any]] | None = None) -> Runner:
+def asgi_runner(
+    app: Any, scope: dict[str, Any], loop: asyncio.AbstractEventLoop, others: list[dict[str, Any]] | None = None
+) -> Runner:
     """Run ``n`` requests: ``scope`` each time, or ``others`` in turn (other visitors)."""
+
     async def receive() -> dict[str, Any]:
         return _REQUEST
 
@@ -233,7 +235,9 @@ def wsgi_runner(app: Any, environ: dict[str, Any], others: list[dict[str, Any]] 
     return many
 
 
-def asgi_response_headers(app: Any, scope: dict[str, Any], loop: asyncio.AbstractEventLoop) -> list[tuple[bytes, bytes]]:
+def asgi_response_headers(
+    app: Any, scope: dict[str, Any], loop: asyncio.AbstractEventLoop
+) -> list[tuple[bytes, bytes]]:
     """Run one request and return its response headers (to check a variant does its job)."""
     seen: list[dict[str, Any]] = []
 
@@ -306,14 +310,21 @@ def build_cases(loop: asyncio.AbstractEventLoop) -> list[Case]:
     # A returning visitor holds both cookies: ko_id and its server-kept copy (no Set-Cookie).
     returning = f"ko_id={VISITOR_ID}; ko_id_server={VISITOR_ID}; _ga=GA1.2.1234567890.1700000000"
     # More visitors than the middleware remembers Cookie headers of: every request is a miss.
-    unseen = [f"ko_id={v}; ko_id_server={v}; _ga=GA1.2.1234567890.1700000000"
-              for v in (uuid.uuid4() for _ in range(UNSEEN_VISITORS))]
+    unseen = [
+        f"ko_id={v}; ko_id_server={v}; _ga=GA1.2.1234567890.1700000000"
+        for v in (uuid.uuid4() for _ in range(UNSEEN_VISITORS))
+    ]
     session = session_cookie(loop)
     returning_with_session = f"{returning}; {session}"
 
-    def asgi(middleware: Callable[[KoalaClient], list[Middleware]] | None, path: str, cookie: str | None,
-             expect_cookie: bool | None = None, expect_batches: int = 0,
-             others: list[str] | None = None) -> Callable[[], tuple[Runner, Callable[[], None]]]:
+    def asgi(
+        middleware: Callable[[KoalaClient], list[Middleware]] | None,
+        path: str,
+        cookie: str | None,
+        expect_cookie: bool | None = None,
+        expect_batches: int = 0,
+        others: list[str] | None = None,
+    ) -> Callable[[], tuple[Runner, Callable[[], None]]]:
         def make() -> tuple[Runner, Callable[[], None]]:
             client = parked_client() if middleware is not None else None
             app = starlette_app(middleware(client) if client is not None and middleware else None)
@@ -322,10 +333,17 @@ def build_cases(loop: asyncio.AbstractEventLoop) -> list[Case]:
             _expect(headers, b"set-cookie", b"ko_id", expect_cookie, client, expect_batches)
             scopes = [asgi_scope(path, other) for other in others] if others else None
             return asgi_runner(app, scope, loop, scopes), _stopper(client)
+
         return make
 
-    def wsgi(wrapped: bool, path: str, cookie: str | None, expect_cookie: bool | None = None,
-             expect_batches: int = 0, others: list[str] | None = None) -> Callable[[], tuple[Runner, Callable[[], None]]]:
+    def wsgi(
+        wrapped: bool,
+        path: str,
+        cookie: str | None,
+        expect_cookie: bool | None = None,
+        expect_batches: int = 0,
+        others: list[str] | None = None,
+    ) -> Callable[[], tuple[Runner, Callable[[], None]]]:
         def make() -> tuple[Runner, Callable[[], None]]:
             app = flask_app()
             client = parked_client() if wrapped else None
@@ -336,6 +354,7 @@ def build_cases(loop: asyncio.AbstractEventLoop) -> list[Case]:
             _expect(headers, "set-cookie", "ko_id", expect_cookie, client, expect_batches)
             environs = [wsgi_environ(path, other) for other in others] if others else None
             return wsgi_runner(app, environ, environs), _stopper(client)
+
         return make
 
     def koala(client: KoalaClient) -> list[Middleware]:
@@ -351,49 +370,92 @@ def build_cases(loop: asyncio.AbstractEventLoop) -> list[Case]:
             headers = asgi_response_headers(app, scope, loop)
             _expect(headers, b"set-cookie", b"session=", sets_cookie, None, 0)
             return asgi_runner(app, scope, loop), _nothing
+
         return Variant(name, make)
 
     return [
-        Case("1a", "Starlette, returning visitor", [
-            Variant("bare", asgi(None, "/", returning_with_session), is_baseline=True),
-            Variant("koala", asgi(koala, "/", returning_with_session, expect_cookie=False), target=1.25,
-                    below="SessionMiddleware, returning session"),
-            session_variant("SessionMiddleware, returning session", returning_with_session, False),
-            session_variant("SessionMiddleware, no session", returning, False),
-        ]),
-        Case("1a", "Starlette, returning visitors, each header unseen", [
-            Variant("bare", asgi(None, "/", returning, others=unseen), is_baseline=True),
-            Variant("koala", asgi(koala, "/", returning, expect_cookie=False, others=unseen)),
-        ]),
-        Case("1b", "Starlette, new visitor", [
-            Variant("bare", asgi(None, "/", None), is_baseline=True),
-            Variant("koala", asgi(koala, "/", None, expect_cookie=True), target=1.6),
-        ]),
-        Case("1c", "Starlette, identify + track", [
-            Variant("bare", asgi(None, "/track", returning), is_baseline=True),
-            Variant("koala", asgi(koala, "/track", returning, expect_cookie=False, expect_batches=1), target=2.5),
-        ]),
-        Case("1a", "Flask, returning visitor", [
-            Variant("bare", wsgi(False, "/", returning), is_baseline=True),
-            Variant("koala", wsgi(True, "/", returning, expect_cookie=False), target=1.10),
-        ]),
-        Case("1a", "Flask, returning visitors, each header unseen", [
-            Variant("bare", wsgi(False, "/", returning, others=unseen), is_baseline=True),
-            Variant("koala", wsgi(True, "/", returning, expect_cookie=False, others=unseen)),
-        ]),
-        Case("1b", "Flask, new visitor", [
-            Variant("bare", wsgi(False, "/", None), is_baseline=True),
-            Variant("koala", wsgi(True, "/", None, expect_cookie=True)),
-        ]),
-        Case("1c", "Flask, identify + track", [
-            Variant("bare", wsgi(False, "/track", returning), is_baseline=True),
-            Variant("koala", wsgi(True, "/track", returning, expect_cookie=False, expect_batches=1), target=1.3),
-        ]),
+        Case(
+            "1a",
+            "Starlette, returning visitor",
+            [
+                Variant("bare", asgi(None, "/", returning_with_session), is_baseline=True),
+                Variant(
+                    "koala",
+                    asgi(koala, "/", returning_with_session, expect_cookie=False),
+                    target=1.25,
+                    below="SessionMiddleware, returning session",
+                ),
+                session_variant("SessionMiddleware, returning session", returning_with_session, False),
+                session_variant("SessionMiddleware, no session", returning, False),
+            ],
+        ),
+        Case(
+            "1a",
+            "Starlette, returning visitors, each header unseen",
+            [
+                Variant("bare", asgi(None, "/", returning, others=unseen), is_baseline=True),
+                Variant("koala", asgi(koala, "/", returning, expect_cookie=False, others=unseen)),
+            ],
+        ),
+        Case(
+            "1b",
+            "Starlette, new visitor",
+            [
+                Variant("bare", asgi(None, "/", None), is_baseline=True),
+                Variant("koala", asgi(koala, "/", None, expect_cookie=True), target=1.6),
+            ],
+        ),
+        Case(
+            "1c",
+            "Starlette, identify + track",
+            [
+                Variant("bare", asgi(None, "/track", returning), is_baseline=True),
+                Variant("koala", asgi(koala, "/track", returning, expect_cookie=False, expect_batches=1), target=2.5),
+            ],
+        ),
+        Case(
+            "1a",
+            "Flask, returning visitor",
+            [
+                Variant("bare", wsgi(False, "/", returning), is_baseline=True),
+                Variant("koala", wsgi(True, "/", returning, expect_cookie=False), target=1.10),
+            ],
+        ),
+        Case(
+            "1a",
+            "Flask, returning visitors, each header unseen",
+            [
+                Variant("bare", wsgi(False, "/", returning, others=unseen), is_baseline=True),
+                Variant("koala", wsgi(True, "/", returning, expect_cookie=False, others=unseen)),
+            ],
+        ),
+        Case(
+            "1b",
+            "Flask, new visitor",
+            [
+                Variant("bare", wsgi(False, "/", None), is_baseline=True),
+                Variant("koala", wsgi(True, "/", None, expect_cookie=True)),
+            ],
+        ),
+        Case(
+            "1c",
+            "Flask, identify + track",
+            [
+                Variant("bare", wsgi(False, "/track", returning), is_baseline=True),
+                Variant("koala", wsgi(True, "/track", returning, expect_cookie=False, expect_batches=1), target=1.3),
+            ],
+        ),
     ]
 
 
-def _expect(headers: list[tuple[Any, Any]], name: Any, prefix: Any, expect_cookie: bool | None,
-            client: KoalaClient | None, batches: int) -> None:
+def _expect(
+    headers: list[tuple[Any, Any]],
+    name: Any,
+    prefix: Any,
+    expect_cookie: bool | None,
+    client: KoalaClient | None,
+    batches: int,
+) -> None:
     """Refuse to time a variant that does not do what its row claims."""
     if expect_cookie is not None:
         has = any(k.lower() == name and v.startswith(prefix) for k, v in headers)
@@ -479,5 +541,6 @@ def case_rows(case: Case) -> Iterator[Row]:
             peer = median(case.ratios[variant.below])
             target += f" and < {variant.below} ({peer:.2f}x)"
             met = bool(met) and ratio < peer
-        yield Row(case.part, f"{case.title}: {variant.name}", f"{us:.1f} us/request (+{added:.1f} us)",
-                  ratio, target, met)
+        yield Row(
+            case.part, f"{case.title}: {variant.name}", f"{us:.1f} us/request (+{added:.1f} us)", ratio, target, met
+        )

@@ -22,7 +22,7 @@ MAX_REQUESTS = 2_000_000
 
 
 class Connection:
-    __slots__ = ("sock", "buffer", "started", "expected")
+    __slots__ = ("buffer", "expected", "sock", "started")
 
     def __init__(self, port: int) -> None:
         self.sock = socket.create_connection((HOST, port), timeout=5)
@@ -50,8 +50,7 @@ def response_length(buffer: bytes) -> tuple[int, bool, int]:
 
 
 def run(port: int, path: str, cookie: str, connections: int, seconds: float, warmup: float) -> dict[str, float]:
-    headers = [f"GET {path} HTTP/1.1", f"Host: localhost:{port}", "User-Agent: koala-bench/1.0",
-               "Accept: */*"]
+    headers = [f"GET {path} HTTP/1.1", f"Host: localhost:{port}", "User-Agent: koala-bench/1.0", "Accept: */*"]
     if cookie:
         headers.append(f"Cookie: {cookie}")
     request = ("\r\n".join(headers) + "\r\n\r\n").encode()

@@ -3,12 +3,13 @@
 
     python3 scripts/dev.py bench                  # everything, a few minutes on 2 cores
     python3 scripts/dev.py bench --quick          # fewer, shorter rounds (about a minute)
-    python3 scripts/dev.py bench --only inproc    # one part: inproc, servers, isolation, delivery, sdks
+    python3 scripts/dev.py bench --only inproc    # one part: inproc, servers, isolation, delivery, sdks, spool
 
 Parts: (1) in-process cost per request, Starlette and Flask, bare vs middleware, with
 Starlette's SessionMiddleware as a yardstick; (2) requests/s and latency through uvicorn and
 gunicorn; (3) isolation from a slow Koala; (4) the sender's batches/s to a 50 ms Koala;
-(5) whole-process CPU per visitor against PostHog's and Segment's SDKs.
+(5) whole-process CPU per visitor against PostHog's and Segment's SDKs;
+(6) the on-disk spool's cost per hand-over and its batches/s to a 50 ms Koala.
 Every figure is a ratio within one run (interleaved rounds, medians), printed with the
 machine it ran on. Progress goes to stderr, the table to stdout.
 """
@@ -26,7 +27,7 @@ if str(ROOT) not in sys.path:
 
 from bench import common  # noqa: E402
 
-PARTS = ("inproc", "servers", "isolation", "delivery", "sdks")
+PARTS = ("inproc", "servers", "isolation", "delivery", "sdks", "spool")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -59,11 +60,14 @@ def main(argv: list[str] | None = None) -> int:
         from bench import sdks
 
         rows += sdks.run(args.quick)
+    if "spool" in parts:
+        from bench import spool
+
+        rows += spool.run(args.quick)
     took = time.monotonic() - started
 
     print(f"Machine: {common.machine_line()}.")
-    print(f"Run: `python3 scripts/dev.py bench{' --quick' if args.quick else ''}` "
-          f"({', '.join(parts)}; {took:.0f} s).")
+    print(f"Run: `python3 scripts/dev.py bench{' --quick' if args.quick else ''}` ({', '.join(parts)}; {took:.0f} s).")
     print()
     print(common.markdown(rows))
     missed = [row for row in rows if row.met is False]

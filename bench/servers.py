@@ -43,12 +43,36 @@ def free_port() -> int:
 
 def server_command(stack: str, port: int) -> list[str]:
     if stack == "uvicorn":
-        return [sys.executable, "-m", "uvicorn", "bench.apps:asgi_app", "--host", "127.0.0.1",
-                "--port", str(port), "--no-access-log", "--log-level", "warning"]
+        return [
+            sys.executable,
+            "-m",
+            "uvicorn",
+            "bench.apps:asgi_app",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--no-access-log",
+            "--log-level",
+            "warning",
+        ]
     if stack == "gunicorn":
-        return [sys.executable, "-m", "gunicorn", "--workers", "1", "--worker-class", "gthread",
-                "--threads", str(GUNICORN_THREADS), "--bind", f"127.0.0.1:{port}", "--log-level",
-                "warning", "bench.apps:wsgi_app"]
+        return [
+            sys.executable,
+            "-m",
+            "gunicorn",
+            "--workers",
+            "1",
+            "--worker-class",
+            "gthread",
+            "--threads",
+            str(GUNICORN_THREADS),
+            "--bind",
+            f"127.0.0.1:{port}",
+            "--log-level",
+            "warning",
+            "bench.apps:wsgi_app",
+        ]
     raise ValueError(stack)
 
 
@@ -68,12 +92,17 @@ def servers(specs: dict[str, tuple[str, bool, str]]) -> Iterator[dict[str, Serve
     try:
         for name, (stack, middleware, api_url) in specs.items():
             port = free_port()
-            env = {**os.environ, "PYTHONPATH": str(ROOT), "KOALA_BENCH_MIDDLEWARE": "1" if middleware else "0",
-                   "KOALA_BENCH_API_URL": api_url}
+            env = {
+                **os.environ,
+                "PYTHONPATH": str(ROOT),
+                "KOALA_BENCH_MIDDLEWARE": "1" if middleware else "0",
+                "KOALA_BENCH_API_URL": api_url,
+            }
             log = logs / f"{name.replace(' ', '_').replace(',', '')}.log"
             with open(log, "wb") as out:
-                proc = subprocess.Popen(server_command(stack, port), cwd=ROOT, env=env, stdout=out,
-                                        stderr=subprocess.STDOUT)
+                proc = subprocess.Popen(
+                    server_command(stack, port), cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT
+                )
             started[name] = Server(name, port, proc, log)
         for server in started.values():
             wait_for_port(server)
@@ -106,9 +135,26 @@ def wait_for_port(server: Server, timeout: float = 30.0) -> None:
 def load(server: Server, path: str, seconds: float, cookie: str = RETURNING_COOKIE) -> dict[str, float]:
     """Run the load generator in its own process against ``server``."""
     out = subprocess.run(
-        [sys.executable, "-m", "bench.loadgen", "--port", str(server.port), "--path", path,
-         "--cookie", cookie, "--connections", str(CONNECTIONS), "--seconds", str(seconds)],
-        cwd=ROOT, capture_output=True, text=True, timeout=seconds + 60, check=True,
+        [
+            sys.executable,
+            "-m",
+            "bench.loadgen",
+            "--port",
+            str(server.port),
+            "--path",
+            path,
+            "--cookie",
+            cookie,
+            "--connections",
+            str(CONNECTIONS),
+            "--seconds",
+            str(seconds),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=seconds + 60,
+        check=True,
     )
     result: dict[str, float] = json.loads(out.stdout)
     if not result["requests"] or result["errors"]:
@@ -128,7 +174,7 @@ def interleave(group: dict[str, Server], path: str, rounds: int, seconds: float)
 
 
 def _ratios(results: dict[str, list[dict[str, float]]], num: str, den: str, key: str) -> float:
-    return median([a[key] / b[key] for a, b in zip(results[num], results[den])])
+    return median([a[key] / b[key] for a, b in zip(results[num], results[den], strict=True)])
 
 
 def _latency(results: list[dict[str, float]]) -> str:
@@ -152,16 +198,40 @@ def run_throughput(quick: bool = False) -> list[Row]:
                 result = interleave(group, "/", rounds, seconds)
                 ratio = _ratios(result, "koala", "bare", "rps")
                 rows.append(Row("2", f"{label}, returning visitor: bare", _latency(result["bare"]), 1.0, "", None))
-                rows.append(Row("2", f"{label}, returning visitor: koala", _latency(result["koala"]), ratio,
-                                ">= 0.95x req/s", check(ratio, 0.95, at_most=False)))
+                rows.append(
+                    Row(
+                        "2",
+                        f"{label}, returning visitor: koala",
+                        _latency(result["koala"]),
+                        ratio,
+                        ">= 0.95x req/s",
+                        check(ratio, 0.95, at_most=False),
+                    )
+                )
                 if not quick:
                     say(f"servers: {label}, identify + track ({rounds} rounds)")
                     result = interleave(group, "/track", rounds, seconds)
                     ratio = _ratios(result, "koala", "bare", "rps")
-                    rows.append(Row("2", f"{label}, identify + track, sent to a local collector: bare",
-                                    _latency(result["bare"]), 1.0, "", None))
-                    rows.append(Row("2", f"{label}, identify + track, sent to a local collector: koala",
-                                    _latency(result["koala"]), ratio, "(information)", None))
+                    rows.append(
+                        Row(
+                            "2",
+                            f"{label}, identify + track, sent to a local collector: bare",
+                            _latency(result["bare"]),
+                            1.0,
+                            "",
+                            None,
+                        )
+                    )
+                    rows.append(
+                        Row(
+                            "2",
+                            f"{label}, identify + track, sent to a local collector: koala",
+                            _latency(result["koala"]),
+                            ratio,
+                            "(information)",
+                            None,
+                        )
+                    )
     return rows
 
 
@@ -175,8 +245,24 @@ def run_isolation(quick: bool = False) -> list[Row]:
                 say(f"isolation: {stack}, collector at 0 ms vs 1 s ({rounds} rounds of {seconds:g} s each)")
                 result = interleave(group, "/track", rounds, seconds)
                 ratio = _ratios(result, "slow", "fast", "p99_ms")
-                rows.append(Row("3", f"{stack}, identify + track, Koala answers in 0 ms", _latency(result["fast"]),
-                                1.0, "", None))
-                rows.append(Row("3", f"{stack}, identify + track, Koala answers in 1 s", _latency(result["slow"]),
-                                ratio, "<= 1.10x p99", check(ratio, 1.10)))
+                rows.append(
+                    Row(
+                        "3",
+                        f"{stack}, identify + track, Koala answers in 0 ms",
+                        _latency(result["fast"]),
+                        1.0,
+                        "",
+                        None,
+                    )
+                )
+                rows.append(
+                    Row(
+                        "3",
+                        f"{stack}, identify + track, Koala answers in 1 s",
+                        _latency(result["slow"]),
+                        ratio,
+                        "<= 1.10x p99",
+                        check(ratio, 1.10),
+                    )
+                )
     return rows

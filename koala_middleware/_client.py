@@ -9,18 +9,22 @@ from __future__ import annotations
 
 import atexit
 import collections
+import functools
 import json
 import logging
 import os
 import re
+import sys
 import threading
 import weakref
+from collections.abc import Callable
 from typing import TypedDict
 
 import httpx
 
 from ._delivery import BackgroundSender, DeliverySettings, ErrorHook, Stats, SyncSender
 from ._protocol import Batch
+from ._signals import exit_as_signalled, exiting, install_sigterm_flush
 from ._tracker import Tracker
 from ._validate import check_email, check_id
 from ._version import __version__
@@ -31,6 +35,7 @@ DEFAULT_API_URL = "https://api2.getkoala.com"
 LOG_DRY_RUN = "dry run (no KOALA_PUBLIC_KEY), would POST %s %s"
 LOG_DRY_RUN_ON = "no public key configured; running in dry-run mode, nothing is sent"
 LOG_EXIT_FAILED = "shutdown at interpreter exit failed"
+LOG_SIGTERM = "SIGTERM: delivering pending batches (at most %.1fs), then exiting as SIGTERM does"
 
 _KEY = re.compile(r"^[A-Za-z0-9_\-]{1,200}$")
 
@@ -48,7 +53,6 @@ class ClientOptions(TypedDict, total=False):
     max_queue_batches: int
     max_queue_bytes: int
     max_in_flight: int
-    connections_per_pool: int
     proxy: str | None
     max_retries: int
     backoff_base: float
@@ -60,6 +64,9 @@ class ClientOptions(TypedDict, total=False):
     dry_run: bool | None
     user_agent: str | None
     transport: httpx.AsyncBaseTransport | httpx.BaseTransport | None
+    handle_sigterm: bool
+    spool_dir: str | os.PathLike[str] | None
+    max_spool_bytes: int
 
 
 class KoalaClient:
@@ -75,8 +82,6 @@ class KoalaClient:
     :param max_queue_bytes: the queue's bound in bytes, likewise.
     :param max_in_flight: how many batches are posted at once, over as many kept-alive
         connections.
-    :param connections_per_pool: no longer used (the sender keeps one pool of
-        ``max_in_flight`` connections); accepted so existing configurations keep working.
     :param proxy: an ``http://`` or ``https://`` proxy URL (credentials allowed) for every
         request to Koala, overriding the environment's ``HTTPS_PROXY`` / ``HTTP_PROXY`` /
         ``ALL_PROXY`` / ``NO_PROXY``, which apply otherwise.
@@ -92,6 +97,16 @@ class KoalaClient:
     :param user_agent: the User-Agent of batches recorded outside a web request (default
         ``koala-middleware/<version>``).
     :param transport: an httpx transport, for tests (``httpx.MockTransport``).
+    :param handle_sigterm: where SIGTERM is still at Python's default action (waitress,
+        ``flask run``, scripts) and the client is made in the main thread, flush on SIGTERM
+        within ``shutdown_timeout``, then exit as SIGTERM would. A handler installed by
+        anyone else is never replaced. ``False`` leaves SIGTERM alone.
+    :param spool_dir: keep every batch on disk, in this directory, from its hand-over until
+        Koala accepts it, so that it survives a crash or a kill; batches that processes
+        which are gone left there are delivered too. Falls back to ``KOALA_SPOOL_DIR``; off
+        by default, and in ``sync`` and dry-run modes.
+    :param max_spool_bytes: the bound on each process's spool file; past it new batches are
+        dropped (``spool_full``).
     """
 
     def __init__(
@@ -103,7 +118,6 @@ class KoalaClient:
         max_queue_batches: int = 10_000,
         max_queue_bytes: int = 32 * 1024 * 1024,
         max_in_flight: int = 100,
-        connections_per_pool: int = 5,
         proxy: str | None = None,
         max_retries: int = 8,
         backoff_base: float = 0.5,
@@ -115,6 +129,9 @@ class KoalaClient:
         dry_run: bool | None = None,
         user_agent: str | None = None,
         transport: httpx.AsyncBaseTransport | httpx.BaseTransport | None = None,
+        handle_sigterm: bool = True,
+        spool_dir: str | os.PathLike[str] | None = None,
+        max_spool_bytes: int = 64 * 1024 * 1024,
     ) -> None:
         public_key = public_key or os.environ.get("KOALA_PUBLIC_KEY") or None
         if public_key is not None and not _KEY.match(public_key):
@@ -127,6 +144,9 @@ class KoalaClient:
             raise ValueError(f"api_url must start with http:// or https://, got {api_url!r}")
         if on_error is not None and not callable(on_error):
             raise TypeError("on_error must be a callable on_error(batch, error)")
+        spool_dir = spool_dir or os.environ.get("KOALA_SPOOL_DIR") or None
+        if spool_dir is not None and not isinstance(spool_dir, (str, os.PathLike)):
+            raise TypeError(f"spool_dir must be a directory path (str or os.PathLike), got {type(spool_dir).__name__}")
         self.public_key = public_key
         self.api_url = api_url
         self.send_ip = send_ip
@@ -135,18 +155,23 @@ class KoalaClient:
         self.dry_run = public_key is None if dry_run is None else bool(dry_run)
         #: True when batches are sent before the hand-over returns (``sync=True``).
         self.sync = bool(sync)
+        #: Whether this client flushes at SIGTERM where nothing else handles it.
+        self.handle_sigterm = bool(handle_sigterm)
+        if self.sync or self.dry_run:
+            spool_dir = None  # nothing waits in memory to be kept
         settings = DeliverySettings(
             base_url=f"{api_url}/web/projects/{public_key}",
             timeout=timeout,
             max_queue_batches=max_queue_batches,
             max_queue_bytes=max_queue_bytes,
             max_in_flight=max_in_flight,
-            connections_per_pool=connections_per_pool,
             proxy=proxy,
             max_retries=max_retries,
             backoff_base=backoff_base,
             max_backoff=max_backoff,
             transport=transport,
+            spool_dir=os.fspath(spool_dir) if spool_dir is not None else None,
+            max_spool_bytes=max_spool_bytes,
         )
         self._sender: BackgroundSender | SyncSender = (
             SyncSender(settings, on_error) if self.sync else BackgroundSender(settings, on_error)
@@ -157,11 +182,18 @@ class KoalaClient:
         if self.dry_run:
             logger.info(LOG_DRY_RUN_ON)
         _live_clients.add(self)
+        # A client collected with batches still pending (made in a function that returned)
+        # leaves its sender to the exit hooks, which flush it like a live client's.
+        self._orphaned = weakref.finalize(self, _orphaned, self._sender, self.shutdown_timeout, self.handle_sigterm)
+        self._orphaned.atexit = False
+        if not self.sync and not self.dry_run:
+            _shutdown_at_multiprocessing_exit()
+            if self.handle_sigterm:
+                install_sigterm_flush(_shutdown_at_sigterm)
 
     def __repr__(self) -> str:
         mode = "dry-run" if self.dry_run else "sync" if self.sync else "background"
         return f"<KoalaClient {self.api_url} key={self.public_key!r} {mode}>"
-
 
     def tracker(
         self, profile_id: str | None = None, email: str | None = None, user_agent: str | None = None
@@ -169,8 +201,7 @@ class KoalaClient:
         """A tracker for code outside a web request; ``with`` it to send on exit."""
         if profile_id is None and email is None:
             raise ValueError(
-                "tracker() needs a profile_id (the visitor's ko_id) or an email: Koala ties every "
-                "batch to one person"
+                "tracker() needs a profile_id (the visitor's ko_id) or an email: Koala ties every batch to one person"
             )
         if profile_id is not None:
             check_id(profile_id, "profile_id")
@@ -219,6 +250,7 @@ class KoalaClient:
     def shutdown(self, timeout: float | None = None) -> bool:
         """Flush (within ``timeout``, default ``shutdown_timeout``), then stop the sender."""
         _live_clients.discard(self)
+        self._orphaned.detach()
         return self._sender.shutdown(self.shutdown_timeout if timeout is None else timeout)
 
     @property
@@ -233,23 +265,73 @@ class KoalaClient:
 
 
 _live_clients: weakref.WeakSet[KoalaClient] = weakref.WeakSet()
+#: Senders of clients collected while they held batches: (shutdown, handle_sigterm).
+_orphans: list[tuple[Callable[[], object], bool]] = []
+
+
+def _orphaned(sender: BackgroundSender | SyncSender, timeout: float, handle_sigterm: bool) -> None:
+    if sender.pending():
+        _orphans.append((functools.partial(sender.shutdown, timeout), handle_sigterm))
+
+
+def _stoppers(sigterm: bool) -> list[Callable[[], object]]:
+    """What the exit hooks (or, with ``sigterm``, the SIGTERM handler) shut down: every live
+    client (that wants it), and the senders of collected ones that still held batches."""
+    clients = [c.shutdown for c in list(_live_clients) if not sigterm or (c.handle_sigterm and not c.sync)]
+    orphans = [shutdown for shutdown, handle_sigterm in _orphans if not sigterm or handle_sigterm]
+    _orphans.clear()
+    return [*clients, *orphans]
 
 
 @atexit.register
 def _shutdown_at_exit() -> None:
-    for client in list(_live_clients):
+    exiting()
+    for shutdown in _stoppers(sigterm=False):
         try:
-            client.shutdown()
+            shutdown()
         except Exception:  # never turn interpreter exit into a traceback
             logger.exception(LOG_EXIT_FAILED)
+    exit_as_signalled()
+
+
+_multiprocessing_exit_pid = 0
+
+
+def _shutdown_at_multiprocessing_exit() -> None:
+    """In a ``multiprocessing`` child (granian's and hypercorn's workers), also shut down at
+    its end: a forked child ends with ``os._exit``, which skips ``atexit``, but it runs
+    ``multiprocessing``'s own exit finalizers just before."""
+    global _multiprocessing_exit_pid
+    multiprocessing = sys.modules.get("multiprocessing")  # not imported: not such a child
+    if multiprocessing is None or _multiprocessing_exit_pid == os.getpid():
+        return
+    if multiprocessing.parent_process() is None:
+        return
+    _multiprocessing_exit_pid = os.getpid()
+    import multiprocessing.util
+
+    multiprocessing.util.Finalize(None, _shutdown_at_exit, exitpriority=100)
+
+
+def _shutdown_at_sigterm() -> None:
+    """The SIGTERM handler's work (in its own thread): stop the clients that want it."""
+    stoppers = _stoppers(sigterm=True)
+    if not stoppers:
+        return
+    logger.info(LOG_SIGTERM, max([c.shutdown_timeout for c in list(_live_clients)], default=5.0))
+    # All at once: the process must end within the longest shutdown_timeout, not their sum.
+    threads = [threading.Thread(target=stop, name="koala-sigterm") for stop in stoppers[1:]]
+    for thread in threads:
+        thread.start()
+    stoppers[0]()
+    for thread in threads:
+        thread.join()
 
 
 def client_from_options(client: KoalaClient | None, options: ClientOptions) -> KoalaClient:
     """The middlewares' ``client=None, **client_options`` rule: use the client, or make one."""
     if client is not None:
         if options:
-            raise TypeError(
-                f"pass client options {sorted(options)} to KoalaClient(...), not alongside client="
-            )
+            raise TypeError(f"pass client options {sorted(options)} to KoalaClient(...), not alongside client=")
         return client
     return KoalaClient(**options)

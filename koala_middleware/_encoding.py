@@ -52,9 +52,7 @@ def dumps(value: Any) -> str:
     return "".join(_c_encoder(value, 0))
 
 
-_c_encoder = (
-    _c_make_encoder(None, _default, quote, None, ":", ",", False, False, False) if _c_make_encoder else None
-)
+_c_encoder = _c_make_encoder(None, _default, quote, None, ":", ",", False, False, False) if _c_make_encoder else None
 
 
 # (second, "YYYY-MM-DDTHH:MM:SS") of the last ``now`` formatted; replaced whole, so thread-safe.

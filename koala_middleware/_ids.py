@@ -34,7 +34,7 @@ def _read_ids() -> str:
     global _ids
     h = os.urandom(16 * _ID_BATCH).hex()
     batch = [
-        f"{h[i:i + 8]}-{h[i + 8:i + 12]}-4{h[i + 13:i + 16]}-{_VARIANT[h[i + 16]]}{h[i + 17:i + 20]}-{h[i + 20:i + 32]}"
+        f"{h[i : i + 8]}-{h[i + 8 : i + 12]}-4{h[i + 13 : i + 16]}-{_VARIANT[h[i + 16]]}{h[i + 17 : i + 20]}-{h[i + 20 : i + 32]}"
         for i in range(0, 32 * _ID_BATCH, 32)
     ]
     _ids = iter(batch[1:])  # two threads refilling at once: each uses its own batch

@@ -20,7 +20,7 @@ class RequestInfo:
     The middlewares build one per request, passing the fields in order (cheaper than by name).
     """
 
-    __slots__ = ("method", "scheme", "host", "path", "cookie_headers", "user_agent", "ip", "gpc", "raw")
+    __slots__ = ("cookie_headers", "gpc", "host", "ip", "method", "path", "raw", "scheme", "user_agent")
 
     def __init__(
         self,

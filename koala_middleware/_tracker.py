@@ -58,9 +58,7 @@ def _new_lock_in_child() -> None:
 if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_new_lock_in_child)
 
-_current: contextvars.ContextVar[Tracker | None] = contextvars.ContextVar(
-    "koala_tracker", default=None
-)
+_current: contextvars.ContextVar[Tracker | None] = contextvars.ContextVar("koala_tracker", default=None)
 _logged_follow_up = False
 _UNREAD: Any = object()  # a request tracker's User-Agent and IP before they are read
 

@@ -60,9 +60,7 @@ def _find_bad_value(value: Any, path: str) -> tuple[str, str] | None:
         return path, f"the float {value!r} (not valid JSON)"
     if isinstance(value, decimal.Decimal) and not value.is_finite():
         return path, f"the Decimal {value} (not valid JSON)"
-    if value is None or isinstance(
-        value, (str, int, float, bool, datetime.date, uuid.UUID, decimal.Decimal)
-    ):
+    if value is None or isinstance(value, (str, int, float, bool, datetime.date, uuid.UUID, decimal.Decimal)):
         return None
     return path, f"a value of type {type(value).__name__}"
 
@@ -138,5 +136,3 @@ def check_domain(domain: object) -> str:
             "(no scheme, path, port or email)"
         )
     return normal
-
-

@@ -16,7 +16,6 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
-
 from ._client import ClientOptions, KoalaClient, client_from_options
 from ._cookie import WRITE_BOTH, CookieSettings, VisitorCookie
 from ._request import RequestInfo, RequestReader

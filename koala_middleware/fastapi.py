@@ -25,9 +25,7 @@ try:
     from fastapi import Depends
     from starlette.requests import HTTPConnection
 except ImportError as exc:  # pragma: no cover - exercised in a subprocess test
-    raise ImportError(
-        "koala_middleware.fastapi needs FastAPI: pip install 'koala-middleware[fastapi]'"
-    ) from exc
+    raise ImportError("koala_middleware.fastapi needs FastAPI: pip install 'koala-middleware[fastapi]'") from exc
 
 from ._tracker import Tracker
 from .asgi import SCOPE_KEY, VISITOR_ID_KEY, KoalaASGIMiddleware

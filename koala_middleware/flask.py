@@ -15,9 +15,7 @@ try:
     from flask import Flask, current_app
     from werkzeug.middleware.proxy_fix import ProxyFix
 except ImportError as exc:  # pragma: no cover - exercised in a subprocess test
-    raise ImportError(
-        "koala_middleware.flask needs Flask: pip install 'koala-middleware[flask]'"
-    ) from exc
+    raise ImportError("koala_middleware.flask needs Flask: pip install 'koala-middleware[flask]'") from exc
 
 from ._client import ClientOptions, KoalaClient
 from ._tracker import Tracker

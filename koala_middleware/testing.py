@@ -84,9 +84,7 @@ class Collector:
     but with 404 for the keys given to :meth:`reject_keys`.
     """
 
-    def __init__(
-        self, *, delay: float = 0.0, status: int | Responder = 200, tls: ssl.SSLContext | None = None
-    ) -> None:
+    def __init__(self, *, delay: float = 0.0, status: int | Responder = 200, tls: ssl.SSLContext | None = None) -> None:
         self._delay = delay
         self._status = status
         self._tls = tls
@@ -196,10 +194,7 @@ class Collector:
     def requests(self, path_suffix: str = "", accepted_only: bool = True) -> list[Received]:
         """What arrived (accepted requests only, by default) whose path ends with ``path_suffix``."""
         with self._lock:
-            return [
-                r for r in self.received
-                if r.path.endswith(path_suffix) and (r.accepted or not accepted_only)
-            ]
+            return [r for r in self.received if r.path.endswith(path_suffix) and (r.accepted or not accepted_only)]
 
     def batches(self) -> list[dict[str, Any]]:
         """Bodies of the accepted visitor batches (``/batch``), in order of arrival."""
@@ -329,8 +324,11 @@ class Collector:
                 if payload is None:
                     payload = b'{"ok":true}' if status < 300 else b'{"error":"stand-in failure"}'
                 size = self._answer_bytes or len(payload)
-                out = [f"HTTP/1.1 {status} {_phrase(status)}", f"Content-Length: {size}",
-                       "Content-Type: application/json"]
+                out = [
+                    f"HTTP/1.1 {status} {_phrase(status)}",
+                    f"Content-Length: {size}",
+                    "Content-Type: application/json",
+                ]
                 out += [f"{k}: {v}" for k, v in extra.items()]
                 await self._write(writer, ("\r\n".join(out) + "\r\n\r\n").encode(), payload, size)
         except (ConnectionError, asyncio.IncompleteReadError, asyncio.CancelledError):
@@ -338,7 +336,6 @@ class Collector:
         finally:
             self._writers.discard(writer)
             writer.close()
-
 
     async def _write(self, writer: asyncio.StreamWriter, head: bytes, payload: bytes, size: int) -> None:
         """Write an answer: at once, a byte a second (:meth:`drip`), or ``size`` bytes of

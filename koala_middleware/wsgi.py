@@ -21,16 +21,14 @@ import itertools
 from collections.abc import Iterable, Iterator
 from typing import TYPE_CHECKING, Any
 
-
 from ._client import KoalaClient
 from ._request import RequestInfo, RequestReader
 from ._tracker import RequestTracker, bind
 from ._visit import VisitorOptions, Visits, configure
 
 if TYPE_CHECKING:
-    from typing_extensions import Unpack
-
     from _typeshed.wsgi import StartResponse, WSGIApplication, WSGIEnvironment
+    from typing_extensions import Unpack
 
 ENVIRON_KEY = "koala.tracker"
 

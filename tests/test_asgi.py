@@ -30,7 +30,6 @@ with warnings.catch_warnings():  # recent Starlette asks for httpx2; httpx works
     from starlette.testclient import TestClient
 
 from helpers import FAST_RETRIES, assert_no_garbage_cycles
-
 from koala_middleware import KoalaClient, Tracker, current_tracker
 from koala_middleware.asgi import SCOPE_KEY, VISITOR_ID_KEY, KoalaASGIMiddleware
 from koala_middleware.testing import Collector
@@ -51,7 +50,6 @@ class Boom(Exception):
 @pytest.fixture
 def anyio_backend() -> str:
     return "asyncio"  # the harness below uses asyncio primitives
-
 
 
 def http_scope(path: str = "/", headers: Iterable[tuple[bytes, bytes]] = (), **extra: Any) -> dict[str, Any]:
@@ -122,8 +120,13 @@ async def serve(app: Any, scope: dict[str, Any], on_send: Callable[[Message], No
 
 
 async def respond(send: Send, body: bytes = b"hello", headers: Iterable[tuple[bytes, bytes]] | None = None) -> None:
-    await send({"type": "http.response.start", "status": 200,
-                "headers": [(b"content-type", b"text/plain")] if headers is None else headers})
+    await send(
+        {
+            "type": "http.response.start",
+            "status": 200,
+            "headers": [(b"content-type", b"text/plain")] if headers is None else headers,
+        }
+    )
     await send({"type": "http.response.body", "body": body})
 
 
@@ -210,8 +213,12 @@ async def test_every_cookie_header_is_read_and_a_returning_visitor_keeps_their_i
     seen: list[Tracker] = []
     mw = KoalaASGIMiddleware(recording_app(seen), client=dry)
     # HTTP/2 may send one cookie header per cookie; the first valid ko_id among them wins.
-    several = [(b"cookie", b"theme=dark"), (b"cookie", b"ko_id=forged"), (b"cookie", f"ko_id={VISITOR}".encode()),
-               (b"cookie", f"ko_id={OTHER}".encode())]
+    several = [
+        (b"cookie", b"theme=dark"),
+        (b"cookie", b"ko_id=forged"),
+        (b"cookie", f"ko_id={VISITOR}".encode()),
+        (b"cookie", f"ko_id={OTHER}".encode()),
+    ]
     served = await serve(mw, http_scope(headers=several))
     assert served.cookies() == [] and seen[-1].profile_id == VISITOR
     assert dry.dry_run_batches[-1].json()["profile_id"] == VISITOR
@@ -287,8 +294,12 @@ async def test_no_cookie_on_responses_a_shared_cache_may_store_or_on_304(
 async def test_excluded_paths_and_opted_out_visitors_get_a_disabled_tracker_and_no_cookie(dry: KoalaClient) -> None:
     seen: list[Tracker] = []
     mw = KoalaASGIMiddleware(recording_app(seen), client=dry, exclude_paths=["/healthz", "/caf\u00e9"])
-    for scope in (http_scope("/healthz"), http_scope("/healthz/deep"), http_scope("/caf\u00e9"),
-                  http_scope("/pricing", headers=[(b"sec-gpc", b"1")])):
+    for scope in (
+        http_scope("/healthz"),
+        http_scope("/healthz/deep"),
+        http_scope("/caf\u00e9"),
+        http_scope("/pricing", headers=[(b"sec-gpc", b"1")]),
+    ):
         assert (await serve(mw, scope)).cookies() == []
     assert [t.enabled for t in seen] == [False, False, False, False]
     assert dry.stats.dry_run == 0 and not dry.dry_run_batches
@@ -382,7 +393,9 @@ async def test_exceptions_propagate_unchanged_and_what_was_recorded_is_sent(
         raise raised
 
     with pytest.raises(Boom) as info:  # a returning visitor: a new one's id never reached a browser
-        await serve(KoalaASGIMiddleware(app, client=client), http_scope(headers=[(b"cookie", f"ko_id={VISITOR}".encode())]))
+        await serve(
+            KoalaASGIMiddleware(app, client=client), http_scope(headers=[(b"cookie", f"ko_id={VISITOR}".encode())])
+        )
     assert info.value is raised and info.value.__context__ is None and info.value.__cause__ is None
     assert current_tracker() is None
     assert await asyncio.to_thread(collector.wait_for, 1)
@@ -476,8 +489,10 @@ async def test_websockets_may_read_the_visitor_id_but_get_no_cookie_or_tracker(
     del scope["method"]
     await KoalaASGIMiddleware(app, client=dry)(scope, receive, server_send)
     assert scope[VISITOR_ID_KEY] == expected
-    assert server_send_calls == [{"type": "websocket.accept", "headers": []},
-                                 {"type": "websocket.send", "text": str(expected)}]
+    assert server_send_calls == [
+        {"type": "websocket.accept", "headers": []},
+        {"type": "websocket.send", "text": str(expected)},
+    ]
     assert dry.stats.dry_run == 0
 
 
@@ -591,7 +606,7 @@ def test_middleware_options_build_a_client_and_bad_options_fail_at_once(collecto
         assert "; Domain=example.com;" in cookie
     finally:
         mw.client.shutdown(1)
-    with pytest.raises(TypeError, match="unknown option.*'cookie_domian'"):
+    with pytest.raises(TypeError, match=r"unknown option.*'cookie_domian'"):
         KoalaASGIMiddleware(app, public_key="pk_test", cookie_domian="example.com")
     with pytest.raises(TypeError, match="not alongside client="):
         KoalaASGIMiddleware(app, client=KoalaClient(dry_run=True), timeout=3)
@@ -649,7 +664,8 @@ def test_starlette_app_keeps_its_own_set_cookies_and_gets_request_state_koala(dr
         assert response.cookies["ko_id"] == response.text
         again = browser.get("/")  # the browser sends the cookie back
         assert again.text == response.text and [c.split("=")[0] for c in again.headers.get_list("set-cookie")] == [
-            "session", "theme"
+            "session",
+            "theme",
         ]
         with browser.websocket_connect("/ws") as websocket:
             assert websocket.receive_text() == response.text

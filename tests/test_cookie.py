@@ -5,20 +5,22 @@ import socket
 import string
 
 import pytest
-from hypothesis import given, settings as hsettings, strategies as st
+from hypothesis import given
+from hypothesis import settings as hsettings
+from hypothesis import strategies as st
 
 from koala_middleware import _cookie
 from koala_middleware._cookie import (
     MAX_AGE_CAPPED_MESSAGE,
     SHARED_CACHE_SKIP_MESSAGE,
     CookieSettings,
+    VisitorCookie,
     cookie_domain,
     is_valid_visitor_id,
     may_set_cookie,
     new_visitor_id,
     normalize_host,
     read_visitor_id,
-    VisitorCookie,
     set_cookie_header,
     top_domain,
 )
@@ -41,6 +43,7 @@ def oracle_valid(value: object) -> bool:
 
 
 # --- hosts -----------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize(
     "raw, normalized, top",
@@ -144,6 +147,7 @@ def test_per_host_caches_are_bounded():
 
 # --- visitor ids -----------------------------------------------------------------------------
 
+
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
 def test_ids_read_ahead_are_not_shared_with_a_forked_child():
     new_visitor_id()  # the parent now holds ids read ahead
@@ -210,7 +214,7 @@ def test_every_uuid_of_any_version_in_either_case_is_valid_but_nil(value, upper)
 
 @given(
     st.text(alphabet=string.ascii_letters + string.digits + "_-", min_size=0, max_size=80)
-    | st.text(alphabet="0123456789abcdefABCDEF-_xg{}<>; =\"\n\u00e9", min_size=10, max_size=70)
+    | st.text(alphabet='0123456789abcdefABCDEF-_xg{}<>; ="\n\u00e9', min_size=10, max_size=70)
     | st.text(max_size=80)
 )
 @PROPERTY
@@ -219,6 +223,7 @@ def test_is_valid_visitor_id_matches_the_oracle(value):
 
 
 # --- reading the cookie ----------------------------------------------------------------------
+
 
 @pytest.mark.parametrize(
     "headers, expected",
@@ -273,7 +278,7 @@ def test_read_visitor_id_custom_name():
 
 def test_read_visitor_id_odd_inputs():
     assert read_visitor_id(f"ko_id={VID}") == VID  # one header given as a plain string
-    assert read_visitor_id((h for h in ["x=1", f"ko_id={VID}"])) == VID  # any iterable
+    assert read_visitor_id(h for h in ["x=1", f"ko_id={VID}"]) == VID  # any iterable
     assert read_visitor_id([b"ko_id=" + VID.encode(), f"ko_id={VID2}"]) == VID2  # non-str skipped
     huge = "; ".join(f"ko_id=junk{i}" for i in range(50_000)) + f"; ko_id={VID}"
     assert read_visitor_id([huge]) == VID
@@ -294,6 +299,7 @@ def test_reader_memo_is_bounded_and_keeps_no_cookie_values() -> None:
 
 
 # --- settings --------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize(
     "kwargs, error, option",
@@ -348,6 +354,7 @@ def test_settings_normalisation(caplog):
 
 # --- Set-Cookie ------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize(
     "host, https, settings, expected",
     [
@@ -379,8 +386,18 @@ def test_settings_normalisation(caplog):
         ("c.example.com", False, CookieSettings(domain="b.example.com"), f"ko_id={VID}{ATTRS}"),
         ("xb.example.com", False, CookieSettings(domain="b.example.com"), f"ko_id={VID}{ATTRS}"),
         # allowed_hosts: computed top domain only for listed hosts and hosts under them
-        ("app.example.com", False, CookieSettings(allowed_hosts=("app.example.com",)), f"ko_id={VID}; Domain=example.com{ATTRS}"),
-        ("x.app.example.com", False, CookieSettings(allowed_hosts=["app.example.com"]), f"ko_id={VID}; Domain=example.com{ATTRS}"),
+        (
+            "app.example.com",
+            False,
+            CookieSettings(allowed_hosts=("app.example.com",)),
+            f"ko_id={VID}; Domain=example.com{ATTRS}",
+        ),
+        (
+            "x.app.example.com",
+            False,
+            CookieSettings(allowed_hosts=["app.example.com"]),
+            f"ko_id={VID}; Domain=example.com{ATTRS}",
+        ),
         ("evil.example.com", False, CookieSettings(allowed_hosts=("app.example.com",)), f"ko_id={VID}{ATTRS}"),
         ("xapp.example.com", False, CookieSettings(allowed_hosts=("app.example.com",)), f"ko_id={VID}{ATTRS}"),
         ("app.example.com", False, CookieSettings(allowed_hosts=()), f"ko_id={VID}{ATTRS}"),
@@ -409,6 +426,7 @@ def test_set_cookie_header_refuses_invalid_id_without_echoing_it(bad):
 
 
 # --- may_set_cookie --------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize(
     "status, cache_control, allowed",
@@ -460,7 +478,7 @@ _label = st.text(alphabet=string.ascii_letters + string.digits + "-_üßé\u0130
 HOSTS = st.one_of(
     st.text(max_size=300),
     st.builds(
-        lambda labels, tld, port, brackets: (("[%s]" if brackets else "%s") % ".".join(labels + [tld])) + port,
+        lambda labels, tld, port, brackets: (("[%s]" if brackets else "%s") % ".".join([*labels, tld])) + port,
         st.lists(_label, max_size=5),
         st.sampled_from(["com", "co.uk", "github.io", "test", "de", "1", "localhost", "COM.", ""]),
         st.sampled_from(["", ":443", ":", ":x", "::1"]),
@@ -484,7 +502,12 @@ VALUES = st.one_of(
     st.uuids(version=4).map(lambda u: str(u).upper()),
     st.uuids(version=4).map(lambda u: f'"{u}"'),
     st.uuids(version=4).map(lambda u: f" {u} "),
-    st.builds(lambda u, junk, at: str(u)[:at] + junk + str(u)[at:], st.uuids(version=4), st.text(min_size=1, max_size=3), st.integers(0, 36)),
+    st.builds(
+        lambda u, junk, at: str(u)[:at] + junk + str(u)[at:],
+        st.uuids(version=4),
+        st.text(min_size=1, max_size=3),
+        st.integers(0, 36),
+    ),
     st.text(alphabet=string.ascii_letters + string.digits + "_-", min_size=10, max_size=70),
     st.just(NIL),
     st.text(max_size=50),
@@ -567,6 +590,7 @@ def test_invalid_incoming_value_is_never_echoed(headers, host):
 
 # --- issue 15: configuration refused, the list's age --------------------------------------------
 
+
 @pytest.mark.parametrize(
     "domain, problem",
     [
@@ -623,5 +647,7 @@ def test_resolve_reads_ko_id_and_its_server_kept_copy(header, resolved):
     assert cookie.resolve(header.encode()) == resolved  # as ASGI hands it over
     assert cookie.resolve(header) == resolved  # again, from the memo
     off = VisitorCookie(CookieSettings(server_copy=False))
-    expected_off = (VID, _cookie.WRITE_NONE) if header.startswith(f"ko_id={VID}") or f"; ko_id={VID}" in header else None
+    expected_off = (
+        (VID, _cookie.WRITE_NONE) if header.startswith(f"ko_id={VID}") or f"; ko_id={VID}" in header else None
+    )
     assert off.resolve(header) == expected_off

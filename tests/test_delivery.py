@@ -14,15 +14,15 @@ import uuid
 
 import httpx
 import pytest
-from helpers import FAST_RETRIES
 
+from helpers import FAST_RETRIES, delivery_settings
 from koala_middleware import DeliveryError, KoalaClient
-from koala_middleware._delivery import BackgroundSender, DeliverySettings
+from koala_middleware._delivery import BackgroundSender
 from koala_middleware._delivery._policy import Answer, backoff, classify, parse_retry_after
 from koala_middleware._delivery._stats import LOG_DROPPED, LOG_DROPPED_SUMMARY, Counters
 from koala_middleware.testing import Collector
 
-SETTINGS = DeliverySettings(base_url="http://127.0.0.1:9", backoff_base=0.5, max_backoff=30.0)
+SETTINGS = delivery_settings(backoff_base=0.5, max_backoff=30.0)
 
 
 def track(client: KoalaClient, n: int = 0, event: str = "Tested") -> str:
@@ -289,4 +289,4 @@ def test_background_batches_go_through_a_user_transport() -> None:
 
 
 def test_default_max_in_flight_is_100_since_50_caps_at_1000_per_second_at_50_ms() -> None:
-    assert DeliverySettings(base_url="http://x").max_in_flight == 100
+    assert delivery_settings().max_in_flight == 100

@@ -17,9 +17,9 @@ from types import ModuleType
 from typing import Annotated
 
 import pytest
-from helpers import FAST_RETRIES, run_tour
 from fastapi import BackgroundTasks, Depends, FastAPI, Request, Response, WebSocket
 
+from helpers import FAST_RETRIES, run_tour
 from koala_middleware import KoalaClient, Tracker, current_tracker
 from koala_middleware.asgi import SCOPE_KEY
 from koala_middleware.fastapi import KoalaASGIMiddleware, KoalaTracker, get_tracker
@@ -135,7 +135,12 @@ def test_sync_handlers_and_sync_dependencies_in_the_thread_pool_see_the_requests
 
 def test_response_set_cookies_survive_alongside_the_visitor_cookie(dry: KoalaClient) -> None:
     response = TestClient(make_app(dry)).get("/cookies")
-    assert [c.split("=")[0] for c in response.headers.get_list("set-cookie")] == ["session", "theme", "ko_id", "ko_id_server"]
+    assert [c.split("=")[0] for c in response.headers.get_list("set-cookie")] == [
+        "session",
+        "theme",
+        "ko_id",
+        "ko_id_server",
+    ]
     assert "HttpOnly" in response.headers.get_list("set-cookie")[0]
 
 
@@ -174,7 +179,7 @@ def test_get_tracker_without_the_middleware_says_how_to_add_it() -> None:
 
 
 def test_get_tracker_in_a_websocket_says_what_websockets_get_instead(dry: KoalaClient) -> None:
-    with pytest.raises(RuntimeError, match="koala.visitor_id"), TestClient(make_app(dry)).websocket_connect("/ws"):
+    with pytest.raises(RuntimeError, match=r"koala\.visitor_id"), TestClient(make_app(dry)).websocket_connect("/ws"):
         pass
 
 
@@ -205,7 +210,6 @@ def test_a_fastapi_lifespan_app_still_flushes_before_shutdown_completes() -> Non
             assert sorted(e["message_id"] for e in slow.events()) == sorted(ids)
         finally:
             client.shutdown(2)
-
 
 
 # -- packaging and the example -------------------------------------------------------------
@@ -267,7 +271,9 @@ def test_example_app_sends_sign_ups_and_account_traits_to_koala(client: KoalaCli
     assert browser.post("/signup", data={"name": "Grace", "email": "not an email"}).status_code == 400
     assert browser.post("/upgrade", data={"plan": "team"}).status_code == 403  # not signed in
     assert browser.post("/signup", data=form, follow_redirects=False).status_code == 303
-    assert browser.post("/upgrade", data={"plan": "enterprise", "seats": "40"}, follow_redirects=False).status_code == 303
+    assert (
+        browser.post("/upgrade", data={"plan": "enterprise", "seats": "40"}, follow_redirects=False).status_code == 303
+    )
     healthz = browser.get("/healthz")
     assert healthz.text == "ok" and "set-cookie" not in healthz.headers
     assert collector.wait_for(4)
@@ -276,7 +282,12 @@ def test_example_app_sends_sign_ups_and_account_traits_to_koala(client: KoalaCli
     signed_up = [b for b in collector.batches() if any(e["event"] == "Signed Up" for e in b.get("events", []))]
     (signup,) = signed_up
     assert signup["email"] == "grace@navy-labs.com" and signup["identifies"][0]["traits"]["name"] == "Grace Hopper"
-    links = [i["traits"]["$account"] for b in collector.batches() for i in b.get("identifies", []) if "$account" in i["traits"]]
+    links = [
+        i["traits"]["$account"]
+        for b in collector.batches()
+        for i in b.get("identifies", [])
+        if "$account" in i["traits"]
+    ]
     assert {"domain": "navy-labs.com", "plan": "trial", "signed_up_by": "grace@navy-labs.com"} in links
     accounts = collector.account_batches()
     assert [a["domain"] for a in accounts] == ["navy-labs.com", "navy-labs.com"]

@@ -17,9 +17,9 @@ from typing import Any
 
 import httpx
 import pytest
-from helpers import FAST_RETRIES
-from e2e.servers import Server, fault_server, wait_until
 
+from e2e.servers import Server, fault_server, wait_until
+from helpers import FAST_RETRIES
 from koala_middleware import Batch, DeliveryError, KoalaClient
 from koala_middleware._delivery._sender import LOG_HOOK_FAILED, LOG_UNAVAILABLE
 from koala_middleware._delivery._worker import LOG_SHUTDOWN_LOST
@@ -58,7 +58,6 @@ def faulty(collector: Collector) -> Iterator[tuple[KoalaClient, Errors]]:
     client.shutdown(1)
 
 
-
 # -- outages ------------------------------------------------------------------------------------
 
 
@@ -82,9 +81,7 @@ def test_koala_down_for_a_while_then_back_delivers_every_batch_once(collector: C
     client.shutdown(1)
 
 
-def test_an_error_storm_is_probed_one_request_at_a_time(
-    collector: Collector, caplog: pytest.LogCaptureFixture
-) -> None:
+def test_an_error_storm_is_probed_one_request_at_a_time(collector: Collector, caplog: pytest.LogCaptureFixture) -> None:
     client, errors = make(collector, max_in_flight=10)
     collector.answer_with(503)
     sent = [track(client, n) for n in range(200)]
@@ -191,7 +188,9 @@ def test_a_batch_that_keeps_failing_is_given_up_once(collector: Collector) -> No
     assert len(collector.requests(accepted_only=False)) == 4, "1 attempt + max_retries"
     stats = client.stats
     assert (stats.dropped, stats.events_dropped, stats.retried) == (
-        {"retries_exhausted": 1}, {"retries_exhausted": 1}, 3
+        {"retries_exhausted": 1},
+        {"retries_exhausted": 1},
+        3,
     )
     assert errors.reasons == ["retries_exhausted"] and errors.message_ids == [message_id]
     assert errors[0][1].status == 500
@@ -264,7 +263,10 @@ def test_shutdown_with_a_hanging_koala_returns_in_time_and_counts_each_batch_onc
     assert elapsed < 1.5, f"shutdown(1.0) took {elapsed:.2f}s"
     stats = client.stats
     assert (stats.dropped, stats.events_dropped, stats.queued, stats.delivered) == (
-        {"shutdown": 60}, {"shutdown": 60}, 0, 0
+        {"shutdown": 60},
+        {"shutdown": 60},
+        0,
+        0,
     )
     assert sorted(errors.message_ids) == sorted(sent), "in flight or queued: each counted once"
     assert LOG_SHUTDOWN_LOST in [r.msg for r in caplog.records]

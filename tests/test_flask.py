@@ -17,10 +17,10 @@ from pathlib import Path
 from types import ModuleType
 
 import pytest
-from helpers import run_tour
 from flask import Flask, Request, request, stream_with_context
 from werkzeug.middleware.proxy_fix import ProxyFix
 
+from helpers import run_tour
 from koala_middleware import KoalaClient, current_tracker
 from koala_middleware.flask import Koala, KoalaRequestMixin
 from koala_middleware.testing import Collector
@@ -99,7 +99,7 @@ def test_init_app_for_app_factories_can_share_one_client_and_checks_its_input() 
         koala.init_app(apps[0])
     with pytest.raises(TypeError, match="needs a Flask app"):
         koala.init_app(lambda environ, start_response: [])  # type: ignore[arg-type]
-    with pytest.raises(TypeError, match="unknown option.*'exclude_path'"):
+    with pytest.raises(TypeError, match=r"unknown option.*'exclude_path'"):
         Koala(Flask("typo"), exclude_path=["/healthz"])  # type: ignore[call-arg]
     with pytest.raises(TypeError, match="not alongside client="):
         Koala(Flask("both"), client=KoalaClient(dry_run=True), public_key="pk_test")
@@ -175,9 +175,7 @@ def test_proxyfix_in_either_order_gives_the_visitors_address_host_and_scheme(pro
         "X-Forwarded-Proto": "https",
         "X-Forwarded-Host": "app.example.com",
     }
-    response = app.test_client().get(
-        "/", headers=headers, environ_base={"REMOTE_ADDR": "10.1.2.3"}, buffered=True
-    )
+    response = app.test_client().get("/", headers=headers, environ_base={"REMOTE_ADDR": "10.1.2.3"}, buffered=True)
     assert response.text == "203.0.113.50"
     (cookie,) = ko_id_cookies(response)
     assert "; Domain=example.com;" in cookie and cookie.endswith("; Secure")
@@ -377,7 +375,12 @@ def test_example_app_sends_sign_ups_and_account_traits_to_koala(client: KoalaCli
     signed_up = [b for b in collector.batches() if any(e["event"] == "Signed Up" for e in b.get("events", []))]
     (signup,) = signed_up
     assert signup["email"] == "grace@navy-labs.com" and signup["identifies"][0]["traits"]["name"] == "Grace Hopper"
-    links = [i["traits"]["$account"] for b in collector.batches() for i in b.get("identifies", []) if "$account" in i["traits"]]
+    links = [
+        i["traits"]["$account"]
+        for b in collector.batches()
+        for i in b.get("identifies", [])
+        if "$account" in i["traits"]
+    ]
     assert {"domain": "navy-labs.com", "plan": "trial", "signed_up_by": "grace@navy-labs.com"} in links
     accounts = collector.account_batches()
     assert [a["domain"] for a in accounts] == ["navy-labs.com", "navy-labs.com"]

@@ -187,8 +187,11 @@ def test_ids_the_pixel_or_koala_may_have_written_are_kept_exactly_as_sent(
 
 @pytest.mark.parametrize("forged", list(REPLACED.values()), ids=list(REPLACED))
 def test_values_that_cannot_be_an_id_are_replaced_and_never_reflected(
-    make_stack: Callable[..., Stack], client: KoalaClient, collector: Collector,
-    debug_log: pytest.LogCaptureFixture, forged: str
+    make_stack: Callable[..., Stack],
+    client: KoalaClient,
+    collector: Collector,
+    debug_log: pytest.LogCaptureFixture,
+    forged: str,
 ) -> None:
     stack = make_stack(client)
     replies = [stack.get("/forged", f"ko_id={forged}"), stack.get("/forged-copy", f"{COPY}={forged}")]
@@ -236,8 +239,14 @@ def direct_apps() -> Iterator[tuple[KoalaWSGIMiddleware, KoalaASGIMiddleware, Ko
 
 def call_wsgi(app: KoalaWSGIMiddleware, cookie: str) -> tuple[list[str], str]:
     started: list[list[tuple[str, str]]] = []
-    environ = {"REQUEST_METHOD": "GET", "PATH_INFO": "/", "HTTP_HOST": HOST, "HTTP_COOKIE": cookie,
-               "wsgi.url_scheme": "http", "REMOTE_ADDR": "203.0.113.9"}
+    environ = {
+        "REQUEST_METHOD": "GET",
+        "PATH_INFO": "/",
+        "HTTP_HOST": HOST,
+        "HTTP_COOKIE": cookie,
+        "wsgi.url_scheme": "http",
+        "REMOTE_ADDR": "203.0.113.9",
+    }
     result = app(environ, lambda status, headers, exc_info=None: started.append(headers))
     body = b"".join(result)
     result.close()  # type: ignore[attr-defined]
@@ -255,8 +264,14 @@ def call_asgi(app: KoalaASGIMiddleware, cookie: bytes) -> tuple[list[str], str]:
     async def send(message: dict[str, Any]) -> None:
         messages.append(message)
 
-    scope = {"type": "http", "method": "GET", "path": "/", "scheme": "http", "client": ("203.0.113.9", 1),
-             "headers": [(b"host", HOST.encode()), (b"cookie", cookie)]}
+    scope = {
+        "type": "http",
+        "method": "GET",
+        "path": "/",
+        "scheme": "http",
+        "client": ("203.0.113.9", 1),
+        "headers": [(b"host", HOST.encode()), (b"cookie", cookie)],
+    }
     asyncio.run(app(scope, receive, send))
     cookies = [v.decode("latin-1") for k, v in messages[0]["headers"] if k == b"set-cookie"]
     return cookies, messages[1]["body"].decode()
@@ -302,10 +317,17 @@ def test_account_links_the_visitor_with_dollar_account_and_still_sends_account_t
     assert person["profile_id"] == VISITOR and person["email"] == "ada@acme.com"
     identify, link = person["identifies"]
     assert identify["traits"] == {"email": "ada@acme.com"}
-    assert link["type"] == "identify" and link["traits"]["$account"] == {"domain": "acme.com", "group_id": "g1", "plan": "pro"}
+    assert link["type"] == "identify" and link["traits"]["$account"] == {
+        "domain": "acme.com",
+        "group_id": "g1",
+        "plan": "pro",
+    }
     assert list(link["traits"]["$account"]) == ["domain", "group_id", "plan"]  # as Koala's docs write it
     (account,) = collector.account_batches()
-    assert account == {"domain": "acme.com", "identifies": [{"type": "identify", "traits": {"plan": "pro", "group_id": "g1"}}]}
+    assert account == {
+        "domain": "acme.com",
+        "identifies": [{"type": "identify", "traits": {"plan": "pro", "group_id": "g1"}}],
+    }
 
 
 def test_account_link_is_one_identify_per_call_and_can_be_left_out() -> None:
@@ -385,8 +407,12 @@ def test_reset_outside_a_request_or_after_the_response_started_says_why() -> Non
 
 @pytest.mark.parametrize(("status", "cc"), [(200, "public, max-age=60"), (200, "s-maxage=60"), (304, None)])
 def test_a_new_visitor_on_a_cacheable_response_is_not_sent_under_an_uncookied_id(
-    make_stack: Callable[..., Stack], client: KoalaClient, collector: Collector,
-    debug_log: pytest.LogCaptureFixture, status: int, cc: str | None
+    make_stack: Callable[..., Stack],
+    client: KoalaClient,
+    collector: Collector,
+    debug_log: pytest.LogCaptureFixture,
+    status: int,
+    cc: str | None,
 ) -> None:
     stack = make_stack(client)
     query = {"status": str(status), **({"cc": cc} if cc else {})}
@@ -515,8 +541,10 @@ def test_reset_in_plain_wsgi_and_asgi_apps(client: KoalaClient, collector: Colle
         await send({"type": "http.response.start", "status": 200, "headers": []})
         await send({"type": "http.response.body", "body": body})
 
-    for call, app in ((call_wsgi, KoalaWSGIMiddleware(wsgi_app, client=client)),
-                      (call_asgi, KoalaASGIMiddleware(asgi_app, client=client))):
+    for call, app in (
+        (call_wsgi, KoalaWSGIMiddleware(wsgi_app, client=client)),
+        (call_asgi, KoalaASGIMiddleware(asgi_app, client=client)),
+    ):
         collector.received.clear()
         cookies, body = call(app, RETURNING if call is call_wsgi else RETURNING.encode())  # type: ignore[operator]
         reply = Reply(200, [("Set-Cookie", c) for c in cookies], body.encode())

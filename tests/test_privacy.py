@@ -108,8 +108,9 @@ class Reply:
 
 
 class Stack(Protocol):
-    def get(self, path: str = "/", *, query: Headers = (), headers: Headers = (), https: bool = False,
-            host: str = HOST) -> Reply: ...
+    def get(
+        self, path: str = "/", *, query: Headers = (), headers: Headers = (), https: bool = False, host: str = HOST
+    ) -> Reply: ...
 
 
 class FlaskStack:
@@ -127,8 +128,9 @@ class FlaskStack:
         app.wsgi_app = ProxyFix(koala, x_for=1, x_proto=1) if proxy else koala  # type: ignore[method-assign]
         self.test_client = app.test_client(use_cookies=False)  # cookies only as each case sends them
 
-    def get(self, path: str = "/", *, query: Headers = (), headers: Headers = (), https: bool = False,
-            host: str = HOST) -> Reply:
+    def get(
+        self, path: str = "/", *, query: Headers = (), headers: Headers = (), https: bool = False, host: str = HOST
+    ) -> Reply:
         base_url = ("https" if https else "http") + "://localhost/"
         with self.test_client.get(
             path, query_string=list(query), headers=[("Host", host), ("User-Agent", UA), *headers], base_url=base_url
@@ -147,13 +149,12 @@ class StarletteStack:
         app: Any = KoalaASGIMiddleware(Starlette(routes=[Route("/{path:path}", page)]), client=client, **options)
         self.app: Any = ProxyHeadersMiddleware(app, trusted_hosts="*") if proxy else app
 
-    def get(self, path: str = "/", *, query: Headers = (), headers: Headers = (), https: bool = False,
-            host: str = HOST) -> Reply:
+    def get(
+        self, path: str = "/", *, query: Headers = (), headers: Headers = (), https: bool = False, host: str = HOST
+    ) -> Reply:
         base_url = ("https" if https else "http") + "://testserver"
         with TestClient(self.app, base_url=base_url) as test_client:  # a new client: an empty cookie jar
-            response = test_client.get(
-                path, params=list(query), headers=[("host", host), ("user-agent", UA), *headers]
-            )
+            response = test_client.get(path, params=list(query), headers=[("host", host), ("user-agent", UA), *headers])
         return Reply(response.status_code, list(response.headers.multi_items()), response.content)
 
 
@@ -172,7 +173,6 @@ def make_stack(request: pytest.FixtureRequest) -> Callable[..., Stack]:
         return STACKS[request.param](koala, proxy, {"cookie_server_copy": False, **options})
 
     return make
-
 
 
 def delivered(client: KoalaClient, collector: Collector) -> list[dict[str, Any]]:
@@ -246,13 +246,20 @@ def test_should_track_receives_a_request_info(make_stack: Callable[..., Stack], 
         return True
 
     make_stack(dry, should_track=decide).get(
-        "/pricing", query=[("plan", "pro")], headers=[("Cookie", f"ko_id={VISITOR}")], https=True,
+        "/pricing",
+        query=[("plan", "pro")],
+        headers=[("Cookie", f"ko_id={VISITOR}")],
+        https=True,
         host="app.example.com:8443",
     )
     (info,) = seen
     assert isinstance(info, RequestInfo)
     assert (info.method, info.scheme, info.https, info.host, info.path) == (
-        "GET", "https", True, "app.example.com:8443", "/pricing"
+        "GET",
+        "https",
+        True,
+        "app.example.com:8443",
+        "/pricing",
     )
     assert info.user_agent == UA and info.gpc is False and isinstance(info.ip, str)
     assert any(f"ko_id={VISITOR}" in header for header in info.cookie_headers)
@@ -383,8 +390,7 @@ def test_a_fixed_cookie_domain_is_used_only_for_hosts_under_it(
     ],
 )
 def test_a_returning_visitor_keeps_their_id_and_gets_no_set_cookie(
-    make_stack: Callable[..., Stack], client: KoalaClient, collector: Collector, cookie_headers: list[str],
-    visitor: str
+    make_stack: Callable[..., Stack], client: KoalaClient, collector: Collector, cookie_headers: list[str], visitor: str
 ) -> None:
     reply = make_stack(client).get("/back", headers=[("Cookie", c) for c in cookie_headers])
     assert reply.cookie is None and reply.json()["profile_id"] == visitor
@@ -404,8 +410,11 @@ def test_a_returning_visitor_keeps_their_id_and_gets_no_set_cookie(
     ],
 )
 def test_a_forged_id_is_replaced_and_never_echoed(
-    make_stack: Callable[..., Stack], client: KoalaClient, collector: Collector,
-    debug_log: pytest.LogCaptureFixture, forged: str
+    make_stack: Callable[..., Stack],
+    client: KoalaClient,
+    collector: Collector,
+    debug_log: pytest.LogCaptureFixture,
+    forged: str,
 ) -> None:
     stack = make_stack(client)
     replies = [
@@ -440,13 +449,25 @@ def test_a_forged_id_is_replaced_and_never_echoed(
         pytest.param({"cookie_secure": True}, False, DEFAULT_COOKIE + "; Secure", id="secure-forced"),
         pytest.param({"cookie_secure": False}, True, DEFAULT_COOKIE, id="secure-off"),
         pytest.param({"cookie_max_age": 3600}, False, DEFAULT_COOKIE.replace("31536000", "3600"), id="max-age"),
-        pytest.param({"cookie_max_age": 10 * 365 * 86400}, False, DEFAULT_COOKIE.replace("31536000", "34560000"),
-                     id="max-age-capped-at-400-days"),
+        pytest.param(
+            {"cookie_max_age": 10 * 365 * 86400},
+            False,
+            DEFAULT_COOKIE.replace("31536000", "34560000"),
+            id="max-age-capped-at-400-days",
+        ),
         pytest.param({"cookie_samesite": "strict"}, False, DEFAULT_COOKIE.replace("Lax", "Strict"), id="strict"),
-        pytest.param({"cookie_samesite": "none"}, False, DEFAULT_COOKIE.replace("Lax", "None") + "; Secure",
-                     id="samesite-none-needs-secure"),
-        pytest.param({"cookie_domain": "www.example.com"}, False, DEFAULT_COOKIE.replace("=example", "=www.example"),
-                     id="fixed-domain"),
+        pytest.param(
+            {"cookie_samesite": "none"},
+            False,
+            DEFAULT_COOKIE.replace("Lax", "None") + "; Secure",
+            id="samesite-none-needs-secure",
+        ),
+        pytest.param(
+            {"cookie_domain": "www.example.com"},
+            False,
+            DEFAULT_COOKIE.replace("=example", "=www.example"),
+            id="fixed-domain",
+        ),
     ],
 )
 def test_cookie_options(

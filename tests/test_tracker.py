@@ -148,7 +148,7 @@ def test_account_domain_type(tracker: Tracker) -> None:
 
 def test_client_tracker_needs_an_identity() -> None:
     client = KoalaClient(dry_run=True)
-    with pytest.raises(ValueError, match="needs a profile_id .* or an email"):
+    with pytest.raises(ValueError, match=r"needs a profile_id .* or an email"):
         client.tracker()
 
 

@@ -18,9 +18,22 @@ def mypy(tmp_path: Path, code: str) -> str:
     source = tmp_path / "user_app.py"
     source.write_text(code)
     result = subprocess.run(
-        [sys.executable, "-m", "mypy", "--strict", "--follow-imports=silent", "--no-error-summary",
-         "--cache-dir", str(tmp_path / "cache"), str(source)],
-        check=False, capture_output=True, text=True, timeout=180, cwd=ROOT,  # where the package is found
+        [
+            sys.executable,
+            "-m",
+            "mypy",
+            "--strict",
+            "--follow-imports=silent",
+            "--no-error-summary",
+            "--cache-dir",
+            str(tmp_path / "cache"),
+            str(source),
+        ],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=180,
+        cwd=ROOT,  # where the package is found
     )
     return (result.stdout + result.stderr).replace(f"{tmp_path}/", "")
 

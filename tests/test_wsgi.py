@@ -24,9 +24,9 @@ from wsgiref.validate import validator
 
 import httpx
 import pytest
-from helpers import assert_no_garbage_cycles
 from werkzeug.middleware.proxy_fix import ProxyFix
 
+from helpers import assert_no_garbage_cycles
 from koala_middleware import KoalaClient, Tracker, current_tracker
 from koala_middleware.testing import Collector
 from koala_middleware.wsgi import ENVIRON_KEY, KoalaWSGIMiddleware
@@ -102,7 +102,6 @@ def recording_app(seen: list[Tracker | None], event: str | None = "Viewed Pricin
         return [b"hello"]
 
     return app
-
 
 
 # -- the ko_id cookie ------------------------------------------------------------------------
@@ -200,9 +199,7 @@ def test_batch_goes_to_koala_after_close_with_the_visitors_user_agent_and_ip(
     assert body["identifies"][0]["traits"] == {"name": "Ada", "email": "ada@example.com"}
 
 
-def test_one_batch_per_request_and_none_when_nothing_was_recorded(
-    client: KoalaClient, collector: Collector
-) -> None:
+def test_one_batch_per_request_and_none_when_nothing_was_recorded(client: KoalaClient, collector: Collector) -> None:
     busy = KoalaWSGIMiddleware(recording_app([], "Clicked"), client=client)
     idle = KoalaWSGIMiddleware(recording_app([], None), client=client)
     for app in (busy, idle, busy, idle, idle):
@@ -254,7 +251,7 @@ def test_middleware_options_build_a_client_and_bad_options_fail_at_once(collecto
         assert "; Domain=example.com;" in cookie
     finally:
         mw.client.shutdown(1)
-    with pytest.raises(TypeError, match="unknown option.*'cookie_domian'"):
+    with pytest.raises(TypeError, match=r"unknown option.*'cookie_domian'"):
         KoalaWSGIMiddleware(app, public_key="pk_test", cookie_domian="example.com")
     with pytest.raises(TypeError, match="not alongside client="):
         KoalaWSGIMiddleware(app, client=KoalaClient(dry_run=True), timeout=3)
@@ -473,9 +470,7 @@ def wsgiref_server(app: App) -> Iterator[str]:
         thread.join(5)
 
 
-def test_real_server_streams_chunks_before_the_generator_finishes(
-    client: KoalaClient, collector: Collector
-) -> None:
+def test_real_server_streams_chunks_before_the_generator_finishes(client: KoalaClient, collector: Collector) -> None:
     release = threading.Event()
 
     def app(env: dict[str, Any], start_response: Callable[..., Any]) -> Iterator[bytes]:

@@ -44,7 +44,6 @@ def company_domain(email: str) -> str:
     return "" if domain in FREE_MAIL else domain
 
 
-
 def record_upgrade(user: User, plan: str, seats: int) -> None:
     """Business code far from the request: ``current_tracker()`` finds the visitor's tracker,
     here from a plain ``def`` handler that FastAPI runs in its thread pool."""
@@ -242,8 +241,12 @@ def tour(client: KoalaClient) -> None:
         ("They sign up", "POST", "/signup", {"name": "Ada Lovelace", "email": "ada@acme-robotics.com"}),
         ("They create a project", "POST", "/projects", {"name": "Q3 pipeline"}),
         ("They invite a teammate", "POST", "/invite", {"email": "charles@acme-robotics.com"}),
-        ("They upgrade the company's plan (account traits, from a sync handler)", "POST", "/upgrade",
-         {"plan": "team", "seats": "12"}),
+        (
+            "They upgrade the company's plan (account traits, from a sync handler)",
+            "POST",
+            "/upgrade",
+            {"plan": "team", "seats": "12"},
+        ),
         ("They log out", "POST", "/logout", None),
         ("They log back in", "POST", "/login", {"email": "ada@acme-robotics.com"}),
     ]
@@ -267,7 +270,7 @@ def tour(client: KoalaClient) -> None:
                     print("   " + client.describe(batch).replace("\n", "\n   "))
                 print()
     finally:
-        for logger, level in zip(quiet, levels):
+        for logger, level in zip(quiet, levels, strict=True):
             logger.setLevel(level)
     print(f"{seen} batches in all: each request's records, per person and per account, after its response.\n")
 

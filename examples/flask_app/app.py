@@ -60,7 +60,6 @@ form{display:inline-block;margin:.3rem 1rem .3rem 0}pre{background:#f4f4f4;paddi
 </body></html>"""
 
 
-
 def create_app(client: KoalaClient) -> Flask:
     app = Flask(__name__)
     app.secret_key = os.environ.get("SECRET_KEY") or secrets.token_hex(16)
@@ -128,7 +127,9 @@ def create_app(client: KoalaClient) -> Flask:
         if user is None:
             return page("Log in first.", 403)
         invitee_domain = company_domain(request.form.get("email", "").strip())
-        request.koala.track("Invited Teammate", {"same_company": bool(invitee_domain) and invitee_domain == user["domain"]})
+        request.koala.track(
+            "Invited Teammate", {"same_company": bool(invitee_domain) and invitee_domain == user["domain"]}
+        )
         return redirect(url_for("home"))
 
     @app.post("/upgrade")
@@ -178,7 +179,9 @@ def _tour(client: KoalaClient) -> None:
         response = browser.open(path, method=method, data=form, headers=headers, buffered=True)
         print(f"== {number}. {title}")
         new_id = [c.split(";")[0] for c in response.headers.getlist("Set-Cookie") if c.startswith("ko_id=")]
-        print(f"   {method} {path} -> {response.status}" + (f"; new visitor, Set-Cookie: {new_id[0]}" if new_id else ""))
+        print(
+            f"   {method} {path} -> {response.status}" + (f"; new visitor, Set-Cookie: {new_id[0]}" if new_id else "")
+        )
         batches = list(client.dry_run_batches)[seen:]
         seen += len(batches)
         if not batches:

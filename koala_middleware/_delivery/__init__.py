@@ -8,6 +8,7 @@ One concern per module:
 - ``_http``: posting one request and reading the answer (libcurl; httpx for ``transport=``);
 - ``_sender``: what both modes share (accounting, ``on_error``, fork hooks);
 - ``_worker``: the background sender thread and its lifecycle; ``_sync``: ``sync=True``;
+- ``_spool``: the on-disk spool (``spool_dir``), and adopting what dead processes left;
 - ``_stats``: counters, drop warnings, :class:`DeliveryError`; ``_settings``: the options.
 """
 

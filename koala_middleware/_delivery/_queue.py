@@ -3,6 +3,10 @@
 Its bounds (``max_queue_batches``, ``max_queue_bytes``) cover every batch not finished yet:
 waiting, in flight, or between retries; so they bound the memory Koala can cost. A hand-over
 past them is refused at once (the caller counts it), never blocking a request.
+
+With a spool, ``backlog`` counts the batches that are on disk only (adopted from a process
+that is gone, or waiting for the spool's slow retry): outside the bounds, since they cost no
+memory, but unfinished, so a flush waits for them too. They come in through :meth:`reload`.
 """
 
 from __future__ import annotations
@@ -54,6 +58,7 @@ class BatchQueue:
         self.waiting: collections.deque[Waiting] = collections.deque()
         self.pending = 0
         self.pending_bytes = 0
+        self.backlog = 0
         self.closed = False
         self._max_batches = settings.max_queue_batches
         self._max_bytes = settings.max_queue_bytes
@@ -85,8 +90,28 @@ class BatchQueue:
         with self._idle:
             self.pending -= 1
             self.pending_bytes -= cost(batch)
-            if not self.pending:
+            if not self.pending and not self.backlog:
                 self._idle.notify_all()
+
+    def add_backlog(self, count: int) -> None:
+        """``count`` more batches wait on disk (call before finishing one moved there), or
+        fewer, when some can no longer be loaded."""
+        with self._idle:
+            self.backlog += count
+            if not self.pending and not self.backlog:
+                self._idle.notify_all()
+
+    def room(self) -> int:
+        """How many more batches the bounds let into memory."""
+        return self._max_batches - self.pending
+
+    def reload(self, batches: list[Batch]) -> None:
+        """Batches from the backlog, loaded from disk, back in the queue."""
+        with self.lock:
+            self.waiting.extend(batches)
+            self.pending += len(batches)
+            self.pending_bytes += sum(cost(batch) for batch in batches)
+            self.backlog -= len(batches)
 
     def close(self) -> tuple[int, list[Batch]]:
         """Refuse new batches; (batches not finished, those of them still waiting)."""
@@ -108,7 +133,7 @@ class BatchQueue:
         """Wait until every batch handed over so far is finished; False on timeout."""
         deadline = time.monotonic() + max(timeout, 0.0)
         with self._idle:
-            while self.pending:
+            while self.pending or self.backlog:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     return False

@@ -11,21 +11,23 @@ import httpx
 PROXY_SCHEMES = ("http://", "https://")
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, kw_only=True)
 class DeliverySettings:
-    """How the sender talks to Koala; the ``KoalaClient`` options of the same names."""
+    """How the sender talks to Koala: the ``KoalaClient`` options of the same names (whose
+    signature holds the defaults, so they are written once)."""
 
     base_url: str
-    timeout: float = 5.0
-    max_queue_batches: int = 10_000
-    max_queue_bytes: int = 32 * 1024 * 1024
-    max_in_flight: int = 100
-    connections_per_pool: int = 5
-    max_retries: int = 8
-    backoff_base: float = 0.5
-    max_backoff: float = 30.0
-    transport: httpx.AsyncBaseTransport | httpx.BaseTransport | None = None
-    proxy: str | None = None
+    timeout: float
+    max_queue_batches: int
+    max_queue_bytes: int
+    max_in_flight: int
+    max_retries: int
+    backoff_base: float
+    max_backoff: float
+    transport: httpx.AsyncBaseTransport | httpx.BaseTransport | None
+    proxy: str | None
+    spool_dir: str | None
+    max_spool_bytes: int
 
     def __post_init__(self) -> None:
         # At the call site, saying how to fix it: a bad proxy= would fail every batch later.

@@ -38,8 +38,8 @@ class DeliveryError(Exception):
     """Why a batch was given up; passed to the ``on_error`` hook, never raised at callers.
 
     ``reason`` is the key it is counted under in ``client.stats.dropped``: ``queue_full``,
-    ``queue_bytes_full``, ``rejected`` (a 4xx), ``retries_exhausted``, ``shutdown`` or
-    ``error`` (something unexpected; the detail says what).
+    ``queue_bytes_full``, ``spool_full`` (past ``max_spool_bytes``), ``rejected`` (a 4xx),
+    ``retries_exhausted``, ``shutdown`` or ``error`` (something unexpected; the detail says what).
     """
 
     def __init__(self, reason: str, detail: str = "", status: int | None = None) -> None:
@@ -61,6 +61,11 @@ class Stats:
     ``dropped`` (by reason), or is still ``queued`` (waiting, in flight or between retries).
     Batches refused at hand-over (``queue_full``, ``queue_bytes_full``, ``shutdown``) are
     in ``dropped`` only.
+
+    With a spool (``spool_dir``): ``spooled`` counts batches written to this process's spool
+    file, ``recovered`` those adopted from the spool files of processes that are gone (each
+    then ends up delivered, dropped or queued like the others); ``queued`` includes batches
+    waiting on disk only (adopted, or retried at the spool's slow cadence).
     """
 
     enqueued: int = 0
@@ -71,6 +76,8 @@ class Stats:
     dropped: dict[str, int] = field(default_factory=dict)
     events_dropped: dict[str, int] = field(default_factory=dict)
     queued: int = 0
+    spooled: int = 0
+    recovered: int = 0
 
     @property
     def dropped_total(self) -> int:
@@ -170,6 +177,8 @@ class Counters:
                 dict(s.dropped),
                 dict(s.events_dropped),
                 queued,
+                s.spooled,
+                s.recovered,
             )
 
 

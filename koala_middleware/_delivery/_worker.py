@@ -7,6 +7,14 @@ keeps refusing cannot stall the others; it is given up after ``max_retries`` fai
 attempts. A retry posts the batch's same bytes, hence its ``message_id``\\s, so Koala
 deduplicates.
 
+With a spool (``spool_dir``), every batch is also on disk from its hand-over until it is
+done (see ``_spool``); the thread then starts at once if the spool directory holds batches
+left by processes that are gone, adopts them, and looks for more every ``ADOPT_EVERY``
+seconds. A batch that exhausts its retries stays on disk and is tried again every
+``max_backoff`` seconds (at least ``SPOOL_RETRY_MIN``) instead of being dropped; one that
+finds the queue full waits on disk for room; what shutdown leaves stays for the next
+process.
+
 During a fork the parent's sender thread is parked in its ``select()``: a thread copied
 mid-step could hold a lock the child then waits on forever, such as an import lock (HTTP
 libraries import lazily, on first use).
@@ -29,6 +37,7 @@ from ._queue import BatchQueue, Waiting
 from ._request import DETAIL_UNBUILDABLE, Request, build
 from ._sender import Sender
 from ._settings import DeliverySettings
+from ._spool import Spool
 from ._stats import DeliveryError, ErrorHook
 
 if TYPE_CHECKING:
@@ -36,11 +45,25 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger("koala_middleware")
 
+DETAIL_SPOOL_LOST = "on disk in a spool file that turned out unreadable (set aside as *.corrupt)"
 LOG_SHUTDOWN_LOST = "shutdown timed out with %d batch(es) undelivered"
 LOG_SENDER_FAILED = "the sender thread failed; it restarts with the next batch"
 LOG_UNEXPECTED = "unexpected error after posting a batch; counted as dropped ('error')"
 
 FORK_PARK_TIMEOUT = 1.0
+#: How often the sender looks for spool files of processes that are gone.
+ADOPT_EVERY = 60.0
+#: The shortest pause before a spooled batch that exhausted its retries is tried again.
+SPOOL_RETRY_MIN = 1.0
+#: While busy, the sender deletes finished batches from the spool once this many piled up,
+#: or this many seconds after the last time: one transaction for many rows instead of one
+#: per batch (which cost a fifth of the sender's throughput).
+SPOOL_SYNC_AFTER = 100
+SPOOL_SYNC_EVERY = 0.05
+#: How often the sender looks for batches on disk only while some wait there.
+SPOOL_LOAD_EVERY = 0.05
+#: Spooled batch verdicts that keep the batch on disk, to be loaded again later.
+_KEPT_ON_DISK = frozenset({"retries_exhausted", "queue_full", "queue_bytes_full"})
 
 
 class BackgroundSender(Sender):
@@ -48,7 +71,13 @@ class BackgroundSender(Sender):
 
     def __init__(self, settings: DeliverySettings, on_error: ErrorHook | None) -> None:
         super().__init__(settings, on_error)
+        spool_dir = settings.spool_dir
+        self._spool = Spool(spool_dir, settings.max_spool_bytes) if spool_dir is not None else None
+        if self._spool is not None:
+            self._spool.on_stranded = self._stranded
         self._init_state()
+        if self._spool is not None and self._recover():
+            self._ensure_thread()
 
     def _init_state(self) -> None:
         self._queue = BatchQueue(self.settings)
@@ -60,14 +89,27 @@ class BackgroundSender(Sender):
         self._wakeup: asyncio.Event | None = None
         self._loop_idle = False  # the loop waits for a submit to wake it
         self._probing = False
+        self._next_adoption = time.monotonic() + ADOPT_EVERY
+        self._synced = 0.0  # when the sender last deleted finished batches from the spool
+        self._spool_loaded = 0.0  # when it last loaded batches from the spool
+        self._spool_due = 0.0  # when the next batch on disk only is due (as of that load)
 
     def after_fork(self) -> None:
         super().after_fork()
+        if self._spool is not None:
+            self._spool.after_fork()
         self._init_state()
 
     # -- the request side (any thread): cheap, never blocks on the network ----------------
 
     def submit(self, batch: Batch) -> bool:
+        if self._spool is not None:
+            spooled = self._spool.add(batch)
+            if spooled == "spool_full":
+                self._give_up(batch, DeliveryError(spooled, "not queued: the spool is at max_spool_bytes"))
+                return False
+            if not spooled:
+                self.counters.add("spooled")
         queue = self._queue
         start = wake = None
         with queue.lock:
@@ -79,6 +121,9 @@ class BackgroundSender(Sender):
                 elif self._loop_idle:
                     self._loop_idle = False
                     wake = self._loop
+        if reason in _KEPT_ON_DISK and self._keep_on_disk(batch, reason):
+            self.counters.add("enqueued")  # queued on disk, loaded when there is room
+            return True
         if reason:
             self._give_up(
                 batch,
@@ -97,17 +142,21 @@ class BackgroundSender(Sender):
         return True
 
     def pending(self) -> int:
-        return self._queue.pending
+        return self._queue.pending + self._queue.backlog
 
     def flush(self, timeout: float) -> bool:
         """Wait until all batches handed over so far are delivered or given up."""
         thread = self._thread
         if thread is not None and thread.is_current():  # an on_error hook: never wait on ourselves
             return not self._queue.pending
-        return self._queue.wait_idle(timeout)
+        flushed = self._queue.wait_idle(timeout)
+        if flushed and self._spool is not None:
+            self._spool.sync()  # and off the disk, even if the process ends right after
+        return flushed
 
     def shutdown(self, timeout: float) -> bool:
-        """Flush within ``timeout``, then stop; what is left is counted as dropped, once.
+        """Flush within ``timeout``, then stop; what is left is counted as dropped, once
+        (with a spool it stays on disk instead, for the next process).
 
         Returns within about ``timeout`` even if Koala never answers: the last part of it
         is kept for cancelling the requests in flight, which count themselves.
@@ -118,7 +167,7 @@ class BackgroundSender(Sender):
         undelivered, leftover = self._queue.close()
         with self._queue.lock:
             thread, loop = self._thread, self._loop
-        if undelivered:
+        if undelivered and self._spool is None:
             logger.warning(LOG_SHUTDOWN_LOST, undelivered)
         for batch in leftover:
             self._give_up(batch, DeliveryError("shutdown", "still queued at shutdown"))
@@ -128,8 +177,95 @@ class BackgroundSender(Sender):
                 loop.call_soon_threadsafe(self._wake)  # it sees the queue closed and stops
             if not thread.is_current():
                 thread.join(max(deadline - time.monotonic(), 0.05))
+        if self._spool is not None:
+            self._spool.close()  # what is left stays on disk, for the next process
         self.counters.report()
         return flushed
+
+    def _give_up(self, batch: Batch, error: DeliveryError) -> None:
+        """With a spool, a batch it holds is not given up while the disk can keep it: it
+        waits there for the slow retry (retries exhausted), for room (queue full), or for
+        the next process (shutdown). Otherwise it leaves the disk and is counted."""
+        spool = self._spool
+        if spool is not None and spool.holds(batch):
+            if self._keep_on_disk(batch, error.reason):
+                return
+            spool.remove(batch)
+        super()._give_up(batch, error)
+
+    def _keep_on_disk(self, batch: Batch, reason: str) -> bool:
+        spool = self._spool
+        if spool is None or not spool.holds(batch):
+            return False
+        if reason == "shutdown":
+            return True
+        if reason not in _KEPT_ON_DISK or self._queue.closed:
+            return False
+        later = max(self.settings.max_backoff, SPOOL_RETRY_MIN) if reason == "retries_exhausted" else 0.0
+        self._queue.add_backlog(1)  # before the caller finishes it in memory, if it was there
+        if spool.park(batch, time.monotonic() + later):
+            batch.attempts = 0
+            return True
+        self._queue.add_backlog(-1)
+        return False
+
+    def _stranded(self, count: int, lost: bool) -> None:
+        """Batches on disk only that can no longer be loaded: out of the backlog; counted as
+        dropped when their file was set aside (otherwise the next process adopts them)."""
+        self._queue.add_backlog(-count)
+        if lost:
+            self.counters.dropped("error", count, 0, DETAIL_SPOOL_LOST)
+
+    def _recover(self) -> int:
+        """Adopt the spool files of processes that are gone; how many batches they hold."""
+        assert self._spool is not None
+        recovered = self._spool.adopt()
+        if recovered:
+            self.counters.add("recovered", recovered)
+            self._queue.add_backlog(recovered)
+        return recovered
+
+    def _sync_spool(self, idle: bool, wait: float | None) -> float | None:
+        """Delete finished batches from disk if idle or due; the loop's wait, capped so that
+        the rest are deleted soon."""
+        assert self._spool is not None
+        now = time.monotonic()
+        if idle or self._spool.finished >= SPOOL_SYNC_AFTER or now - self._synced >= SPOOL_SYNC_EVERY:
+            self._spool.sync()
+            self._synced = now
+            return wait
+        return SPOOL_SYNC_EVERY if wait is None else min(wait, SPOOL_SYNC_EVERY)
+
+    def _ensure_thread(self) -> None:
+        with self._queue.lock:
+            if self._thread is not None:
+                return
+            start = self._thread = _native.SenderThread(self._run_thread, "koala-sender")
+        self._start(start)
+
+    def _refill(self) -> float | None:
+        """Load what the spool has due into the queue (and adopt what dead processes left,
+        now and then); the seconds until the spool next needs a look, None if only a
+        finishing batch can change that."""
+        spool, queue = self._spool, self._queue
+        assert spool is not None
+        now = time.monotonic()
+        if now >= self._next_adoption:
+            self._next_adoption = now + ADOPT_EVERY
+            self._recover()
+        wait = self._next_adoption - now
+        if not queue.backlog or queue.room() <= 0:
+            return wait  # nothing on disk only, or no room for it: a finishing batch wakes us
+        # Not on every turn of the loop: when the next row is due, and every
+        # SPOOL_LOAD_EVERY seconds for rows parked since the last look (by other threads).
+        if now >= self._spool_due or now - self._spool_loaded >= SPOOL_LOAD_EVERY:
+            batches, due = spool.load(now, min(queue.room(), self.settings.max_in_flight))
+            queue.reload(batches)
+            self._spool_loaded = now
+            self._spool_due = due if due is not None else now + SPOOL_LOAD_EVERY
+        if not queue.waiting:
+            wait = min(wait, max(min(self._spool_due, self._spool_loaded + SPOOL_LOAD_EVERY) - now, 0.0))
+        return wait
 
     # -- the sender thread ------------------------------------------------------------------
 
@@ -211,8 +347,13 @@ class BackgroundSender(Sender):
         try:
             while not self._queue.closed:
                 wakeup.clear()
+                spool_wait = self._refill() if self._spool is not None else None
                 item, wait, probe = self._take(len(tasks))
+                if self._spool is not None and self._spool.needs_sync:
+                    spool_wait = self._sync_spool(item is None and not tasks, spool_wait)
                 if item is None:
+                    if spool_wait is not None:
+                        wait = spool_wait if wait is None else min(wait, spool_wait)
                     with contextlib.suppress(asyncio.TimeoutError):
                         await asyncio.wait_for(wakeup.wait(), wait)
                     continue
@@ -262,6 +403,8 @@ class BackgroundSender(Sender):
             self._give_up(batch, DeliveryError("error", f"{type(error).__name__}: {error}"))
             delay = None
         if delay is None:
+            if self._spool is not None:  # delivered (a batch given up has left the spool already)
+                self._spool.remove(batch)
             self._queue.finish(batch)
         else:
             self.counters.add("retried")

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-import os
 import json
+import os
 import signal
 import socket
 import subprocess
@@ -82,9 +82,7 @@ def serve(args: list[str], port: int, env: Mapping[str, str] | None = None) -> I
     """
     exe = str(BIN / args[0]) if (BIN / args[0]).exists() else args[0]
     full_env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests")]), **(env or {})}
-    proc = subprocess.Popen(
-        [exe, *args[1:]], cwd=ROOT, env=full_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
-    )
+    proc = subprocess.Popen([exe, *args[1:]], cwd=ROOT, env=full_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     server = Server(proc, port)
     try:
         wait_for_port(port, proc)
@@ -94,16 +92,25 @@ def serve(args: list[str], port: int, env: Mapping[str, str] | None = None) -> I
 
 
 # Recent gunicorn opens a control socket at one fixed path per user: concurrent runs would share it.
-NO_CONTROL_SOCKET = [
-    cli for s in gunicorn.config.KNOWN_SETTINGS if s.name == "control_socket_disable" for cli in s.cli
-]
+NO_CONTROL_SOCKET = [cli for s in gunicorn.config.KNOWN_SETTINGS if s.name == "control_socket_disable" for cli in s.cli]
 
 
 def run_gunicorn(koala: Collector, app: str, *options: str) -> AbstractContextManager[Server]:
     """gunicorn with ``--preload``, 2 workers of 4 threads (unless ``options`` say otherwise)."""
     port = free_port()
-    args = ["gunicorn", "--preload", "-w", "2", "--threads", "4", "-b", f"127.0.0.1:{port}",
-            *NO_CONTROL_SOCKET, *options, app]
+    args = [
+        "gunicorn",
+        "--preload",
+        "-w",
+        "2",
+        "--threads",
+        "4",
+        "-b",
+        f"127.0.0.1:{port}",
+        *NO_CONTROL_SOCKET,
+        *options,
+        app,
+    ]
     return serve(args, port, env=collector_env(koala))
 
 
@@ -149,9 +156,26 @@ def fault_server(kind: str, koala: Collector, **client_options: Any) -> Abstract
     port = free_port()
     env = {"KOALA_API_URL": koala.url, "FAULTS_CLIENT": json.dumps(client_options)}
     if kind == "uvicorn":
-        args = ["uvicorn", "tests.e2e.apps.faults_asgi:app", "--host", "127.0.0.1", "--port", str(port),
-                "--no-access-log"]
+        args = [
+            "uvicorn",
+            "tests.e2e.apps.faults_asgi:app",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--no-access-log",
+        ]
     else:
-        args = ["gunicorn", "-b", f"127.0.0.1:{port}", "-w", "1", "-k", "gthread", "--threads", "4",
-                "tests.e2e.apps.faults_wsgi:app"]
+        args = [
+            "gunicorn",
+            "-b",
+            f"127.0.0.1:{port}",
+            "-w",
+            "1",
+            "-k",
+            "gthread",
+            "--threads",
+            "4",
+            "tests.e2e.apps.faults_wsgi:app",
+        ]
     return serve(args, port, env=env)

@@ -143,7 +143,9 @@ def test_the_id_set_on_one_subdomain_is_sent_on_another_and_readable_by_javascri
 
     # Koala receives the visits of the two subdomains as one visitor, with the browser's UA.
     assert collector.wait_for(7, timeout=15), collector.received
-    batches = {(b["events"][0]["properties"]["host"], b["events"][0]["event"], b["profile_id"]) for b in collector.batches()}
+    batches = {
+        (b["events"][0]["properties"]["host"], b["events"][0]["event"], b["profile_id"]) for b in collector.batches()
+    }
     assert batches == {
         ("app.example.test", "Viewed Page", visitor_id),
         ("www.example.test", "Viewed Page", visitor_id),

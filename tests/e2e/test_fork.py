@@ -24,8 +24,13 @@ CHILDREN = 4
 def test_forked_children_deliver_with_fresh_senders_and_the_parent_too() -> None:
     with Collector(delay=0.3) as koala:  # slow: the parent's batches are in flight at each fork
         done = subprocess.run(
-            [sys.executable, "-m", "tests.e2e.apps.faults_fork", str(CHILDREN)], cwd=ROOT, capture_output=True,
-            text=True, env={**os.environ, "PYTHONPATH": str(ROOT), "KOALA_API_URL": koala.url}, timeout=60, check=False,
+            [sys.executable, "-m", "tests.e2e.apps.faults_fork", str(CHILDREN)],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            env={**os.environ, "PYTHONPATH": str(ROOT), "KOALA_API_URL": koala.url},
+            timeout=60,
+            check=False,
         )
         assert done.returncode == 0, done.stderr
         *children, parent = (json.loads(line) for line in done.stdout.splitlines())
@@ -57,8 +62,9 @@ def test_gunicorn_preload_two_workers_deliver_from_both() -> None:
             # Sync workers serve one request at a time: with 4 clients and slow handlers,
             # both must take requests.
             with httpx.Client(base_url=server.url, timeout=10) as http, ThreadPoolExecutor(4) as pool:
-                statuses = list(pool.map(lambda n: http.get("/track", params={"n": n, "sleep": 0.05}).status_code,
-                                         range(40)))
+                statuses = list(
+                    pool.map(lambda n: http.get("/track", params={"n": n, "sleep": 0.05}).status_code, range(40))
+                )
             assert statuses == [200] * 40
             assert server.terminate() == 0
         events = koala.events()

@@ -25,10 +25,6 @@ def server(koala: Collector) -> Iterator[Server]:
         yield running
 
 
-
-
-
-
 def test_both_preloaded_workers_deliver_with_the_visitors_user_agent(server: Server, koala: Collector) -> None:
     ua = user_agent()
     pids: dict[str, int] = {}

@@ -29,12 +29,26 @@ def test_every_event_is_delivered_once_or_counted_dropped() -> None:
     options = {"max_queue_batches": 2000, "shutdown_timeout": 10}
     with Collector() as koala:
         env = {"KOALA_API_URL": koala.url, "FAULTS_CLIENT": json.dumps(options)}
-        args = ["uvicorn", "tests.e2e.apps.faults_asgi:app", "--host", "127.0.0.1", "--port", str(port),
-                "--no-access-log", "--log-level", "warning"]
+        args = [
+            "uvicorn",
+            "tests.e2e.apps.faults_asgi:app",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--no-access-log",
+            "--log-level",
+            "warning",
+        ]
         with serve(args, port, env=env) as server:
             load = subprocess.run(
                 [sys.executable, "-m", "tests.e2e.apps.faults_loadgen", str(port), str(REQUESTS), str(CONNECTIONS)],
-                cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True, timeout=120, check=False,
+                cwd=ROOT,
+                env={**os.environ, "PYTHONPATH": str(ROOT)},
+                capture_output=True,
+                text=True,
+                timeout=120,
+                check=False,
             )
             assert load.returncode == 0, load.stderr
             result = json.loads(load.stdout)

@@ -36,7 +36,6 @@ def server(kind: str, koala: Collector) -> Iterator[Server]:
         yield running
 
 
-
 def test_cookie_for_new_returning_and_forged_visitors(server: Server) -> None:
     new = httpx.get(server.url + "/visitor")
     assert ko_id_cookie(new) == f"ko_id={new.text}; Path=/; Max-Age=31536000; SameSite=Lax"  # host-only on an IP
@@ -56,8 +55,9 @@ def test_streaming_stays_streaming_and_its_events_arrive_after_the_last_chunk(
 ) -> None:
     ua = user_agent()
     gate = tmp_path / "gate"
-    with httpx.stream("GET", server.url + "/stream", params={"gate": str(gate)}, headers={"User-Agent": ua},
-                      timeout=20) as response:
+    with httpx.stream(
+        "GET", server.url + "/stream", params={"gate": str(gate)}, headers={"User-Agent": ua}, timeout=20
+    ) as response:
         assert ko_id_cookie(response) is not None
         lines = response.iter_lines()
         assert next(lines) == "first"  # arrived while the handler is still waiting on the gate

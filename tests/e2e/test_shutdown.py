@@ -84,9 +84,13 @@ def test_sigterm_with_a_koala_that_never_answers_exits_within_shutdown_timeout(k
 def run_exit_script(koala: Collector, count: int, **options: Any) -> tuple[dict[str, Any], dict[str, Any], float]:
     started = time.time()
     done = subprocess.run(
-        [sys.executable, "-m", "tests.e2e.apps.faults_exit", str(count)], cwd=ROOT, capture_output=True, text=True,
+        [sys.executable, "-m", "tests.e2e.apps.faults_exit", str(count)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
         env={**os.environ, "PYTHONPATH": str(ROOT), "KOALA_API_URL": koala.url, "FAULTS_CLIENT": json.dumps(options)},
-        timeout=60, check=False,
+        timeout=60,
+        check=False,
     )
     ended = time.time()
     assert done.returncode == 0, done.stderr

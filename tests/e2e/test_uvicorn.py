@@ -26,10 +26,6 @@ def server(koala: Collector) -> Iterator[Server]:
         yield running
 
 
-
-
-
-
 def message_ids(koala: Collector, ua: str) -> list[str]:
     return [e["message_id"] for b in batches_from(koala, ua) for e in b.get("events", [])]
 
@@ -39,7 +35,12 @@ def message_ids(koala: Collector, ua: str) -> list[str]:
 
 def test_the_apps_own_set_cookies_survive(server: Server) -> None:
     response = httpx.get(server.url + "/cookies")
-    assert [c.split("=")[0] for c in response.headers.get_list("set-cookie")] == ["session", "theme", "ko_id", "ko_id_server"]
+    assert [c.split("=")[0] for c in response.headers.get_list("set-cookie")] == [
+        "session",
+        "theme",
+        "ko_id",
+        "ko_id_server",
+    ]
 
 
 def test_events_arrive_with_the_visitors_user_agent_and_an_untrusted_forwarded_for_is_ignored(
@@ -60,6 +61,7 @@ def test_events_arrive_with_the_visitors_user_agent_and_an_untrusted_forwarded_f
 # uvicorn ends its process on SIGTERM by re-raising the signal once it has shut down (so the
 # exit status is -SIGTERM), and no interpreter exit hook runs after that: batches pending at
 # SIGTERM arrive only if the middleware flushed them during the lifespan shutdown.
+
 
 def test_sigterm_after_a_slow_koala_runs_the_app_s_own_lifespan_shutdown_too() -> None:
     with Collector(delay=2) as slow:

@@ -46,8 +46,11 @@ async def logout(request: Request) -> HTMLResponse:
     tracker = request.state.koala
     tracker.track("Logged Out", {"host": request.url.hostname or ""})
     tracker.reset()
-    return HTMLResponse(PAGE.format(cookie=html.escape(request.headers.get("cookie", "")),
-                                    profile_id=html.escape(tracker.profile_id or "")))
+    return HTMLResponse(
+        PAGE.format(
+            cookie=html.escape(request.headers.get("cookie", "")), profile_id=html.escape(tracker.profile_id or "")
+        )
+    )
 
 
 app = KoalaASGIMiddleware(

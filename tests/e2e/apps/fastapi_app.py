@@ -78,4 +78,3 @@ async def stream(gate: str, koala: KoalaTracker) -> StreamingResponse:
 async def boom(koala: KoalaTracker) -> str:
     koala.track("Started Checkout")
     raise RuntimeError("the handler failed after tracking")
-

@@ -32,11 +32,14 @@ def client_from_env() -> KoalaClient:
 
 def track(client: KoalaClient, tracker: Tracker, query: Mapping[str, str]) -> None:
     """One event per request, saying which process handled it and what it had sent before."""
-    tracker.track(EVENT, {
-        "n": int(query.get("n", "0")),
-        "pid": os.getpid(),
-        "enqueued_before": client.stats.enqueued,
-    })
+    tracker.track(
+        EVENT,
+        {
+            "n": int(query.get("n", "0")),
+            "pid": os.getpid(),
+            "enqueued_before": client.stats.enqueued,
+        },
+    )
 
 
 def stats_json(client: KoalaClient, flush: float | None = None) -> bytes:

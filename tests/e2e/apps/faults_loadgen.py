@@ -44,10 +44,12 @@ async def run(port: int, requests: int, connections: int, rate: float = 0.0) -> 
     statuses: dict[int, int] = {}
     interval = connections / rate if rate else 0.0
     started = time.perf_counter()
-    await asyncio.gather(*(
-        _connection(port, list(range(c, requests, connections)), latencies, statuses, interval)
-        for c in range(connections)
-    ))
+    await asyncio.gather(
+        *(
+            _connection(port, list(range(c, requests, connections)), latencies, statuses, interval)
+            for c in range(connections)
+        )
+    )
     seconds = time.perf_counter() - started
     latencies.sort()
 
@@ -55,8 +57,14 @@ async def run(port: int, requests: int, connections: int, rate: float = 0.0) -> 
         return round(latencies[min(len(latencies) - 1, int(p * len(latencies)))] * 1000, 2)
 
     return {
-        "requests": requests, "ok": statuses.get(200, 0), "statuses": statuses, "seconds": round(seconds, 2),
-        "rps": round(requests / seconds), "p50_ms": pct(0.5), "p99_ms": pct(0.99), "max_ms": pct(1.0),
+        "requests": requests,
+        "ok": statuses.get(200, 0),
+        "statuses": statuses,
+        "seconds": round(seconds, 2),
+        "rps": round(requests / seconds),
+        "p50_ms": pct(0.5),
+        "p99_ms": pct(0.99),
+        "max_ms": pct(1.0),
     }
 
 
