@@ -31,7 +31,6 @@ import httpx
 from koala_middleware import Batch, KoalaClient
 from koala_middleware._delivery._http import CurlPoster
 from koala_middleware._delivery._request import build
-from koala_middleware._delivery._settings import DeliverySettings
 
 from .collector import CollectorProcess
 from .common import Row, check, median, say
@@ -200,8 +199,10 @@ def candidate(name: str, url: str, count: int, connections: int = 100) -> tuple[
 
             close = session.close
         elif name == "pycurl":
-            settings = DeliverySettings(base_url=base, timeout=5, max_in_flight=connections)
-            curl = CurlPoster(settings)
+            # The sender's own settings for this URL (KoalaClient holds the defaults).
+            owner = KoalaClient("pk_bench", api_url=url, max_in_flight=connections)
+            curl = CurlPoster(owner._sender.settings)
+            owner.shutdown(timeout=0)
 
             async def post(batch: Batch) -> None:
                 answer = await curl(build(base, batch))
