@@ -164,6 +164,8 @@ def fault_server(kind: str, koala: Collector, **client_options: Any) -> Abstract
             "--port",
             str(port),
             "--no-access-log",
+            "--log-level",
+            "warning",  # its output is read only at exit: keep it well under a pipe's buffer
         ]
     else:
         args = [

@@ -17,7 +17,7 @@ import sys
 
 import httpx
 
-from e2e.servers import ROOT, free_port, serve
+from e2e.servers import ROOT, fault_server
 from koala_middleware.testing import Collector
 
 REQUESTS = int(os.environ.get("KOALA_LOAD_REQUESTS", "20000"))
@@ -25,24 +25,17 @@ CONNECTIONS = 32
 
 
 def test_every_event_is_delivered_once_or_counted_dropped() -> None:
-    port = free_port()
-    options = {"max_queue_batches": 2000, "shutdown_timeout": 10}
     with Collector() as koala:
-        env = {"KOALA_API_URL": koala.url, "FAULTS_CLIENT": json.dumps(options)}
-        args = [
-            "uvicorn",
-            "tests.e2e.apps.faults_asgi:app",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--no-access-log",
-            "--log-level",
-            "warning",
-        ]
-        with serve(args, port, env=env) as server:
+        with fault_server("uvicorn", koala, max_queue_batches=2000, shutdown_timeout=10) as server:
             load = subprocess.run(
-                [sys.executable, "-m", "tests.e2e.apps.faults_loadgen", str(port), str(REQUESTS), str(CONNECTIONS)],
+                [
+                    sys.executable,
+                    "-m",
+                    "tests.e2e.apps.faults_loadgen",
+                    str(server.port),
+                    str(REQUESTS),
+                    str(CONNECTIONS),
+                ],
                 cwd=ROOT,
                 env={**os.environ, "PYTHONPATH": str(ROOT)},
                 capture_output=True,
