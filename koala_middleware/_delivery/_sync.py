@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import threading
 import time
 
@@ -68,10 +69,11 @@ class SyncSender(Sender):
                 answer = self._post(request.url, request.body, headers, deadline)
             except (httpx.HTTPError, TimeoutError) as error:
                 exc = error
-            delay = self._outcome(batch, answer, exc, probe=True)
+            # The time budget is ``timeout`` here: max_retries counts as before retry_for.
+            delay = self._outcome(batch, answer, exc, probe=True, failing_for=math.inf)
             if delay is None:
                 return
-            delay = max(delay, self._health.held())
+            delay = max(delay, self._health.held(), self._health.gate - time.monotonic())
             if time.monotonic() + delay >= deadline:
                 self._give_up(
                     batch,
