@@ -9,7 +9,8 @@ Parts: (1) in-process cost per request, Starlette and Flask, bare vs middleware,
 Starlette's SessionMiddleware as a yardstick; (2) requests/s and latency through uvicorn and
 gunicorn; (3) isolation from a slow Koala; (4) the sender's batches/s to a 50 ms Koala;
 (5) whole-process CPU per visitor against PostHog's and Segment's SDKs;
-(6) the on-disk spool's cost per hand-over and its batches/s to a 50 ms Koala.
+(6) the on-disk spool's cost per hand-over and its batches/s to a 50 ms Koala;
+(7) failure scenarios: a Koala that refuses some batches, half-fails, flaps, or is down.
 Every figure is a ratio within one run (interleaved rounds, medians), printed with the
 machine it ran on. Progress goes to stderr, the table to stdout.
 """
@@ -27,7 +28,7 @@ if str(ROOT) not in sys.path:
 
 from bench import common  # noqa: E402
 
-PARTS = ("inproc", "servers", "isolation", "delivery", "sdks", "spool")
+PARTS = ("inproc", "servers", "isolation", "delivery", "sdks", "spool", "failures")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -64,6 +65,10 @@ def main(argv: list[str] | None = None) -> int:
         from bench import spool
 
         rows += spool.run(args.quick)
+    if "failures" in parts:
+        from bench import failures
+
+        rows += failures.run(args.quick)
     took = time.monotonic() - started
 
     print(f"Machine: {common.machine_line()}.")

@@ -134,7 +134,7 @@ def test_a_half_failing_koala_delivers_everything_without_giving_up(
 def test_a_flapping_koala_never_leaves_a_long_gap(
     outage: str, collector: Collector, shutdowns: list[KoalaClient]
 ) -> None:
-    """Down 3 s, up 1.5 s: deliveries resume within a probe interval (2 s) of each return."""
+    """Down 3 s, up 1.5 s: deliveries resume within a probe interval (1.5 s) of each return."""
     client, _ = make(collector)
     shutdowns.append(client)
     stop = threading.Event()

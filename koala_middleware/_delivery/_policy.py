@@ -48,7 +48,7 @@ PACE_SECONDS = 0.05
 HEALTHY_SHARE = 0.8
 #: The longest pause between probes while Koala is down, and the longest backoff of a batch
 #: that failed while Koala failed for everyone: how long a pause may outlive an outage.
-PROBE_EVERY_MAX = 2.0
+PROBE_EVERY_MAX = 1.5
 
 HEALTHY, DEGRADED, DOWN = "healthy", "degraded", "down"
 
