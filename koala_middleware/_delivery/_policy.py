@@ -230,7 +230,7 @@ class Health:
             self.failures, self.gate = 0, 0.0
             return was == DOWN or (was != HEALTHY and healthy)
 
-    def admit(self, in_flight: int, max_in_flight: int, now: float) -> tuple[bool, float | None]:
+    def admit(self, in_flight: int, max_in_flight: int, now: float | None = None) -> tuple[bool, float | None]:
         """Whether one more attempt may start now; if not, seconds until one may (None:
         when an attempt in flight ends).
 
@@ -242,6 +242,8 @@ class Health:
         state = self.state
         if state == HEALTHY:
             return in_flight < max_in_flight, None
+        if now is None:
+            now = time.monotonic()
         if state == DOWN:
             if in_flight:
                 return False, None

@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 import weakref
 
 from .._protocol import Batch
-from ._policy import Answer, Health, classify
+from ._policy import HEALTHY, Answer, Health, classify
 from ._settings import DeliverySettings
 from ._stats import LOG_REJECTED, Counters, DeliveryError, ErrorHook, excerpt
 
@@ -51,16 +52,18 @@ class Sender:
         sends the retries it scheduled at once)."""
 
     def _outcome(
-        self, batch: Batch, answer: Answer | None, exc: BaseException | None, probe: bool, failing_for: float
+        self, batch: Batch, answer: Answer | None, exc: BaseException | None, probe: bool, failed_at: float
     ) -> float | None:
         """Account for one attempt; the pause before retrying, or None when the batch is done.
 
-        ``failing_for``: seconds since the batch first failed, for the ``retry_for`` budget.
+        ``failed_at``: when the batch first failed (``time.monotonic()``; 0.0: never), for
+        the ``retry_for`` budget.
         """
         verdict, detail, retry_after = classify(answer, exc)
         if verdict != "retry":
-            if self._health.answered():
-                logger.info(LOG_RECOVERED)
+            if self._health.answered():  # out of an outage, or a brownout
+                if self._health.state == HEALTHY:
+                    logger.info(LOG_RECOVERED)
                 self._recovered()
             if verdict == "ok":
                 self.counters.delivered(batch)
@@ -77,7 +80,9 @@ class Sender:
             logger.warning(LOG_UNAVAILABLE, detail)
         # Koala takes the others: the attempts budget alone; Koala fails for everyone: the
         # time budget too, so that a brownout of a few minutes gives nothing up.
-        if batch.attempts > self.settings.max_retries and (own or failing_for >= self.settings.retry_for):
+        if batch.attempts > self.settings.max_retries and (
+            own or time.monotonic() - (failed_at or time.monotonic()) >= self.settings.retry_for
+        ):
             status = answer.status if answer is not None else None
             self._give_up(
                 batch, DeliveryError("retries_exhausted", f"{batch.attempts} attempts, last: {detail}", status)

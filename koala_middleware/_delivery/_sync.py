@@ -10,7 +10,7 @@ import httpx
 
 from .._protocol import Batch
 from ._http import BODY_CAP, answer
-from ._policy import Answer
+from ._policy import DOWN, Answer
 from ._request import DETAIL_UNBUILDABLE, Request, build
 from ._sender import Sender
 from ._settings import DeliverySettings
@@ -22,8 +22,9 @@ class SyncSender(Sender):
 
     Background threads are frozen between invocations there, so a batch must be sent
     before the response finishes. Retries follow the same rules, but one batch takes at most
-    ``timeout`` seconds in all, attempts and pauses included; and while Koala keeps failing
-    the shared backoff soon exceeds that budget, so each batch gets one attempt, not many.
+    ``timeout`` seconds in all, attempts and pauses included (``retry_for`` does not apply);
+    and while Koala is down (failing for different batches, nothing getting through) each
+    batch gets one attempt, not many.
     Nothing raises into the caller: what cannot be sent is counted and passed to
     ``on_error``.
     """
@@ -69,17 +70,24 @@ class SyncSender(Sender):
                 answer = self._post(request.url, request.body, headers, deadline)
             except (httpx.HTTPError, TimeoutError) as error:
                 exc = error
-            # The time budget is ``timeout`` here: max_retries counts as before retry_for.
-            delay = self._outcome(batch, answer, exc, probe=True, failing_for=math.inf)
+            # Its time budget is ``timeout``: no retry_for here (a first failure "long ago").
+            delay = self._outcome(batch, answer, exc, probe=True, failed_at=-math.inf)
             if delay is None:
                 return
-            delay = max(delay, self._health.held(), self._health.gate - time.monotonic())
-            if time.monotonic() + delay >= deadline:
+            delay = max(delay, self._health.held())
+            # While Koala is down, waiting for it would only hold the caller's request: one
+            # attempt per batch (each next batch is the probe).
+            if self._health.state == DOWN or time.monotonic() + delay >= deadline:
+                why = (
+                    "Koala is down"
+                    if self._health.state == DOWN
+                    else f"sync budget of {self.settings.timeout:g}s spent"
+                )
                 self._give_up(
                     batch,
                     DeliveryError(
                         "retries_exhausted",
-                        f"sync budget of {self.settings.timeout:g}s spent after {batch.attempts} attempt(s)",
+                        f"{why} after {batch.attempts} attempt(s)",
                         answer.status if answer is not None else None,
                     ),
                 )

@@ -318,16 +318,15 @@ class BackgroundSender(Sender):
         ``_policy``) says how many attempts may be in flight.
         """
         queue = self._queue
-        now = time.monotonic()
         with queue.lock:
-            due = queue.release_due_locked(now) if queue.scheduled else None
+            due = queue.release_due_locked(time.monotonic()) if queue.scheduled else None
             if not queue.waiting:
                 self._loop_idle = True  # a submit wakes us; a scheduled retry's due time too
                 return None, due, False
             held = self._health.held()
             if held:
                 return None, _sooner(held, due), False  # Retry-After: whatever else succeeds meanwhile
-            start, wait = self._health.admit(in_flight, self.settings.max_in_flight, now)
+            start, wait = self._health.admit(in_flight, self.settings.max_in_flight)
             if not start:
                 return None, _sooner(wait, due), False  # a finishing task wakes us, or the wait
             # Down: one attempt at a time, a probe whose failure lengthens the pause.
@@ -394,8 +393,7 @@ class BackgroundSender(Sender):
         except Exception as error:  # network errors, timeouts, anything a custom transport raises
             exc = error
         try:
-            now = time.monotonic()
-            delay = self._outcome(batch, answer, exc, probe, now - (request.failed_at or now))
+            delay = self._outcome(batch, answer, exc, probe, request.failed_at)
         except Exception as error:  # a bug here must not strand the batch (flush would wait)
             logger.exception(LOG_UNEXPECTED)
             self._give_up(batch, DeliveryError("error", f"{type(error).__name__}: {error}"))
@@ -406,7 +404,7 @@ class BackgroundSender(Sender):
             self._queue.finish(batch)
         else:
             self.counters.add("retried")
-            request.failed_at = request.failed_at or now
+            request.failed_at = request.failed_at or time.monotonic()
             # Its own due time: a batch Koala keeps refusing never holds the others.
             if not self._queue.schedule(request, time.monotonic() + delay):
                 self._give_up(batch, DeliveryError("shutdown", f"failed at shutdown after {batch.attempts} attempt(s)"))
