@@ -315,3 +315,11 @@ def test_readme_is_short_and_keeps_the_quick_start() -> None:
     assert "python3 scripts/dev.py demo" in readme and "python3 scripts/dev.py test" in readme
     assert "python3 scripts/dev.py test" in (ROOT / ".ci" / "run").read_text()
     assert "KOALA_SKIP_CHROMIUM_INSTALL=1" in readme
+
+
+def test_readme_links_resolve() -> None:
+    """The README's relative links (to docs/, CONTRIBUTING.md, LICENSE) name files that
+    exist; the site's own links are checked by ``mkdocs build --strict``."""
+    readme = (ROOT / "README.md").read_text()
+    targets = re.findall(r"\]\((?!https?://)([^)#]+)", readme)
+    assert targets and [t for t in targets if not (ROOT / t).is_file()] == []
