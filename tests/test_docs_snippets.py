@@ -323,3 +323,32 @@ def test_readme_links_resolve() -> None:
     readme = (ROOT / "README.md").read_text()
     targets = re.findall(r"\]\((?!https?://)([^)#]+)", readme)
     assert targets and [t for t in targets if not (ROOT / t).is_file()] == []
+
+
+def test_the_check_transcript_is_what_the_command_prints(koala_collector: Collector) -> None:
+    """docs/check.md shows a session of ``python -m koala_middleware check``: run it against
+    the local collector, and each line must say the same thing (its URLs and key aside)."""
+    text = (ROOT / "docs" / "check.md").read_text()
+    block = re.search(r"<!-- snippet: check-transcript -->\n```console\n(.*?)```", text, re.S)
+    assert block, "the transcript lost its marker"
+    command, *shown = block[1].splitlines()
+    assert command.startswith("$ python -m koala_middleware check")
+    env = {**os.environ, "KOALA_PUBLIC_KEY": "pk_test", "KOALA_API_URL": koala_collector.url}
+    for name in ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "http_proxy", "https_proxy", "all_proxy"):
+        env.pop(name, None)
+    done = subprocess.run(
+        [sys.executable, "-m", "koala_middleware", "check"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    printed = done.stdout.splitlines()
+
+    def general(line: str) -> str:
+        line = line.replace(koala_collector.url, "https://api2.getkoala.com").replace("pk_test", "pk_...")
+        return line.replace("(from KOALA_API_URL)", "(the default)")
+
+    assert [general(line) for line in printed] == shown
