@@ -278,6 +278,11 @@ def test_every_named_snippet_is_checked_or_a_fragment() -> None:
     assert len(SNIPPETS) >= 25, [s.id for s in SNIPPETS]
 
 
+@pytest.mark.skipif(
+    sys.version_info < (3, 11),
+    reason="type-checked on 3.11+: on 3.10 Falcon types its own App with a narrower StartResponse "
+    "(falcon/_typing.py's fallback for wsgiref.types), which no WSGI middleware's signature accepts",
+)
 def test_every_snippet_type_checks(tmp_path: Path) -> None:
     """``mypy --strict`` on every block, a fragment after its preamble: the Flask example
     once failed four times (``"Request" has no attribute "koala"``)."""
