@@ -110,6 +110,7 @@ def main(argv: list[str]) -> int:
 
     matplotlib.use("Agg")
     matplotlib.rcParams["svg.hashsalt"] = "koala-middleware"  # the same run gives the same file
+    matplotlib.rcParams["svg.fonttype"] = "none"  # text as text: small, readable diffs
     plot_inproc(rows, machine, source.parent / "inproc.svg")
     plot_sdks(rows, machine, source.parent / "sdks.svg")
     print(f"wrote {source.parent / 'inproc.svg'} and {source.parent / 'sdks.svg'}")
