@@ -199,11 +199,18 @@ class Health:
         probe: bool,
         retry_after: float | None,
         unanswered: bool,
+        suspect: bool = False,
     ) -> Verdict:
-        """Record a failed attempt of batch ``key`` (its ``attempts``-th); what follows."""
+        """Record a failed attempt of batch ``key`` (its ``attempts``-th); what follows.
+
+        A ``suspect`` batch (its last failure was its own) is not evidence about Koala: left
+        out of the window, so that batches Koala keeps refusing, retried, cannot add up to
+        a brownout that would slow everyone (and spare themselves their attempts budget).
+        """
         with self._lock:
             now = time.monotonic()
-            self._record(now, key)
+            if not suspect:
+                self._record(now, key)
             was = self.state
             state = self.state = self._verdict(unanswered)
             if retry_after is not None:

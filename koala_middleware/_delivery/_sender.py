@@ -15,6 +15,7 @@ import weakref
 
 from .._protocol import Batch
 from ._policy import HEALTHY, Answer, Health, classify
+from ._request import Request
 from ._settings import DeliverySettings
 from ._stats import LOG_REJECTED, Counters, DeliveryError, ErrorHook, excerpt
 
@@ -51,14 +52,9 @@ class Sender:
         """Koala answers again after an outage or a brownout (the background sender then
         sends the retries it scheduled at once)."""
 
-    def _outcome(
-        self, batch: Batch, answer: Answer | None, exc: BaseException | None, probe: bool, failed_at: float
-    ) -> float | None:
-        """Account for one attempt; the pause before retrying, or None when the batch is done.
-
-        ``failed_at``: when the batch first failed (``time.monotonic()``; 0.0: never), for
-        the ``retry_for`` budget.
-        """
+    def _outcome(self, request: Request, answer: Answer | None, exc: BaseException | None, probe: bool) -> float | None:
+        """Account for one attempt; the pause before retrying, or None when the batch is done."""
+        batch = request.batch
         verdict, detail, retry_after = classify(answer, exc)
         if verdict != "retry":
             if self._health.answered():  # out of an outage, or a brownout
@@ -73,16 +69,17 @@ class Sender:
                 self._give_up(batch, DeliveryError("rejected", detail, answer.status))
             return None
         batch.attempts += 1
+        now = time.monotonic()
+        request.failed_at = request.failed_at or now
         delay, own, first = self._health.failed(
-            self.settings, id(batch), batch.attempts, probe, retry_after, unanswered=answer is None
+            self.settings, id(batch), batch.attempts, probe, retry_after, answer is None, request.suspect
         )
+        request.suspect = own
         if first:
             logger.warning(LOG_UNAVAILABLE, detail)
         # Koala takes the others: the attempts budget alone; Koala fails for everyone: the
         # time budget too, so that a brownout of a few minutes gives nothing up.
-        if batch.attempts > self.settings.max_retries and (
-            own or time.monotonic() - (failed_at or time.monotonic()) >= self.settings.retry_for
-        ):
+        if batch.attempts > self.settings.max_retries and (own or now - request.failed_at >= self.settings.retry_for):
             status = answer.status if answer is not None else None
             self._give_up(
                 batch, DeliveryError("retries_exhausted", f"{batch.attempts} attempts, last: {detail}", status)

@@ -63,6 +63,7 @@ class SyncSender(Sender):
     def _send(self, request: Request) -> None:
         batch = request.batch
         deadline = time.monotonic() + self.settings.timeout
+        request.failed_at = -math.inf  # its time budget is ``timeout``: no retry_for here
         headers = [(name.encode(), value.encode()) for name, value in request.headers.items()]
         while True:
             answer = exc = None
@@ -70,8 +71,7 @@ class SyncSender(Sender):
                 answer = self._post(request.url, request.body, headers, deadline)
             except (httpx.HTTPError, TimeoutError) as error:
                 exc = error
-            # Its time budget is ``timeout``: no retry_for here (a first failure "long ago").
-            delay = self._outcome(batch, answer, exc, probe=True, failed_at=-math.inf)
+            delay = self._outcome(request, answer, exc, probe=True)
             if delay is None:
                 return
             delay = max(delay, self._health.held())

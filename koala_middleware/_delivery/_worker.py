@@ -393,7 +393,7 @@ class BackgroundSender(Sender):
         except Exception as error:  # network errors, timeouts, anything a custom transport raises
             exc = error
         try:
-            delay = self._outcome(batch, answer, exc, probe, request.failed_at)
+            delay = self._outcome(request, answer, exc, probe)
         except Exception as error:  # a bug here must not strand the batch (flush would wait)
             logger.exception(LOG_UNEXPECTED)
             self._give_up(batch, DeliveryError("error", f"{type(error).__name__}: {error}"))
@@ -404,7 +404,6 @@ class BackgroundSender(Sender):
             self._queue.finish(batch)
         else:
             self.counters.add("retried")
-            request.failed_at = request.failed_at or time.monotonic()
             # Its own due time: a batch Koala keeps refusing never holds the others.
             if not self._queue.schedule(request, time.monotonic() + delay):
                 self._give_up(batch, DeliveryError("shutdown", f"failed at shutdown after {batch.attempts} attempt(s)"))
