@@ -170,6 +170,22 @@ def test_a_half_failing_koala_is_degraded_and_paced_by_the_share_that_works() ->
     assert not own and delay <= 0.5, "not its fault: the first backoff step, attempts not counted"
 
 
+def test_refused_batches_retried_are_no_evidence_of_a_brownout() -> None:
+    """5% of batches refused: their retries must not add up to a brownout (which would slow
+    everyone and keep them past max_retries)."""
+    health = Health(100)
+    suspects: dict[int, bool] = {}
+    for n in range(2000):
+        if n % 20 == 7:
+            suspects[n] = health.failed(SETTINGS, n, 1, False, None, False).own
+        else:
+            health.answered()
+        for key in list(suspects)[-30:]:  # the refused ones come back, again and again
+            if n % 5 == 0:
+                suspects[key] = health.failed(SETTINGS, key, 5, False, None, False, suspects[key]).own
+        assert health.state == HEALTHY, f"at {n}: share {health.share_ok():.2f}"
+
+
 def test_answers_after_a_brownout_make_koala_healthy_again() -> None:
     health = Health(100)
     for key in range(1, 51):
