@@ -5,8 +5,8 @@ batch (never at import or configuration: gunicorn ``--preload`` forks after thos
 posts batches concurrently, as many as Koala's health allows (see ``_policy``). A failed
 batch waits on its own schedule, then goes to the back of the queue, so a batch Koala keeps
 refusing cannot stall the others; it is given up after ``max_retries`` failed attempts (and,
-while Koala fails for everyone, ``retry_for`` seconds). A retry posts the batch's same bytes, hence its ``message_id``\\s, so Koala
-deduplicates.
+while Koala fails for everyone, ``retry_for`` seconds). A retry posts the batch's same
+bytes, hence its ``message_id``\\s, so Koala deduplicates.
 
 With a spool (``spool_dir``), every batch is also on disk from its hand-over until it is
 done (see ``_spool``); the thread then starts at once if the spool directory holds batches
