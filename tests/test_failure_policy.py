@@ -2,7 +2,8 @@
 
 Each scenario runs the real client against the real local collector with the DEFAULT retry
 options (``backoff_base=0.5``, ``max_backoff=30``): tiny backoffs would hide a sender-wide
-pause. The long versions (minutes, at 100-200 batches/s) are bench part "failures".
+pause. The long versions (minutes, at 100-200 batches/s) are bench part 7 ("failures").
+The flapping tests (about 10 s each) are marked ``e2e``.
 """
 
 from __future__ import annotations
@@ -130,6 +131,7 @@ def test_a_half_failing_koala_delivers_everything_without_giving_up(
     assert (client.stats.dropped, errors) == ({}, []), "max_retries=3 is spent in a brownout, retry_for is not"
 
 
+@pytest.mark.e2e  # about 10 s each
 @pytest.mark.parametrize("outage", ["refused", "503"])
 def test_a_flapping_koala_never_leaves_a_long_gap(
     outage: str, collector: Collector, shutdowns: list[KoalaClient]
