@@ -19,7 +19,7 @@ import trustme
 
 from e2e.servers import Server, free_port, serve
 from koala_middleware import KoalaClient
-from koala_middleware._delivery._http import proxy_for
+from koala_middleware._delivery._engine import proxy_for
 from koala_middleware.testing import Collector
 
 OPTIONS = {"backoff_base": 0.05, "max_backoff": 0.2, "timeout": 3.0}
