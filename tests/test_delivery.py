@@ -6,7 +6,6 @@ Fault scenarios end to end (outages, hangs, shutdown) are in ``test_faults.py``.
 from __future__ import annotations
 
 import email.utils
-import json
 import logging
 import threading
 import time

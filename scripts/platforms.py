@@ -1,0 +1,151 @@
+"""Does the built wheel install from wheels alone everywhere CPython runs? (issue 18)
+
+No machine here runs Alpine, Windows or a free-threaded CPython, so the resolver is the
+judge: for each platform and Python version of the matrix, resolve
+``koala-middleware[flask,fastapi,django]`` (the package and every framework extra) with
+source builds forbidden. Any row that cannot resolve fails the script (exit status 1).
+``[curl]`` (the optional libcurl engine) is resolved too, for information only: pycurl has
+no wheels for musllinux, manylinux2014 or free-threaded CPython, and nothing requires it.
+
+Usage (needs PyPI)::
+
+    python scripts/platforms.py                # builds the wheel from this checkout
+    python scripts/platforms.py --wheel dist/koala_middleware-0.1.0-py3-none-any.whl
+
+Regular CPython rows use ``uv pip compile --python-platform`` (well under a second each
+once its cache is warm); uv cannot target the free-threaded ABI (``3.13t`` is not a
+version to it), so those rows use ``pip install --dry-run --only-binary=:all: --platform
+... --abi cp313t``, a few at a time. The whole matrix takes about two minutes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import subprocess
+import sys
+import tempfile
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+EXTRAS = "flask,fastapi,django"
+#: (uv's --python-platform, pip's --platform, label)
+PLATFORMS = [
+    ("x86_64-manylinux2014", "manylinux2014_x86_64", "manylinux2014 x86_64 (Amazon Linux 2, Lambda)"),
+    ("aarch64-manylinux2014", "manylinux2014_aarch64", "manylinux2014 aarch64"),
+    ("x86_64-manylinux_2_28", "manylinux_2_28_x86_64", "manylinux_2_28 x86_64"),
+    ("aarch64-manylinux_2_28", "manylinux_2_28_aarch64", "manylinux_2_28 aarch64"),
+    ("x86_64-unknown-linux-musl", "musllinux_1_2_x86_64", "musllinux x86_64 (Alpine)"),
+    ("aarch64-unknown-linux-musl", "musllinux_1_2_aarch64", "musllinux aarch64 (Alpine)"),
+    ("aarch64-apple-darwin", "macosx_11_0_arm64", "macOS arm64"),
+    ("x86_64-apple-darwin", "macosx_10_13_x86_64", "macOS x86_64"),
+    ("x86_64-pc-windows-msvc", "win_amd64", "Windows x86_64"),
+]
+VERSIONS = ["3.10", "3.11", "3.12", "3.13", "3.14"]
+#: Free-threaded rows go through pip (~45 s of resolving each on the 2-core machine), so one
+#: version on one platform of each OS family: where wheels are missing, they are missing
+#: for the whole family.
+FREE_THREADED = ["3.13"]
+FREE_THREADED_PLATFORMS = {"manylinux2014_x86_64", "musllinux_1_2_x86_64", "macosx_11_0_arm64", "win_amd64"}
+
+
+def build_wheel(out: Path) -> Path:
+    subprocess.run(
+        [sys.executable, "-m", "build", "--wheel", "--outdir", str(out), str(ROOT)], check=True, capture_output=True
+    )
+    return next(out.glob("koala_middleware-*.whl"))
+
+
+def uv_row(uv: str, wheel: Path, platform: str, version: str, extras: str) -> tuple[bool, str]:
+    requirement = f"koala-middleware[{extras}] @ {wheel.as_uri()}\n"
+    done = subprocess.run(
+        [uv, "pip", "compile", "-", "--only-binary", ":all:", "--python-platform", platform, "--python-version", version, "--no-header", "--quiet"],
+        input=requirement,
+        capture_output=True,
+        text=True,
+    )
+    return done.returncode == 0, _why(done)
+
+
+def pip_row(wheel: Path, platform: str, version: str, extras: str) -> tuple[bool, str]:
+    with tempfile.TemporaryDirectory() as target:
+        done = subprocess.run(
+            [sys.executable, "-m", "pip", "install", "--dry-run", "--quiet", "--disable-pip-version-check", "--only-binary=:all:", "--target", target, "--platform", platform, "--python-version", version, "--implementation", "cp", "--abi", f"cp{version.replace('.', '')}t", f"{wheel}[{extras}]"],
+            capture_output=True,
+            text=True,
+        )
+    return done.returncode == 0, _why(done)
+
+
+def _why(done: subprocess.CompletedProcess[str]) -> str:
+    lines = [line for line in done.stderr.splitlines() if line.strip()]
+    interesting = [line for line in lines if "No matching distribution" in line or "no wheels" in line.lower()]
+    return (interesting or lines or [""])[-1].strip()[:160]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--wheel", type=Path, help="the wheel to check (default: build one from this checkout)")
+    args = parser.parse_args(argv)
+    uv = shutil.which("uv") or str(Path(sys.executable).with_name("uv"))
+    with tempfile.TemporaryDirectory() as tmp:
+        wheel = args.wheel.resolve() if args.wheel else build_wheel(Path(tmp))
+        jobs = []
+        for uv_platform, pip_platform, label in PLATFORMS:
+            for version in VERSIONS:
+                jobs.append(
+                    (
+                        label,
+                        version,
+                        EXTRAS,
+                        True,
+                        lambda p=uv_platform, v=version, e=EXTRAS: uv_row(uv, wheel, p, v, e),
+                    )
+                )
+                jobs.append(
+                    (label, version, "curl", False, lambda p=uv_platform, v=version: uv_row(uv, wheel, p, v, "curl"))
+                )
+            for version in FREE_THREADED:
+                jobs.append(
+                    (
+                        label,
+                        version + "t",
+                        EXTRAS,
+                        True,
+                        lambda p=pip_platform, v=version, e=EXTRAS: pip_row(wheel, p, v, e),
+                    )
+                )
+                jobs.append(
+                    (
+                        label,
+                        version + "t",
+                        "curl",
+                        False,
+                        lambda p=pip_platform, v=version: pip_row(wheel, p, v, "curl"),
+                    )
+                )
+        with ThreadPoolExecutor(max_workers=4) as pool:
+            results = list(pool.map(lambda job: job[4](), jobs))
+    print(f"wheel: {wheel.name}; binary-only resolution (no source builds)")
+    print(f"| platform | CPython | [{EXTRAS}] (required) | [curl] (optional) |")
+    print("| --- | --- | --- | --- |")
+    failed = []
+    rows: dict[tuple[str, str], dict[str, tuple[bool, str]]] = {}
+    for (label, version, extras, _required, _), result in zip(jobs, results, strict=True):
+        rows.setdefault((label, version), {})[extras] = result
+    for (label, version), found in rows.items():
+        ok, why = found[EXTRAS]
+        curl_ok, _ = found["curl"]
+        print(f"| {label} | {version} | {'yes' if ok else 'NO: ' + why} | {'yes' if curl_ok else 'no wheel'} |")
+        if not ok:
+            failed.append(f"{label} / CPython {version}")
+    if failed:
+        print(f"\n{len(failed)} row(s) cannot install from wheels: " + "; ".join(failed))
+        return 1
+    print(f"\nall {len(rows)} rows resolve from wheels alone")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
