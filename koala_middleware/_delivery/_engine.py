@@ -32,14 +32,14 @@ from __future__ import annotations
 import base64
 import logging
 import os
-import ssl
-import urllib.request
 from typing import TYPE_CHECKING, Protocol
 from urllib.parse import unquote, urlsplit
 
 from ._settings import PROXY_SCHEMES, DeliverySettings
 
 if TYPE_CHECKING:
+    import ssl
+
     from ._policy import Answer
     from ._request import Request
 
@@ -155,6 +155,8 @@ def proxy_for(url: str, proxy: str | None = None) -> str | None:
     """
     if proxy is not None:
         return proxy
+    import urllib.request  # ~10 ms of import: only when a client resolves its route
+
     proxies = urllib.request.getproxies()
     parts = urlsplit(url)
     # Undocumented but long-standing (requests uses it too); typeshed leaves it out.
@@ -183,6 +185,8 @@ def trust_store() -> tuple[str | None, str | None]:
 
 def tls_context() -> ssl.SSLContext:
     """A verifying client context with :func:`trust_store`'s CAs, offering HTTP/1.1 only."""
+    import ssl
+
     cafile, capath = trust_store()
     context = ssl.create_default_context(cafile=cafile, capath=capath)
     context.set_alpn_protocols(["http/1.1"])
