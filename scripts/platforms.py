@@ -47,6 +47,9 @@ VERSIONS = ["3.10", "3.11", "3.12", "3.13", "3.14"]
 #: version on one platform of each OS family: where wheels are missing, they are missing
 #: for the whole family.
 FREE_THREADED = ["3.13"]
+#: Resolutions at once: each mostly waits on the index, so many run side by side (the
+#: pip ones, ~20 s of CPU each, are few).
+WORKERS = 16
 FREE_THREADED_PLATFORMS = {"manylinux2014_x86_64", "musllinux_1_2_x86_64", "macosx_11_0_arm64", "win_amd64"}
 
 
@@ -125,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
                         lambda p=pip_platform, v=version: pip_row(wheel, p, v, "curl"),
                     )
                 )
-        with ThreadPoolExecutor(max_workers=4) as pool:
+        with ThreadPoolExecutor(max_workers=WORKERS) as pool:
             results = list(pool.map(lambda job: job[4](), jobs))
     print(f"wheel: {wheel.name}; binary-only resolution (no source builds)")
     print(f"| platform | CPython | [{EXTRAS}] (required) | [curl] (optional) |")
