@@ -63,7 +63,20 @@ def build_wheel(out: Path) -> Path:
 def uv_row(uv: str, wheel: Path, platform: str, version: str, extras: str) -> tuple[bool, str]:
     requirement = f"koala-middleware[{extras}] @ {wheel.as_uri()}\n"
     done = subprocess.run(
-        [uv, "pip", "compile", "-", "--only-binary", ":all:", "--python-platform", platform, "--python-version", version, "--no-header", "--quiet"],
+        [
+            uv,
+            "pip",
+            "compile",
+            "-",
+            "--only-binary",
+            ":all:",
+            "--python-platform",
+            platform,
+            "--python-version",
+            version,
+            "--no-header",
+            "--quiet",
+        ],
         input=requirement,
         capture_output=True,
         text=True,
@@ -74,7 +87,27 @@ def uv_row(uv: str, wheel: Path, platform: str, version: str, extras: str) -> tu
 def pip_row(wheel: Path, platform: str, version: str, extras: str) -> tuple[bool, str]:
     with tempfile.TemporaryDirectory() as target:
         done = subprocess.run(
-            [sys.executable, "-m", "pip", "install", "--dry-run", "--quiet", "--disable-pip-version-check", "--only-binary=:all:", "--target", target, "--platform", platform, "--python-version", version, "--implementation", "cp", "--abi", f"cp{version.replace('.', '')}t", f"{wheel}[{extras}]"],
+            [
+                sys.executable,
+                "-m",
+                "pip",
+                "install",
+                "--dry-run",
+                "--quiet",
+                "--disable-pip-version-check",
+                "--only-binary=:all:",
+                "--target",
+                target,
+                "--platform",
+                platform,
+                "--python-version",
+                version,
+                "--implementation",
+                "cp",
+                "--abi",
+                f"cp{version.replace('.', '')}t",
+                f"{wheel}[{extras}]",
+            ],
             capture_output=True,
             text=True,
         )

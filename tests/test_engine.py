@@ -6,8 +6,10 @@ from __future__ import annotations
 
 import json
 import logging
+import socket
 import subprocess
 import sys
+import threading
 import uuid
 
 import pytest
@@ -55,3 +57,57 @@ def test_answers_past_the_cap_drop_their_connection_and_delivery_goes_on(engine:
         assert client.flush(10)
     client.shutdown(2)
     assert client.stats.delivered == 3 and not client.stats.dropped
+
+
+class ClosingKoala:
+    """A raw HTTP/1.1 server that answers the first request of each connection (keeping it
+    open) and closes the connection at the second without answering: what a server whose
+    idle timeout fires as a kept-alive connection is reused looks like."""
+
+    def __init__(self) -> None:
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self.listener.getsockname()[1]}"
+        self.answered = 0
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        while True:
+            connection, _ = self.listener.accept()
+            threading.Thread(target=self._handle, args=(connection,), daemon=True).start()
+
+    def _handle(self, connection: socket.socket) -> None:
+        with connection:
+            if not _read_request(connection):
+                return
+            self.answered += 1
+            connection.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+            _read_request(connection)  # the reuse: closed unanswered
+
+
+def _read_request(connection: socket.socket) -> bool:
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = connection.recv(65536)
+        if not chunk:
+            return False
+        data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    length = int(
+        next(line.split(b":")[1] for line in head.split(b"\r\n") if line.lower().startswith(b"content-length"))
+    )
+    while len(body) < length:
+        body += connection.recv(65536)
+    return True
+
+
+@pytest.mark.parametrize("sync", [False, True], ids=["background", "sync"])
+def test_a_kept_alive_connection_closed_under_a_request_is_retried_once_on_a_new_one(engine: str, sync: bool) -> None:
+    koala = ClosingKoala()
+    client = KoalaClient("pk_test", api_url=koala.url, sync=sync, max_retries=0)
+    for _ in range(3):
+        with client.tracker(profile_id=str(uuid.uuid4())) as tracker:
+            tracker.track("Reused")
+        assert client.flush(10)
+    client.shutdown(2)
+    assert client.stats.delivered == 3 and not client.stats.dropped
+    assert koala.answered == 3

@@ -216,9 +216,10 @@ class AsyncEngine:
             if connection is None:
                 connection = await self._connect(deadline)
             exchange = Exchange(connection.conn)
-            self._busy.add(connection)
+            current = connection
+            self._busy.add(current)
             try:
-                await connection.run(exchange, exchange.start(method, target, headers, body), deadline)
+                await current.run(exchange, exchange.start(method, target, headers, body), deadline)
             except (OSError, EngineError, h11.ProtocolError):
                 # A kept-alive connection the server closed as we wrote: once more on a new one.
                 if reused and not exchange.status and loop.time() < deadline:
@@ -226,7 +227,7 @@ class AsyncEngine:
                     continue
                 raise
             finally:
-                self._busy.discard(connection)
+                self._busy.discard(current)
             break
         if exchange.reusable() and not connection.closed and len(self._idle) < self._pool_size:
             connection.idle_since = loop.time()
