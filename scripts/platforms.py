@@ -141,9 +141,11 @@ def main(argv: list[str] | None = None) -> int:
         wheel = args.wheel.resolve() if args.wheel else build_wheel(Path(tmp))
         jobs: list[tuple[str, str, str, Callable[[], tuple[bool, str]]]] = []
         for uv_platform, pip_platform, label in PLATFORMS:
-            for version in VERSIONS:
-                for extras in (EXTRAS, "curl"):
-                    jobs.append((label, version, extras, partial(uv_row, uv, wheel, uv_platform, version, extras)))
+            jobs.extend(
+                (label, version, extras, partial(uv_row, uv, wheel, uv_platform, version, extras))
+                for version in VERSIONS
+                for extras in (EXTRAS, "curl")
+            )
             if pip_platform not in FREE_THREADED_PLATFORMS:
                 continue
             for version in FREE_THREADED:
