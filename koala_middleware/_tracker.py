@@ -13,13 +13,16 @@ import logging
 import os
 import threading
 from collections.abc import Callable, Mapping
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from . import _protocol
 from ._cookie import may_set_cookie
 from ._encoding import format_sent_at
 from ._ids import random_uuid4
 from ._validate import check_domain, check_email, check_id, check_name, encode_mapping
+
+if TYPE_CHECKING:
+    from ._delivery import DropReason
 
 MAX_ITEMS_PER_TRACKER = 10_000
 
@@ -75,10 +78,10 @@ class Sink(Protocol):
     def send_ip(self) -> bool:
         """Whether batches carry the visitor's IP."""
 
-    def send_tracker(self, tracker: Tracker) -> None:
-        """Take what ``tracker`` recorded (its ``take()``) for delivery."""
+    def _send_tracker(self, tracker: Tracker) -> None:
+        """Take what ``tracker`` recorded (its ``_take()``) for delivery."""
 
-    def count_dropped(self, items: int, reason: str, detail: str = "") -> None:
+    def _count_dropped(self, items: int, reason: DropReason, detail: str = "") -> None:
         """Count (and log) ``items`` recorded but never sent, and why."""
 
 
@@ -392,7 +395,7 @@ class Tracker:
             self._event_ids = []
             self._identifies = []
         elif count >= MAX_ITEMS_PER_TRACKER:
-            self._client.count_dropped(1, "tracker_full", TRACKER_FULL_DETAIL)
+            self._client._count_dropped(1, "tracker_full", TRACKER_FULL_DETAIL)
             return False
         self._count = count + 1
         return True
@@ -449,7 +452,7 @@ class Tracker:
                 )
         return result, withheld
 
-    def take(self) -> list[_protocol.Batch]:
+    def _take(self) -> list[_protocol.Batch]:
         """The hand-over: the batches of everything recorded so far, and a fresh start."""
         with _lock:
             batches, withheld = self._build(self._fresh)
@@ -457,7 +460,7 @@ class Tracker:
             self._accounts = None
             self._pending = None
         if withheld:
-            self._client.count_dropped(withheld, "cookie_withheld", COOKIE_WITHHELD_DETAIL)
+            self._client._count_dropped(withheld, "cookie_withheld", COOKIE_WITHHELD_DETAIL)
         return batches
 
     def send(self) -> None:
@@ -468,7 +471,7 @@ class Tracker:
         """
         if self._fresh and self._stage == OPEN:
             return
-        self._client.send_tracker(self)
+        self._client._send_tracker(self)
 
     def _follow_up(self) -> None:
         """Hand over what was recorded after the hand-over, at once, as its own batch."""
@@ -477,7 +480,7 @@ class Tracker:
             _logged_follow_up = True
             logger.debug(LOG_FOLLOW_UP)
         try:
-            self._client.send_tracker(self)
+            self._client._send_tracker(self)
         except Exception:  # a thread or task of the app: never raise into it over tracking
             logger.exception(LOG_FOLLOW_UP_FAILED)
 
@@ -553,7 +556,7 @@ class RequestTracker(Tracker):
         self._stage = HANDED_OVER
         if self._count:  # reset() keeps the count with its pending batches
             try:
-                self._client.send_tracker(self)
+                self._client._send_tracker(self)
             except Exception:  # the response is out: never raise into the server's close()
                 logger.exception(LOG_HANDOVER_FAILED)
         self._request = None
@@ -596,4 +599,4 @@ class RequestTracker(Tracker):
             self.email = None
             self._fresh = True
         if withheld:
-            self._client.count_dropped(withheld, "cookie_withheld", COOKIE_WITHHELD_DETAIL)
+            self._client._count_dropped(withheld, "cookie_withheld", COOKIE_WITHHELD_DETAIL)
