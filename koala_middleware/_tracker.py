@@ -201,11 +201,8 @@ class Tracker:
         "_identifies",
         "_ip",
         "_pending",
-        "_request",
-        "_set_cookies",
         "_stage",
         "_user_agent",
-        "_visits",
         "email",
         "enabled",
         "profile_id",
@@ -214,8 +211,6 @@ class Tracker:
     _events: list[str]
     _event_ids: list[str]
     _identifies: list[str]
-    #: A request tracker's ``Set-Cookie`` values for its response (see RequestTracker).
-    _set_cookies: list[str] | None
     #: Batches made by ``reset()`` from the records before it, handed over with the rest.
     _pending: list[_protocol.Batch] | None
 
@@ -238,23 +233,16 @@ class Tracker:
         self.enabled = enabled
         self._accounts: dict[str, _AccountRecords] | None = None
         self._count = 0
-        self._request: Any = None  # see RequestTracker
         self._stage = OPEN
         self._pending = None
         #: True while ``profile_id`` is an id made for this request whose cookie has not gone
         #: out: no browser holds it, so it must not reach Koala (see ``_build``).
         self._fresh = False
-        self._visits: RequestRules | None = None
-        self._set_cookies = None
 
     @property
     def user_agent(self) -> str | None:
         """The visitor's User-Agent, sent with the batch (None: the client's)."""
-        value = self._user_agent
-        if value is _UNREAD:  # a request's tracker: read when first needed
-            self._read_request()
-            value = self._user_agent
-        return value
+        return self._user_agent
 
     @user_agent.setter
     def user_agent(self, value: str | None) -> None:
@@ -263,26 +251,11 @@ class Tracker:
     @property
     def ip(self) -> str | None:
         """The visitor's IP address, sent with the batch (unless ``send_ip=False``)."""
-        value = self._ip
-        if value is _UNREAD:
-            self._read_request()
-            value = self._ip
-        return value
+        return self._ip
 
     @ip.setter
     def ip(self, value: str | None) -> None:
         self._ip = value
-
-    def _read_request(self) -> None:
-        """Fill in the User-Agent and IP not set yet, from the request while it is held
-        (None once the middleware let go of it)."""
-        request = self._request  # once: the middleware may let go of it meanwhile
-        visits = self._visits
-        user_agent, ip = visits.read_visitor(request) if request is not None and visits is not None else (None, None)
-        if self._user_agent is _UNREAD:
-            self._user_agent = user_agent
-        if self._ip is _UNREAD:
-            self._ip = ip
 
     def __repr__(self) -> str:
         return f"<Tracker profile_id={self.profile_id!r} enabled={self.enabled}>"
@@ -513,7 +486,9 @@ class RequestTracker(Tracker):
     :param fresh: ``profile_id`` was made for this request (a new visitor).
     """
 
-    __slots__ = ()
+    # The visit's own state, apart from what the base class records: the request (until
+    # the hand-over), the middleware's rules, and the Set-Cookie values its response needs.
+    __slots__ = ("_request", "_set_cookies", "_visits")
 
     def __init__(
         self,
@@ -526,10 +501,47 @@ class RequestTracker(Tracker):
         fresh: bool = False,
     ) -> None:
         super().__init__(client, profile_id, None, _UNREAD, _UNREAD, enabled)
-        self._request = request
+        self._request: Any = request
         self._visits = visits
         self._set_cookies = set_cookies
         self._fresh = fresh
+
+    @property
+    def user_agent(self) -> str | None:
+        """The visitor's User-Agent, sent with the batch (None: the client's); read from
+        the request when first needed."""
+        value = self._user_agent
+        if value is _UNREAD:
+            self._read_request()
+            value = self._user_agent
+        return value
+
+    @user_agent.setter
+    def user_agent(self, value: str | None) -> None:
+        self._user_agent = value
+
+    @property
+    def ip(self) -> str | None:
+        """The visitor's IP address (None unless it is one), read when first needed."""
+        value = self._ip
+        if value is _UNREAD:
+            self._read_request()
+            value = self._ip
+        return value
+
+    @ip.setter
+    def ip(self, value: str | None) -> None:
+        self._ip = value
+
+    def _read_request(self) -> None:
+        """Fill in the User-Agent and IP not set yet, from the request while it is held
+        (None once the middleware let go of it)."""
+        request = self._request  # once: the middleware may let go of it meanwhile
+        user_agent, ip = self._visits.read_visitor(request) if request is not None else (None, None)
+        if self._user_agent is _UNREAD:
+            self._user_agent = user_agent
+        if self._ip is _UNREAD:
+            self._ip = ip
 
     @property
     def new_visitor(self) -> bool:
@@ -583,7 +595,6 @@ class RequestTracker(Tracker):
                 "response headers (call it in the handler, not in a background task or a stream)"
             )
         visits = self._visits
-        assert visits is not None  # set by the middleware with the request
         with _lock:
             if self._count:
                 # The records so far, under the current id; the count stays (one request's cap).

@@ -441,3 +441,39 @@ def test_no_odd_request_is_logged_as_a_lost_batch(caplog: pytest.LogCaptureFixtu
     wsgi_call(KoalaWSGIMiddleware(tracking_wsgi_app([]), client=dry), wsgi_environ(REMOTE_ADDR=b"\x01"))
     assert not caplog.records
     assert json.loads(json.dumps(visitor_batches(dry)))
+
+
+def test_every_option_has_a_row_in_the_documentation_tables() -> None:
+    """The README's (or, after the docs split, docs/'s) option tables name every keyword the
+    signatures take: a row's first cell is `option` or `a`/`b` for options documented together."""
+    import re
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    pages = [root / "README.md", *sorted((root / "docs").glob("**/*.md"))]
+    documented: set[str] = set()
+    for page in pages:
+        if page.exists():
+            for cell in re.findall(r"^\| *(`[a-z_]+`(?: */ *`?[a-z_]+`?)*) *\|", page.read_text(), re.M):
+                documented.update(name.strip(" `") for name in cell.split("/"))
+    missing = set(typing.get_type_hints(VisitorOptions)) - documented
+    assert not missing, f"options without a row in README.md or docs/: {sorted(missing)}"
+
+
+# -- 7. structure: request state apart from recording, test-only code out of the package -------
+
+
+def test_the_recording_tracker_holds_no_request_state() -> None:
+    from koala_middleware._tracker import RequestTracker
+
+    tracker = KoalaClient(dry_run=True).tracker(email="ada@example.com")
+    for name in ("_request", "_visits", "_set_cookies"):
+        assert not hasattr(tracker, name), name
+        assert name in RequestTracker.__slots__
+
+
+def test_test_only_cookie_functions_are_out_of_the_package() -> None:
+    from koala_middleware import _cookie
+
+    for name in ("new_visitor_id", "is_valid_visitor_id", "read_visitor_id", "set_cookie_header"):
+        assert not hasattr(_cookie, name), name
