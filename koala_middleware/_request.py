@@ -114,7 +114,7 @@ def client_ip(value: object) -> str | None:
     """``value`` when it is an IPv4 or IPv6 address, as written; otherwise None (a unix
     socket path, ``"testclient"``, bytes, a number): Koala matches companies by address,
     and a batch must never carry something else as one."""
-    if not isinstance(value, str) or not value or len(value) > 64:
+    if value.__class__ is not str or not 0 < len(value) <= 64:
         return None
     return _parsed_ip(value)
 

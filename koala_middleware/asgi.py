@@ -101,9 +101,12 @@ def _cookie_and_gpc(scope: Scope) -> tuple[bytes | None, bool]:
 
 
 def _first_header(scope: Scope, wanted: bytes) -> str | None:
-    for name, value in _headers(scope):
+    headers = scope.get("headers")
+    if headers is None:
+        return None
+    for name, value in headers:
         if name == wanted:
-            return header_text(value)
+            return value.decode("latin-1") if value.__class__ is bytes else header_text(value)
     return None
 
 
@@ -132,7 +135,7 @@ def _site(scope: Scope) -> tuple[str | None, bool]:
     if host is None:
         server = scope.get("server")
         host = header_text(server[0]) if isinstance(server, (tuple, list)) and server else None
-    return host, _scheme(scope) in ("https", "wss")
+    return host, scope.get("scheme") in ("https", "wss")
 
 
 def _visitor(scope: Scope) -> tuple[str | None, str | None]:

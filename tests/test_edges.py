@@ -477,3 +477,17 @@ def test_test_only_cookie_functions_are_out_of_the_package() -> None:
 
     for name in ("new_visitor_id", "is_valid_visitor_id", "read_visitor_id", "set_cookie_header"):
         assert not hasattr(_cookie, name), name
+
+
+def test_flask_names_the_config_key_a_wrong_value_came_from() -> None:
+    from flask import Flask
+
+    from koala_middleware.flask import Koala
+
+    app = Flask(__name__)
+    app.config["KOALA_TIMEOUT"] = "5"
+    with pytest.raises(TypeError, match=r"^app.config\['KOALA_TIMEOUT'\]: timeout must be a positive number"):
+        Koala(app, dry_run=True)
+    app = Flask(__name__)
+    with pytest.raises(ValueError, match=r"^cookie_domain 'co.uk' is a public suffix"):
+        Koala(app, dry_run=True, cookie_domain="co.uk")
