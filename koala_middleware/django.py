@@ -98,7 +98,10 @@ def _site(request: Any) -> tuple[str | None, bool]:
 
 def _visitor(request: Any) -> tuple[str | None, str | None]:
     meta = request.META
-    return header_text(meta.get("HTTP_USER_AGENT")) or None, client_ip(meta.get("REMOTE_ADDR"))
+    user_agent = meta.get("HTTP_USER_AGENT")
+    if user_agent.__class__ is not str:
+        user_agent = header_text(user_agent)
+    return user_agent or None, client_ip(meta.get("REMOTE_ADDR"))
 
 
 REQUEST_READER = RequestReader(info=request_info, path=_path, site=_site, visitor=_visitor)

@@ -79,7 +79,10 @@ def _site(environ: WSGIEnvironment) -> tuple[str | None, bool]:
 
 
 def _visitor(environ: WSGIEnvironment) -> tuple[str | None, str | None]:
-    return header_text(environ.get("HTTP_USER_AGENT")) or None, client_ip(environ.get("REMOTE_ADDR"))
+    user_agent = environ.get("HTTP_USER_AGENT")
+    if user_agent.__class__ is not str:  # a call less on the batch path, for the usual str
+        user_agent = header_text(user_agent)
+    return user_agent or None, client_ip(environ.get("REMOTE_ADDR"))
 
 
 ENVIRON_READER = RequestReader(info=request_info, path=_path, site=_site, visitor=_visitor)
