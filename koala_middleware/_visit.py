@@ -33,6 +33,10 @@ LOG_SHOULD_TRACK_FAILED = "should_track raised; not tracking this request (fix t
 
 _COOKIE_DEFAULTS = CookieSettings()
 
+# RequestTracker's ``enabled`` and ``fresh``, by name: passed by position (``start`` runs on
+# every request, and keywords cost more), these say which is which.
+_TRACKED, _NOT_TRACKED, _NEW_ID = True, False, True
+
 #: Where the middlewares keep a request's tracker: ``environ``, ``scope`` (and through
 #: them Django's ``request.META`` / ``request.scope``). A request that already holds one
 #: was started by an outer Koala middleware, which alone sets its cookie and hands it over.
@@ -207,22 +211,22 @@ class Visits:
         """
         client = self.client
         if self._excluded is not None and self._excluded(self._reader.path(request)):
-            return RequestTracker(client, None, False, request, self)
+            return RequestTracker(client, None, _NOT_TRACKED, request, self)
         found = self._cookie.resolve(cookie)
         if (gpc and self._respect_gpc) or (
             self._should_track is not None and not _consents(self._should_track, self._reader.info(request))
         ):
-            return RequestTracker(client, found[0] if found is not None else None, False, request, self)
+            return RequestTracker(client, found[0] if found is not None else None, _NOT_TRACKED, request, self)
         if found is None:
             visitor_id, set_cookies = self.new_visitor(request)
-            return RequestTracker(client, visitor_id, True, request, self, set_cookies, True)
+            return RequestTracker(client, visitor_id, _TRACKED, request, self, set_cookies, _NEW_ID)
         visitor_id, writes = found
         if writes:  # a returning visitor with one of the two cookies missing or stale
             host, https = self._reader.site(request)
             return RequestTracker(
-                client, visitor_id, True, request, self, self._cookie.set_cookies(visitor_id, writes, host, https)
+                client, visitor_id, _TRACKED, request, self, self._cookie.set_cookies(visitor_id, writes, host, https)
             )
-        return RequestTracker(client, visitor_id, True, request, self)
+        return RequestTracker(client, visitor_id, _TRACKED, request, self)
 
     def new_visitor(self, request: Any) -> tuple[str, list[str]]:
         """A fresh visitor id and the ``Set-Cookie`` values that give it to the browser."""

@@ -117,7 +117,12 @@ def tracking_asgi_app(seen: list[Tracker], headers: Iterable[tuple[bytes, bytes]
 def asgi_call(app: Any, scope: dict[str, Any]) -> list[tuple[bytes, bytes]]:
     got: list[tuple[bytes, bytes]] = []
 
+    received: list[bool] = []
+
     async def receive() -> dict[str, Any]:
+        if received:  # after the body, a server only answers when the client goes away
+            await asyncio.Event().wait()
+        received.append(True)
         return {"type": "http.request", "body": b"", "more_body": False}
 
     async def send(message: dict[str, Any]) -> None:
@@ -172,6 +177,25 @@ def test_django_under_an_outer_koala_gives_a_new_visitor_one_id() -> None:
     (cookie,) = set_cookies(headers)
     assert not inner_client.dry_run_batches
     assert cookie.startswith("ko_id=")
+
+
+def test_django_asgi_under_an_outer_koala_gives_a_new_visitor_one_id() -> None:
+    import os
+
+    os.environ.setdefault("DJANGO_SETTINGS_MODULE", "django_project.settings")
+    import django
+
+    django.setup()
+    from django.core.handlers.asgi import ASGIHandler
+    from django.test import override_settings
+
+    outer_client, inner_client = KoalaClient(dry_run=True), KoalaClient(dry_run=True)
+    with override_settings(KOALA={"client": inner_client}, ALLOWED_HOSTS=["*"]):
+        app = KoalaASGIMiddleware(ASGIHandler(), client=outer_client)
+        headers = asgi_call(app, asgi_scope(path="/who", raw_path=b"/who"))
+    (cookie,) = set_cookies(headers)
+    assert cookie.startswith("ko_id=")
+    assert not inner_client.dry_run_batches
 
 
 # -- 2. numeric options checked where they are given -------------------------------------------
