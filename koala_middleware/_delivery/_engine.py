@@ -32,6 +32,7 @@ from __future__ import annotations
 import base64
 import logging
 import os
+import sys
 from typing import TYPE_CHECKING, Protocol
 from urllib.parse import unquote, urlsplit
 
@@ -155,7 +156,11 @@ def proxy_for(url: str, proxy: str | None = None) -> str | None:
     """
     if proxy is not None:
         return proxy
-    import urllib.request  # ~10 ms of import: only when a client resolves its route
+    if sys.platform not in ("win32", "darwin") and not any(name[-6:].lower() == "_proxy" for name in os.environ):
+        # Elsewhere urllib reads only these variables: with none set there is no proxy, and
+        # urllib.request (10 ms of import, 2.4 MB of RSS: http.client, email) is not needed.
+        return None
+    import urllib.request
 
     proxies = urllib.request.getproxies()
     parts = urlsplit(url)
