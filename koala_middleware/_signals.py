@@ -32,6 +32,8 @@ import threading
 import time
 from collections.abc import Callable
 
+from ._delivery._native import os_thread_ident
+
 logger = logging.getLogger("koala_middleware")
 
 LOG_SIGTERM_FAILED = "SIGTERM: the flush failed; exiting"
@@ -71,7 +73,7 @@ def install_sigterm_flush(shutdown: Callable[[], object]) -> bool:
         return True
     if current is not signal.SIG_DFL:  # someone else's (or ignored): theirs to handle
         return False
-    _shutdown, _main_thread = shutdown, threading.get_ident()
+    _shutdown, _main_thread = shutdown, os_thread_ident()
     signal.signal(signal.SIGTERM, _on_sigterm)
     return True
 
@@ -107,7 +109,7 @@ def _shut_down_then_signal(signum: int) -> None:
     # and leave the main thread asleep in a system call.
     try:
         signal.pthread_kill(_main_thread, signum)
-    except (OSError, ValueError, OverflowError):  # gevent: idents are greenlets', not threads'
+    except (OSError, ValueError, OverflowError):  # the main thread is gone
         os.kill(os.getpid(), signum)
     time.sleep(MAIN_THREAD_WAIT)
     logger.warning(LOG_SIGTERM_STUCK, MAIN_THREAD_WAIT)
@@ -139,7 +141,7 @@ def _after_fork_in_child() -> None:
     _busy = _thread.allocate_lock()
     _done = _exiting = False
     _received = None
-    _main_thread = threading.get_ident()
+    _main_thread = os_thread_ident()
 
 
 if hasattr(os, "register_at_fork"):

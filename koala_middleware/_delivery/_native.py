@@ -9,8 +9,11 @@ still counts as running in that thread, so a request's ``asyncio.run()`` (or asg
 ``async_to_sync``) fails with "cannot be called from a running event loop".
 
 So where gevent patched ``threading``, the sender runs on a thread started with the original
-``_thread.start_new_thread``, and its loop uses the original selector and resolves host
-names with the original ``getaddrinfo`` on a native thread of its own: asyncio's default
+``_thread.start_new_thread``, and its loop uses the original selector, a self-pipe made by
+the C ``_socket.socketpair`` (gevent's ``socket.socketpair``, even the "original" one,
+makes gevent sockets, which create a gevent hub in the sender's thread: two threads then
+import gevent's loop module at once and deadlock on the import locks, a host that hangs at
+start-up), and resolves host names with the original ``getaddrinfo`` on a native thread of its own: asyncio's default
 executor would make its workers greenlets of this thread, which no hub ever runs (and
 which the interpreter then waits for at exit). All of these are looked up when used, not
 at import: a worker patches after ``--preload`` imported this module. The sender and the
@@ -28,6 +31,7 @@ Without gevent's patching these are ``threading.Thread``, ``threading.Lock``,
 
 from __future__ import annotations
 
+import _socket
 import _thread
 import asyncio
 import contextlib
@@ -37,7 +41,7 @@ import threading
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
-__all__ = ["Lock", "LockType", "SenderThread", "new_event_loop", "new_selector"]
+__all__ = ["Lock", "LockType", "SenderThread", "new_event_loop", "new_selector", "os_thread_ident"]
 
 LockType = _thread.LockType
 
@@ -77,6 +81,14 @@ def Lock() -> LockType:
     return _thread.allocate_lock() if originals is None else originals.allocate_lock()
 
 
+def os_thread_ident() -> int:
+    """The calling OS thread's ``pthread_t``, as ``signal.pthread_kill`` needs it: under
+    gevent's patching ``threading.get_ident()`` is a greenlet's ``id()``, which
+    ``pthread_kill`` would take for a thread pointer (undefined behaviour; hangs seen)."""
+    originals = _originals()
+    return _thread.get_ident() if originals is None else originals.get_ident()
+
+
 def new_selector() -> selectors.BaseSelector:
     """A selector that blocks this OS thread alone (gevent's would wait on a hub no one runs here)."""
     originals = _originals()
@@ -97,8 +109,17 @@ class _NativeLoop(asyncio.SelectorEventLoop):
     """
 
     def __init__(self, selector: selectors.BaseSelector, originals: _Originals) -> None:
-        super().__init__(selector)
         self._originals = originals
+        super().__init__(selector)
+
+    def _make_self_pipe(self) -> None:
+        # asyncio's own four lines (3.10 to 3.14), but with the C socketpair: see the module
+        # docstring. ``_socket.socket`` has all the self-pipe needs (recv, send, close).
+        self._ssock, self._csock = _socket.socketpair()  # type: ignore[assignment]
+        self._ssock.setblocking(False)
+        self._csock.setblocking(False)
+        self._internal_fds += 1  # type: ignore[attr-defined]
+        self._add_reader(self._ssock.fileno(), self._read_from_self)  # type: ignore[attr-defined]
 
     async def getaddrinfo(
         self,
