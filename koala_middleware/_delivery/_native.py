@@ -115,7 +115,7 @@ class _NativeLoop(asyncio.SelectorEventLoop):
     def _make_self_pipe(self) -> None:
         # asyncio's own four lines (3.10 to 3.14), but with the C socketpair: see the module
         # docstring. ``_socket.socket`` has all the self-pipe needs (recv, send, close).
-        self._ssock, self._csock = _socket.socketpair()  # type: ignore[assignment]
+        self._ssock, self._csock = _socket.socketpair()
         self._ssock.setblocking(False)
         self._csock.setblocking(False)
         self._internal_fds += 1  # type: ignore[attr-defined]
