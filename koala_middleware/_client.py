@@ -7,24 +7,21 @@ it would have sent is logged at INFO on the ``koala_middleware`` logger.
 
 from __future__ import annotations
 
-import atexit
 import collections
-import functools
 import json
 import logging
 import os
 import re
-import sys
 import threading
 import weakref
-from collections.abc import Callable
 from typing import TypedDict
 
 import httpx
 
 from ._delivery import BackgroundSender, DeliverySettings, ErrorHook, Stats, SyncSender
+from ._exit import orphaned, register, shutdown_at_multiprocessing_exit, shutdown_at_sigterm, unregister
 from ._protocol import Batch
-from ._signals import exit_as_signalled, exiting, install_sigterm_flush
+from ._signals import install_sigterm_flush
 from ._tracker import Tracker
 from ._validate import check_email, check_id
 from ._version import __version__
@@ -34,8 +31,6 @@ logger = logging.getLogger("koala_middleware")
 DEFAULT_API_URL = "https://api2.getkoala.com"
 LOG_DRY_RUN = "dry run (no KOALA_PUBLIC_KEY), would POST %s %s"
 LOG_DRY_RUN_ON = "no public key configured; running in dry-run mode, nothing is sent"
-LOG_EXIT_FAILED = "shutdown at interpreter exit failed"
-LOG_SIGTERM = "SIGTERM: delivering pending batches (at most %.1fs), then exiting as SIGTERM does"
 
 _KEY = re.compile(r"^[A-Za-z0-9_\-]{1,200}$")
 
@@ -181,15 +176,15 @@ class KoalaClient:
         self._dry_run_lock = threading.Lock()
         if self.dry_run:
             logger.info(LOG_DRY_RUN_ON)
-        _live_clients.add(self)
+        register(self)
         # A client collected with batches still pending (made in a function that returned)
         # leaves its sender to the exit hooks, which flush it like a live client's.
-        self._orphaned = weakref.finalize(self, _orphaned, self._sender, self.shutdown_timeout, self.handle_sigterm)
+        self._orphaned = weakref.finalize(self, orphaned, self._sender, self.shutdown_timeout, self.handle_sigterm)
         self._orphaned.atexit = False
         if not self.sync and not self.dry_run:
-            _shutdown_at_multiprocessing_exit()
+            shutdown_at_multiprocessing_exit()
             if self.handle_sigterm:
-                install_sigterm_flush(_shutdown_at_sigterm)
+                install_sigterm_flush(shutdown_at_sigterm)
 
     def __repr__(self) -> str:
         mode = "dry-run" if self.dry_run else "sync" if self.sync else "background"
@@ -249,7 +244,7 @@ class KoalaClient:
 
     def shutdown(self, timeout: float | None = None) -> bool:
         """Flush (within ``timeout``, default ``shutdown_timeout``), then stop the sender."""
-        _live_clients.discard(self)
+        unregister(self)
         self._orphaned.detach()
         return self._sender.shutdown(self.shutdown_timeout if timeout is None else timeout)
 
@@ -262,70 +257,6 @@ class KoalaClient:
         """Count (in :attr:`stats`) and log ``items`` recorded but never sent, and why
         (trackers report theirs here, e.g. ``tracker_full``)."""
         self._sender.counters.dropped(reason, 0, items, detail)
-
-
-_live_clients: weakref.WeakSet[KoalaClient] = weakref.WeakSet()
-#: Senders of clients collected while they held batches: (shutdown, handle_sigterm).
-_orphans: list[tuple[Callable[[], object], bool]] = []
-
-
-def _orphaned(sender: BackgroundSender | SyncSender, timeout: float, handle_sigterm: bool) -> None:
-    if sender.pending():
-        _orphans.append((functools.partial(sender.shutdown, timeout), handle_sigterm))
-
-
-def _stoppers(sigterm: bool) -> list[Callable[[], object]]:
-    """What the exit hooks (or, with ``sigterm``, the SIGTERM handler) shut down: every live
-    client (that wants it), and the senders of collected ones that still held batches."""
-    clients = [c.shutdown for c in list(_live_clients) if not sigterm or (c.handle_sigterm and not c.sync)]
-    orphans = [shutdown for shutdown, handle_sigterm in _orphans if not sigterm or handle_sigterm]
-    _orphans.clear()
-    return [*clients, *orphans]
-
-
-@atexit.register
-def _shutdown_at_exit() -> None:
-    exiting()
-    for shutdown in _stoppers(sigterm=False):
-        try:
-            shutdown()
-        except Exception:  # never turn interpreter exit into a traceback
-            logger.exception(LOG_EXIT_FAILED)
-    exit_as_signalled()
-
-
-_multiprocessing_exit_pid = 0
-
-
-def _shutdown_at_multiprocessing_exit() -> None:
-    """In a ``multiprocessing`` child (granian's and hypercorn's workers), also shut down at
-    its end: a forked child ends with ``os._exit``, which skips ``atexit``, but it runs
-    ``multiprocessing``'s own exit finalizers just before."""
-    global _multiprocessing_exit_pid
-    multiprocessing = sys.modules.get("multiprocessing")  # not imported: not such a child
-    if multiprocessing is None or _multiprocessing_exit_pid == os.getpid():
-        return
-    if multiprocessing.parent_process() is None:
-        return
-    _multiprocessing_exit_pid = os.getpid()
-    import multiprocessing.util
-
-    multiprocessing.util.Finalize(None, _shutdown_at_exit, exitpriority=100)
-
-
-def _shutdown_at_sigterm() -> None:
-    """The SIGTERM handler's work (in its own thread): stop the clients that want it."""
-    stoppers = _stoppers(sigterm=True)
-    if not stoppers:
-        return
-    logger.info(LOG_SIGTERM, max([c.shutdown_timeout for c in list(_live_clients)], default=5.0))
-    # All at once: the process must end within the longest shutdown_timeout, not their sum.
-    threads = [threading.Thread(target=stop, name="koala-sigterm") for stop in stoppers[1:]]
-    for thread in threads:
-        thread.start()
-    stoppers[0]()
-    for thread in threads:
-        thread.join()
 
 
 def client_from_options(client: KoalaClient | None, options: ClientOptions) -> KoalaClient:

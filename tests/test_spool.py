@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import time
 from pathlib import Path
 
 import pytest
@@ -117,6 +118,10 @@ def test_a_forked_child_writes_its_own_spool_file(tmp_path: Path) -> None:
         if pid == 0:  # the child: its own file, its own batches; then it dies without a word
             try:
                 hand_over(client, 2, start=100)
+                # On disk once the child's sender thread has created its file (milliseconds).
+                deadline = time.monotonic() + 5
+                while client.stats.spooled < 2 and time.monotonic() < deadline:
+                    time.sleep(0.01)
                 os.write(write, json.dumps(client.stats.spooled).encode())
             finally:
                 os._exit(0)
@@ -126,7 +131,7 @@ def test_a_forked_child_writes_its_own_spool_file(tmp_path: Path) -> None:
         os.close(read)
         files = spool_files(tmp_path)
         assert len(files) == 2 and set(parent_file) < set(files)
-        assert f"{PREFIX}{pid}-" in next(f for f in files if f not in parent_file)
+        assert f"-{pid}-" in next(f for f in files if f not in parent_file)
         koala.up()
         assert client.flush(10)  # its own 3; the parent is alive, the child's file is not its
         client.shutdown()
