@@ -210,3 +210,61 @@ def test_a_spool_file_with_rows_it_cannot_read_is_set_aside_and_its_batches_coun
     assert stats.recovered == 2 and stats.dropped == {"error": 2} and stats.queued == 0, stats
     assert [r.msg for r in caplog.records].count(LOG_SPOOL_CORRUPT) == 1
     assert sum(name.endswith(".corrupt") for name in os.listdir(tmp_path)) == 1
+
+
+def chaos(key: str, mode: str, koala: Collector, spool: str) -> subprocess.Popen[str]:
+    env = {**env_for(koala), "SPOOL_DIR": spool}
+    return subprocess.Popen(
+        [sys.executable, "-m", "tests.e2e.apps.spool_chaos", key, mode],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def test_chaos_two_apps_many_processes_kill_9_nothing_missing_nothing_twice(tmp_path: Path) -> None:
+    """Issue 20, must show: 16 writers of two apps sharing one directory, kill -9 mid-write,
+    adopters killed mid-adoption, Koala down then up: every batch whose hand-over returned
+    arrives once, under its own app's key."""
+    spool = str(tmp_path)
+    keys = ("pk_chaos_a", "pk_chaos_b")
+    written: dict[tuple[str, int], list[str]] = {}  # (key, pid) -> the numbers it printed
+    with Collector() as koala:
+        koala.down()
+        for _wave in range(2):
+            writers = [(key, chaos(key, "churn", koala, spool)) for key in keys for _ in range(4)]
+            time.sleep(1.5)
+            adopters = [chaos(key, "deliver", koala, spool) for key in keys]  # adopting while Koala is down
+            time.sleep(0.5)
+            for proc in [proc for _, proc in writers] + adopters:
+                proc.kill()  # kill -9, mid-write and mid-adoption
+            for key, proc in writers:
+                out, _ = proc.communicate()
+                written[(key, proc.pid)] = out.split()
+            for proc in adopters:
+                proc.communicate()
+        koala.up()
+        finals = [chaos(key, "deliver", koala, spool) for key in keys]
+        results = []
+        for proc in finals:
+            out, err = proc.communicate(timeout=60)
+            assert proc.returncode == 0, err
+            results.append(json.loads(out.splitlines()[-1]))
+        assert all(r["flushed"] for r in results), results
+        received: dict[tuple[str, int, int], int] = {}
+        for request in koala.requests():
+            key = request.path.split("/")[3]
+            for event in json.loads(request.body)["events"]:
+                props = event["properties"]
+                assert props["key"] == key, "posted under another app's key"
+                ident = (key, props["pid"], props["n"])
+                received[ident] = received.get(ident, 0) + 1
+        ids = koala.message_ids()
+    expected = {(key, pid, int(n)) for (key, pid), numbers_ in written.items() for n in numbers_}
+    missing = expected - set(received)
+    assert len(expected) > 500, "precondition: the writers wrote"
+    assert not missing, f"{len(missing)} of {len(expected)} missing"
+    assert len(ids) == len(set(ids)), f"{len(ids) - len(set(ids))} duplicated"
+    assert not [name for name in os.listdir(spool) if name.endswith(".corrupt")]
