@@ -231,18 +231,21 @@ def test_chaos_two_apps_many_processes_kill_9_nothing_missing_nothing_twice(tmp_
     spool = str(tmp_path)
     keys = ("pk_chaos_a", "pk_chaos_b")
     written: dict[tuple[str, int], list[str]] = {}  # (key, pid) -> the numbers it printed
+    errors: list[str] = []
     with Collector() as koala:
         koala.down()
         for _wave in range(2):
             writers = [(key, chaos(key, "churn", koala, spool)) for key in keys for _ in range(4)]
-            time.sleep(1.5)
+            started = {proc.pid: proc.stdout.readline() if proc.stdout else "" for _, proc in writers}
+            time.sleep(1.0)
             adopters = [chaos(key, "deliver", koala, spool) for key in keys]  # adopting while Koala is down
             time.sleep(0.5)
             for proc in [proc for _, proc in writers] + adopters:
                 proc.kill()  # kill -9, mid-write and mid-adoption
             for key, proc in writers:
-                out, _ = proc.communicate()
-                written[(key, proc.pid)] = out.split()
+                out, err = proc.communicate()
+                written[(key, proc.pid)] = (started[proc.pid] + out).split()
+                errors.append(err)
             for proc in adopters:
                 proc.communicate()
         koala.up()
@@ -264,7 +267,7 @@ def test_chaos_two_apps_many_processes_kill_9_nothing_missing_nothing_twice(tmp_
         ids = koala.message_ids()
     expected = {(key, pid, int(n)) for (key, pid), numbers_ in written.items() for n in numbers_}
     missing = expected - set(received)
-    assert len(expected) > 500, "precondition: the writers wrote"
+    assert len(expected) > 16 * 20, ("precondition: the writers wrote", errors[-1][-2000:])
     assert not missing, f"{len(missing)} of {len(expected)} missing"
     assert len(ids) == len(set(ids)), f"{len(ids) - len(set(ids))} duplicated"
     assert not [name for name in os.listdir(spool) if name.endswith(".corrupt")]
