@@ -9,7 +9,14 @@ worker) get this handler from the first ``KoalaClient`` made in the main thread 
 thread that may install handlers).
 
 It never replaces a handler someone else installed, and a server that installs its own
-later simply takes over. The handler does next to nothing: it starts a bare thread
+later simply takes over; an app handler installed later that chains to this one (calls the
+previous handler) runs once: after the flush the process then exits with status 143 (128 +
+SIGTERM) instead of dying of the signal, as only the main thread may restore SIGTERM's
+default action. Not seen: ``faulthandler.register(SIGTERM)`` before the first client (its
+C-level handler is invisible to ``signal.getsignal``; register it after the client with
+``chain=True``, or pass ``handle_sigterm=False``); and the flush starts only when the main
+thread runs Python code again (CPython runs signal handlers there alone), so a main thread
+inside a long C call delays it past ``shutdown_timeout``. The handler does next to nothing: it starts a bare thread
 (``_thread.start_new_thread`` takes no lock, so a signal that lands while the main thread
 holds one, even one of ``threading``'s own, cannot deadlock) and returns, so the
 interrupted code carries on and releases what it holds. That thread shuts the clients down
@@ -105,6 +112,13 @@ def _shut_down_then_signal(signum: int) -> None:
     if _exiting:  # the main thread is in the exit hooks: exit_as_signalled ends it
         _busy.release()
         return
+    if signal.getsignal(signum) is not _on_sigterm:
+        # An app's handler installed after ours called ours (chaining to the previous
+        # handler, as if to the default action): signalling again would run it twice.
+        # Only the main thread may restore the default action, so end the process here,
+        # with the status a shell gives a process killed by the signal.
+        logging.shutdown()
+        os._exit(128 + signum)
     # To the main thread itself: a process-wide signal could be taken by another thread
     # and leave the main thread asleep in a system call.
     try:
