@@ -413,7 +413,8 @@ class Spool(NoSpool):
     def needs_sync(self) -> bool:
         """Finished batches to delete, a file to start, or one to rotate."""
         active = self._active
-        return bool(self._done or self._early) or (active is not None and active.writes >= ROTATE_EVERY)
+        rotate = active is not None and active.writes >= ROTATE_EVERY and not self._broken
+        return bool(self._done or self._early) or rotate
 
     # -- the request side ---------------------------------------------------------------
 

@@ -76,8 +76,9 @@ class BackgroundSender(Sender):
         self._spool: NoSpool = (
             NoSpool() if spool_dir is None else Spool(spool_dir, settings.max_spool_bytes, settings.base_url)
         )
-        self._spool.on_stranded = self._stranded
-        self._spool.on_spooled = functools.partial(self.counters.add, "spooled")
+        if self._spool.enabled:  # (NoSpool calls neither: no reference cycle through it)
+            self._spool.on_stranded = self._stranded
+            self._spool.on_spooled = functools.partial(self.counters.add, "spooled")
         self._init_state()
         if self._recover():
             self._ensure_thread()
@@ -100,7 +101,8 @@ class BackgroundSender(Sender):
     def after_fork(self) -> None:
         super().after_fork()
         self._spool.after_fork()
-        self._spool.on_spooled = functools.partial(self.counters.add, "spooled")  # the child's counters
+        if self._spool.enabled:
+            self._spool.on_spooled = functools.partial(self.counters.add, "spooled")  # the child's counters
         self._init_state()
 
     # -- the request side (any thread): cheap, never blocks on the network ----------------
