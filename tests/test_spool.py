@@ -219,9 +219,10 @@ def test_delivered_batches_are_not_sent_again_after_a_disk_full_fallback(
     """Issue 20.9: deletes failing (full disk) left delivered batches for the next process."""
     with Collector() as koala:
         client = KoalaClient("pk_test", api_url=koala.url, spool_dir=str(tmp_path), **FAST)
-        full_disk.failing = ("DELETE", "BEGIN")
+        full_disk.failing = ("DELETE",)
         hand_over(client, 10)
         assert client.flush(10)
+        assert client.stats.spooled == 10, "precondition: on disk"
         client.shutdown()
         full_disk.failing = ()
         later = KoalaClient("pk_test", api_url=koala.url, spool_dir=str(tmp_path), **FAST)
