@@ -1,13 +1,13 @@
 """Part 6: what the on-disk spool (``spool_dir``) costs.
 
-Hand-over: the calling thread's CPU per ``client.send(batch)`` with the spool and without,
+Hand-over: the calling thread's CPU per ``client._send(batch)`` with the spool and without,
 rounds interleaved in one run; the difference is the spool's own cost (one SQLite insert,
 committed to the WAL, before the hand-over returns). Throughput: batches/s to a Koala that
 answers in 50 ms with the spool on (every delivered batch is also deleted from disk), and
 the sender thread's CPU per batch, next to the same without the spool. The spool lives in
 the system's temporary directory.
 
-Hand-over latency: the wall time of each ``client.send(batch)`` (one every millisecond,
+Hand-over latency: the wall time of each ``client._send(batch)`` (one every millisecond,
 while the sender delivers to a 50 ms Koala, deletes delivered rows and rotates its files),
 with the spool on a normal disk, on a disk whose ``fsync``/``fdatasync`` take 200 ms (an
 ``LD_PRELOAD`` shim built here with the C compiler, skipped with a message where there is
@@ -37,13 +37,13 @@ def hand_over(url: str, count: int, spool_dir: str | None) -> float:
     client = KoalaClient("pk_bench", api_url=url, spool_dir=spool_dir, handle_sigterm=False)
     try:
         for batch in make_batches(client, 100):  # warm up: sender thread, connections, spool file
-            client.send(batch)
+            client._send(batch)
         if not client.flush(30):
             raise RuntimeError("warm-up batches were not delivered within 30 s")
         batches = make_batches(client, count)
         cpu = time.thread_time()
         for batch in batches:
-            client.send(batch)
+            client._send(batch)
         cpu = time.thread_time() - cpu
         if not client.flush(60):
             raise RuntimeError(f"{count} batches were not delivered within 60 s")
@@ -100,12 +100,12 @@ def latency(url: str, count: int, spool_dir: str | None) -> dict[str, float]:
     try:
         batches = make_batches(client, count + 1)
         started = time.perf_counter()
-        client.send(batches[0])
+        client._send(batches[0])
         first = time.perf_counter() - started
         durations = []
         for batch in batches[1:]:
             started = time.perf_counter()
-            client.send(batch)
+            client._send(batch)
             durations.append(time.perf_counter() - started)
             time.sleep(0.001)
         if not client.flush(60):

@@ -8,6 +8,7 @@ it would have sent is logged at INFO on the ``koala_middleware`` logger.
 from __future__ import annotations
 
 import collections
+import difflib
 import json
 import logging
 import os
@@ -18,12 +19,12 @@ from typing import TypedDict
 
 import httpx
 
-from ._delivery import BackgroundSender, DeliverySettings, ErrorHook, Stats, SyncSender
+from ._delivery import BackgroundSender, DeliverySettings, DropReason, ErrorHook, Stats, SyncSender
 from ._exit import orphaned, register, shutdown_at_multiprocessing_exit, shutdown_at_sigterm, unregister
 from ._protocol import Batch
 from ._signals import install_sigterm_flush
 from ._tracker import Tracker
-from ._validate import check_email, check_id
+from ._validate import check_count, check_email, check_flag, check_id, check_optional_text, check_seconds
 from ._version import __version__
 
 logger = logging.getLogger("koala_middleware")
@@ -31,6 +32,10 @@ logger = logging.getLogger("koala_middleware")
 DEFAULT_API_URL = "https://api2.getkoala.com"
 LOG_DRY_RUN = "dry run (no KOALA_PUBLIC_KEY), would POST %s %s"
 LOG_DRY_RUN_ON = "no public key configured; running in dry-run mode, nothing is sent"
+LOG_NO_KEY = (
+    "no Koala public key: nothing is sent to Koala (dry-run mode; batches are logged at INFO). "
+    "Set KOALA_PUBLIC_KEY or pass public_key=; pass dry_run=True to silence this warning.%s"
+)
 
 _KEY = re.compile(r"^[A-Za-z0-9_\-]{1,200}$")
 
@@ -128,6 +133,7 @@ class KoalaClient:
         spool_dir: str | os.PathLike[str] | None = None,
         max_spool_bytes: int = 64 * 1024 * 1024,
     ) -> None:
+        _check_options(locals())
         public_key = public_key or os.environ.get("KOALA_PUBLIC_KEY") or None
         if public_key is not None and not _KEY.match(public_key):
             raise ValueError(
@@ -174,6 +180,9 @@ class KoalaClient:
         #: In dry-run mode, the last batches that would have been sent (newest last).
         self.dry_run_batches: collections.deque[Batch] = collections.deque(maxlen=100)
         self._dry_run_lock = threading.Lock()
+        # Loud once when the key is missing (a typo in the variable's name too); not when dry
+        # run was asked for, nor under pytest, where a keyless client is the norm.
+        self._warn_no_key = dry_run is None and public_key is None
         if self.dry_run:
             logger.info(LOG_DRY_RUN_ON)
         register(self)
@@ -206,16 +215,19 @@ class KoalaClient:
             check_id(user_agent, "user_agent")
         return Tracker(self, profile_id, email, user_agent=user_agent)
 
-    def send_tracker(self, tracker: Tracker) -> None:
+    def _send_tracker(self, tracker: Tracker) -> None:
         """Hand a tracker's records over as batches (non-blocking unless ``sync``)."""
-        for batch in tracker.take():
-            self.send(batch)
+        for batch in tracker._take():
+            self._send(batch)
 
-    def send(self, batch: Batch) -> None:
+    def _send(self, batch: Batch) -> None:
         if self.dry_run:
             self._sender.counters.add("dry_run")
             with self._dry_run_lock:
                 self.dry_run_batches.append(batch)
+                warn, self._warn_no_key = self._warn_no_key, False
+            if warn and "PYTEST_CURRENT_TEST" not in os.environ:
+                logger.warning(LOG_NO_KEY, _misspelt_key_hint())
             logger.info(LOG_DRY_RUN, batch.path, batch.body.decode())
             return
         self._sender.submit(batch)
@@ -253,10 +265,34 @@ class KoalaClient:
         """A snapshot of the delivery counters (delivered, retried, dropped by reason...)."""
         return self._sender.counters.snapshot(self._sender.pending())
 
-    def count_dropped(self, items: int, reason: str, detail: str = "") -> None:
+    def _count_dropped(self, items: int, reason: DropReason, detail: str = "") -> None:
         """Count (in :attr:`stats`) and log ``items`` recorded but never sent, and why
         (trackers report theirs here, e.g. ``tracker_full``)."""
         self._sender.counters.dropped(reason, 0, items, detail)
+
+
+def _misspelt_key_hint() -> str:
+    """Names (never values) of set variables that look like a misspelt ``KOALA_PUBLIC_KEY``."""
+    near = difflib.get_close_matches("KOALA_PUBLIC_KEY", [name.upper() for name in os.environ], n=3, cutoff=0.8)
+    names = [name for name in os.environ if name.upper() in near and name != "KOALA_PUBLIC_KEY"]
+    return f" Did you mean KOALA_PUBLIC_KEY instead of {', '.join(sorted(names))}?" if names else ""
+
+
+def _check_options(options: dict[str, object]) -> None:
+    """Type and range of every numeric and switch option, with the keyword in the message:
+    a wrong value fails here, at the call that gave it, not as a failing post later."""
+    check_seconds("timeout", options["timeout"], positive=True)
+    for seconds in ("backoff_base", "max_backoff", "shutdown_timeout"):
+        check_seconds(seconds, options[seconds])
+    for count in ("max_queue_batches", "max_queue_bytes", "max_in_flight", "max_spool_bytes"):
+        check_count(count, options[count], 1)
+    check_count("max_retries", options["max_retries"], 0)
+    for flag in ("send_ip", "sync", "handle_sigterm"):
+        check_flag(flag, options[flag])
+    check_flag("dry_run", options["dry_run"], none=True)
+    for text in ("public_key", "api_url", "user_agent"):
+        check_optional_text(text, options[text])
+    check_optional_text("proxy", options["proxy"], "a proxy URL string")
 
 
 def client_from_options(client: KoalaClient | None, options: ClientOptions) -> KoalaClient:

@@ -110,7 +110,7 @@ class BackgroundSender(Sender):
     def submit(self, batch: Batch) -> bool:
         spooled = self._spool.add(batch)
         if spooled == "spool_full":
-            self._give_up(batch, DeliveryError(spooled, "not queued: the spool is at max_spool_bytes"))
+            self._give_up(batch, DeliveryError("spool_full", "not queued: the spool is at max_spool_bytes"))
             return False
         if not spooled:
             self.counters.add("spooled")
