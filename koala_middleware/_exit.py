@@ -37,6 +37,8 @@ class _Client(Protocol):
     handle_sigterm: bool
     sync: bool
 
+    def flush(self, timeout: float = 5.0) -> bool: ...
+
     def shutdown(self, timeout: float | None = None) -> bool: ...
 
 
