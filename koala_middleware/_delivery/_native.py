@@ -36,6 +36,7 @@ import _thread
 import asyncio
 import contextlib
 import selectors
+import socket
 import sys
 import threading
 from collections.abc import Callable
@@ -47,13 +48,14 @@ LockType = _thread.LockType
 
 
 class _Originals(NamedTuple):
-    """The stdlib functions and class the sender needs, as they were before gevent patched them."""
+    """The stdlib functions and classes the sender needs, as they were before gevent patched them."""
 
     start_new_thread: Callable[..., int]
     allocate_lock: Callable[[], LockType]
     get_ident: Callable[[], int]
     getaddrinfo: Callable[..., Any]
     selector: type[selectors.BaseSelector]
+    socket: type[socket.socket]
 
 
 def _originals() -> _Originals | None:
@@ -71,6 +73,7 @@ def _originals() -> _Originals | None:
             ident,
             monkey.get_original("socket", "getaddrinfo"),
             monkey.get_original("selectors", "DefaultSelector"),
+            monkey.get_original("socket", "socket"),
         )
     return None
 
@@ -151,6 +154,50 @@ class _NativeLoop(asyncio.SelectorEventLoop):
 
         self._originals.start_new_thread(resolve, ())
         return await future
+
+    async def create_connection(  # type: ignore[override]
+        self,
+        protocol_factory: Callable[[], asyncio.BaseProtocol],
+        host: str | None = None,
+        port: int | None = None,
+        **kwargs: Any,
+    ) -> tuple[asyncio.Transport, asyncio.BaseProtocol]:
+        """asyncio's, but the socket is the original ``socket.socket``: asyncio would make a
+        patched one, which creates a gevent hub in this thread (see ``_make_self_pipe``).
+        Tries each address in turn (no Happy Eyeballs, as asyncio's default)."""
+        if kwargs.get("sock") is not None or host is None:
+            return await super().create_connection(protocol_factory, host, port, **kwargs)  # type: ignore[arg-type]
+        options = {key: kwargs.pop(key) for key in ("family", "proto", "flags") if key in kwargs}
+        local = kwargs.pop("local_addr", None)
+        infos = await self.getaddrinfo(
+            host,
+            port,
+            family=options.get("family", 0),
+            type=socket.SOCK_STREAM,
+            proto=options.get("proto", 0),
+            flags=options.get("flags", 0),
+        )
+        if not infos:
+            raise OSError(f"getaddrinfo({host!r}) returned an empty list")
+        errors: list[OSError] = []
+        for family, kind, proto, _, address in infos:
+            sock = self._originals.socket(family, kind, proto)
+            try:
+                sock.setblocking(False)
+                if local is not None:
+                    sock.bind(local)
+                await self.sock_connect(sock, address)
+            except OSError as error:
+                sock.close()
+                errors.append(error)
+                continue
+            except BaseException:
+                sock.close()
+                raise
+            if kwargs.get("ssl") and kwargs.get("server_hostname") is None:
+                kwargs["server_hostname"] = host
+            return await super().create_connection(protocol_factory, sock=sock, **kwargs)
+        raise errors[0] if len(errors) == 1 else OSError(f"could not connect to {host!r}: {errors}")
 
 
 class SenderThread:

@@ -213,3 +213,13 @@ def test_sigterm_ends_a_gevent_pywsgi_server_after_delivering() -> None:
         assert not hung, f"{len(hung)} of {RUNS} hung"
         assert all(code == -signal.SIGTERM for code, _, _ in results), [(c, e[-300:]) for c, _, e in results]
         assert len(set(koala.message_ids())) == RUNS
+
+
+def test_the_senders_loop_connects_without_making_a_gevent_hub_in_its_thread() -> None:
+    """asyncio's ``create_connection`` makes its socket with the patched ``socket.socket``,
+    whose constructor creates a gevent hub in the sender's thread (the start-up deadlock of
+    issue 20.1 again, for the pure-Python engine's connections): the sender's loop uses the
+    original class."""
+    with Collector() as koala:
+        code, out, err = outcome(gevent_script("connect", koala), 20)
+    assert code == 0 and json.loads(out)["hub"] is False, (out, err[-500:])

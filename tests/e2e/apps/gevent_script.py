@@ -6,6 +6,9 @@ Koala's address comes from ``KOALA_API_URL``. MODE:
   sender's native thread used to build a gevent hub of its own through the patched
   ``socket.socketpair`` and deadlock on import locks with the main thread), flushes, prints
   ``{"flushed": ...}`` and exits;
+- ``connect``: on a sender thread, the sender's event loop opens a connection to Koala with
+  ``loop.create_connection`` (as the pure-Python delivery engine does) and prints whether
+  that thread got a gevent hub (``{"hub": false}`` expected);
 - ``pywsgi``: a ``gevent.pywsgi`` server (SIGTERM left at its default action, so the
   client's flush handler is installed) that tracks one event per request; prints
   ``{"port": ...}`` once listening. SIGTERM must end it (it used to hang in
@@ -24,7 +27,38 @@ import uuid  # noqa: E402
 from koala_middleware import KoalaClient  # noqa: E402
 
 
+def connect() -> None:
+    import asyncio
+    from urllib.parse import urlsplit
+
+    from gevent._hub_local import get_hub_if_exists
+
+    from koala_middleware._delivery import _native
+
+    url = urlsplit(os.environ["KOALA_API_URL"])
+    seen: list[object] = []
+
+    def run() -> None:
+        loop = _native.new_event_loop(_native.new_selector())
+        try:
+            transport, _ = loop.run_until_complete(loop.create_connection(asyncio.Protocol, "localhost", url.port))
+            transport.close()
+            seen.append(get_hub_if_exists() is not None)
+        except BaseException as error:
+            seen.append(repr(error))
+        finally:
+            loop.close()
+
+    thread = _native.SenderThread(run, "koala-sender")
+    thread.start()
+    thread.join(10)
+    print(json.dumps({"hub": seen[0] if seen else "timed out"}), flush=True)
+
+
 def main(mode: str) -> None:
+    if mode == "connect":
+        connect()
+        return
     client = KoalaClient("pk_test", api_url=os.environ["KOALA_API_URL"], shutdown_timeout=3)
     if mode == "start":
         with client.tracker(profile_id=str(uuid.uuid4())) as tracker:
