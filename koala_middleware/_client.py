@@ -7,27 +7,22 @@ it would have sent is logged at INFO on the ``koala_middleware`` logger.
 
 from __future__ import annotations
 
-import atexit
 import collections
 import difflib
-import functools
 import json
 import logging
 import os
 import re
-import sys
 import threading
 import weakref
-from collections.abc import Callable
 from typing import TypedDict
 
-import httpx
-
-from ._delivery import BackgroundSender, DeliverySettings, ErrorHook, Stats, SyncSender
+from ._delivery import BackgroundSender, DeliverySettings, DropReason, ErrorHook, Stats, SyncSender
+from ._exit import orphaned, register, shutdown_at_multiprocessing_exit, shutdown_at_sigterm, unregister
 from ._protocol import Batch
-from ._signals import exit_as_signalled, exiting, install_sigterm_flush
+from ._signals import install_sigterm_flush
 from ._tracker import Tracker
-from ._validate import check_email, check_id
+from ._validate import check_count, check_email, check_flag, check_id, check_optional_text, check_seconds
 from ._version import __version__
 
 logger = logging.getLogger("koala_middleware")
@@ -39,9 +34,14 @@ LOG_NO_KEY = (
     "no Koala public key: nothing is sent to Koala (dry-run mode; batches are logged at INFO). "
     "Set KOALA_PUBLIC_KEY or pass public_key=; pass dry_run=True to silence this warning.%s"
 )
-LOG_EXIT_FAILED = "shutdown at interpreter exit failed"
-LOG_SIGTERM = "SIGTERM: delivering pending batches (at most %.1fs), then exiting as SIGTERM does"
 
+#: ``transport=`` took an httpx transport that replaced the sender's HTTP layer, skipping
+#: its deadline, proxy, TLS and answer cap; every path now posts through the one engine.
+TRANSPORT_REMOVED = (
+    "KoalaClient(transport=...) is no longer supported: every batch goes through the delivery "
+    "engine. In tests, start koala_middleware.testing.Collector (a local Koala; the pytest "
+    "fixture koala_collector) and pass api_url=collector.url"
+)
 _KEY = re.compile(r"^[A-Za-z0-9_\-]{1,200}$")
 
 
@@ -69,7 +69,7 @@ class ClientOptions(TypedDict, total=False):
     sync: bool
     dry_run: bool | None
     user_agent: str | None
-    transport: httpx.AsyncBaseTransport | httpx.BaseTransport | None
+    transport: None
     handle_sigterm: bool
     spool_dir: str | os.PathLike[str] | None
     max_spool_bytes: int
@@ -106,7 +106,8 @@ class KoalaClient:
     :param dry_run: force dry-run mode on or off; by default on exactly when there is no key.
     :param user_agent: the User-Agent of batches recorded outside a web request (default
         ``koala-middleware/<version>``).
-    :param transport: an httpx transport, for tests (``httpx.MockTransport``).
+    :param transport: removed; passing anything raises ``TypeError``. Tests point ``api_url``
+        at :class:`koala_middleware.testing.Collector`, a real local Koala.
     :param handle_sigterm: where SIGTERM is still at Python's default action (waitress,
         ``flask run``, scripts) and the client is made in the main thread, flush on SIGTERM
         within ``shutdown_timeout``, then exit as SIGTERM would. A handler installed by
@@ -139,11 +140,12 @@ class KoalaClient:
         sync: bool = False,
         dry_run: bool | None = None,
         user_agent: str | None = None,
-        transport: httpx.AsyncBaseTransport | httpx.BaseTransport | None = None,
+        transport: None = None,
         handle_sigterm: bool = True,
         spool_dir: str | os.PathLike[str] | None = None,
         max_spool_bytes: int = 64 * 1024 * 1024,
     ) -> None:
+        _check_options(locals())
         public_key = public_key or os.environ.get("KOALA_PUBLIC_KEY") or None
         if public_key is not None and not _KEY.match(public_key):
             raise ValueError(
@@ -155,6 +157,8 @@ class KoalaClient:
             raise ValueError(f"api_url must start with http:// or https://, got {api_url!r}")
         if on_error is not None and not callable(on_error):
             raise TypeError("on_error must be a callable on_error(batch, error)")
+        if transport is not None:
+            raise TypeError(TRANSPORT_REMOVED)
         spool_dir = spool_dir or os.environ.get("KOALA_SPOOL_DIR") or None
         if spool_dir is not None and not isinstance(spool_dir, (str, os.PathLike)):
             raise TypeError(f"spool_dir must be a directory path (str or os.PathLike), got {type(spool_dir).__name__}")
@@ -181,7 +185,6 @@ class KoalaClient:
             backoff_base=backoff_base,
             max_backoff=max_backoff,
             retry_for=retry_for,
-            transport=transport,
             spool_dir=os.fspath(spool_dir) if spool_dir is not None else None,
             max_spool_bytes=max_spool_bytes,
         )
@@ -196,15 +199,15 @@ class KoalaClient:
         self._warn_no_key = dry_run is None and public_key is None
         if self.dry_run:
             logger.info(LOG_DRY_RUN_ON)
-        _live_clients.add(self)
+        register(self)
         # A client collected with batches still pending (made in a function that returned)
         # leaves its sender to the exit hooks, which flush it like a live client's.
-        self._orphaned = weakref.finalize(self, _orphaned, self._sender, self.shutdown_timeout, self.handle_sigterm)
+        self._orphaned = weakref.finalize(self, orphaned, self._sender, self.shutdown_timeout, self.handle_sigterm)
         self._orphaned.atexit = False
         if not self.sync and not self.dry_run:
-            _shutdown_at_multiprocessing_exit()
+            shutdown_at_multiprocessing_exit()
             if self.handle_sigterm:
-                install_sigterm_flush(_shutdown_at_sigterm)
+                install_sigterm_flush(shutdown_at_sigterm)
 
     def __repr__(self) -> str:
         mode = "dry-run" if self.dry_run else "sync" if self.sync else "background"
@@ -226,12 +229,12 @@ class KoalaClient:
             check_id(user_agent, "user_agent")
         return Tracker(self, profile_id, email, user_agent=user_agent)
 
-    def send_tracker(self, tracker: Tracker) -> None:
+    def _send_tracker(self, tracker: Tracker) -> None:
         """Hand a tracker's records over as batches (non-blocking unless ``sync``)."""
-        for batch in tracker.take():
-            self.send(batch)
+        for batch in tracker._take():
+            self._send(batch)
 
-    def send(self, batch: Batch) -> None:
+    def _send(self, batch: Batch) -> None:
         if self.dry_run:
             self._sender.counters.add("dry_run")
             with self._dry_run_lock:
@@ -267,7 +270,7 @@ class KoalaClient:
 
     def shutdown(self, timeout: float | None = None) -> bool:
         """Flush (within ``timeout``, default ``shutdown_timeout``), then stop the sender."""
-        _live_clients.discard(self)
+        unregister(self)
         self._orphaned.detach()
         return self._sender.shutdown(self.shutdown_timeout if timeout is None else timeout)
 
@@ -276,15 +279,10 @@ class KoalaClient:
         """A snapshot of the delivery counters (delivered, retried, dropped by reason...)."""
         return self._sender.counters.snapshot(self._sender.pending())
 
-    def count_dropped(self, items: int, reason: str, detail: str = "") -> None:
+    def _count_dropped(self, items: int, reason: DropReason, detail: str = "") -> None:
         """Count (in :attr:`stats`) and log ``items`` recorded but never sent, and why
         (trackers report theirs here, e.g. ``tracker_full``)."""
         self._sender.counters.dropped(reason, 0, items, detail)
-
-
-_live_clients: weakref.WeakSet[KoalaClient] = weakref.WeakSet()
-#: Senders of clients collected while they held batches: (shutdown, handle_sigterm).
-_orphans: list[tuple[Callable[[], object], bool]] = []
 
 
 def _misspelt_key_hint() -> str:
@@ -294,63 +292,21 @@ def _misspelt_key_hint() -> str:
     return f" Did you mean KOALA_PUBLIC_KEY instead of {', '.join(sorted(names))}?" if names else ""
 
 
-def _orphaned(sender: BackgroundSender | SyncSender, timeout: float, handle_sigterm: bool) -> None:
-    if sender.pending():
-        _orphans.append((functools.partial(sender.shutdown, timeout), handle_sigterm))
-
-
-def _stoppers(sigterm: bool) -> list[Callable[[], object]]:
-    """What the exit hooks (or, with ``sigterm``, the SIGTERM handler) shut down: every live
-    client (that wants it), and the senders of collected ones that still held batches."""
-    clients = [c.shutdown for c in list(_live_clients) if not sigterm or (c.handle_sigterm and not c.sync)]
-    orphans = [shutdown for shutdown, handle_sigterm in _orphans if not sigterm or handle_sigterm]
-    _orphans.clear()
-    return [*clients, *orphans]
-
-
-@atexit.register
-def _shutdown_at_exit() -> None:
-    exiting()
-    for shutdown in _stoppers(sigterm=False):
-        try:
-            shutdown()
-        except Exception:  # never turn interpreter exit into a traceback
-            logger.exception(LOG_EXIT_FAILED)
-    exit_as_signalled()
-
-
-_multiprocessing_exit_pid = 0
-
-
-def _shutdown_at_multiprocessing_exit() -> None:
-    """In a ``multiprocessing`` child (granian's and hypercorn's workers), also shut down at
-    its end: a forked child ends with ``os._exit``, which skips ``atexit``, but it runs
-    ``multiprocessing``'s own exit finalizers just before."""
-    global _multiprocessing_exit_pid
-    multiprocessing = sys.modules.get("multiprocessing")  # not imported: not such a child
-    if multiprocessing is None or _multiprocessing_exit_pid == os.getpid():
-        return
-    if multiprocessing.parent_process() is None:
-        return
-    _multiprocessing_exit_pid = os.getpid()
-    import multiprocessing.util
-
-    multiprocessing.util.Finalize(None, _shutdown_at_exit, exitpriority=100)
-
-
-def _shutdown_at_sigterm() -> None:
-    """The SIGTERM handler's work (in its own thread): stop the clients that want it."""
-    stoppers = _stoppers(sigterm=True)
-    if not stoppers:
-        return
-    logger.info(LOG_SIGTERM, max([c.shutdown_timeout for c in list(_live_clients)], default=5.0))
-    # All at once: the process must end within the longest shutdown_timeout, not their sum.
-    threads = [threading.Thread(target=stop, name="koala-sigterm") for stop in stoppers[1:]]
-    for thread in threads:
-        thread.start()
-    stoppers[0]()
-    for thread in threads:
-        thread.join()
+def _check_options(options: dict[str, object]) -> None:
+    """Type and range of every numeric and switch option, with the keyword in the message:
+    a wrong value fails here, at the call that gave it, not as a failing post later."""
+    check_seconds("timeout", options["timeout"], positive=True)
+    for seconds in ("backoff_base", "max_backoff", "retry_for", "shutdown_timeout"):
+        check_seconds(seconds, options[seconds])
+    for count in ("max_queue_batches", "max_queue_bytes", "max_in_flight", "max_spool_bytes"):
+        check_count(count, options[count], 1)
+    check_count("max_retries", options["max_retries"], 0)
+    for flag in ("send_ip", "sync", "handle_sigterm"):
+        check_flag(flag, options[flag])
+    check_flag("dry_run", options["dry_run"], none=True)
+    for text in ("public_key", "api_url", "user_agent"):
+        check_optional_text(text, options[text])
+    check_optional_text("proxy", options["proxy"], "a proxy URL string")
 
 
 def client_from_options(client: KoalaClient | None, options: ClientOptions) -> KoalaClient:

@@ -21,6 +21,9 @@ from koala_middleware._delivery._sender import LOG_UNAVAILABLE
 from koala_middleware._delivery._stats import LOG_DROPPED
 from koala_middleware.testing import Collector
 
+#: Every engine passes the same tests (conftest.py's ``engine``).
+pytestmark = pytest.mark.usefixtures("engine")
+
 # "café" as UTF-8 bytes, as a WSGI/ASGI server hands it over (one character per byte).
 UTF8_UA = "Mozilla/5.0 (caf\xc3\xa9)"
 # A lone 0xE9 (latin-1 "é"): not UTF-8, so sent escaped.
@@ -86,7 +89,7 @@ def test_a_batch_no_request_can_carry_is_dropped_alone(
         with client.tracker(profile_id=str(uuid.uuid4())) as tracker:
             tracker.track("Viewed", {"n": n})
         if n % 20 == 0:
-            client.send(bad[n // 20])
+            client._send(bad[n // 20])
     assert client.flush(10)
     stats = client.stats
     client.shutdown(1)

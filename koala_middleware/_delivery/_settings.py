@@ -2,13 +2,10 @@
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
-import httpx
-
-#: The proxies the sender can talk to (and that sync mode's httpx reaches without extras).
+#: The proxies the delivery engines can talk to.
 PROXY_SCHEMES = ("http://", "https://")
 
 
@@ -26,16 +23,11 @@ class DeliverySettings:
     backoff_base: float
     max_backoff: float
     retry_for: float
-    transport: httpx.AsyncBaseTransport | httpx.BaseTransport | None
     proxy: str | None
     spool_dir: str | None
     max_spool_bytes: int
 
     def __post_init__(self) -> None:
-        if isinstance(self.retry_for, bool) or not isinstance(self.retry_for, (int, float)):
-            raise TypeError(f"retry_for must be a number of seconds such as 600, got {type(self.retry_for).__name__}")
-        if not self.retry_for >= 0 or math.isinf(self.retry_for):
-            raise ValueError(f"retry_for must be a finite number of seconds >= 0 such as 600, got {self.retry_for!r}")
         # At the call site, saying how to fix it: a bad proxy= would fail every batch later.
         if self.proxy is not None and (not self.proxy.startswith(PROXY_SCHEMES) or not urlsplit(self.proxy).hostname):
             raise ValueError(
