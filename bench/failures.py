@@ -10,7 +10,8 @@ message id is then looked up among the accepted requests, with its arrival time.
     python -m bench.failures            # every scenario at full length (about 9 minutes)
     python -m bench.failures --quick    # each scenario a sixth as long
     python -m bench.failures --cpu-ab OLD_TREE   # part 4's sender CPU per batch, this tree
-                                                 # against OLD_TREE, rounds interleaved
+                                                 # against OLD_TREE (and a copy of it, the
+                                                 # noise control), rounds interleaved
 
 The "Koala down 10 minutes" scenario runs with time scaled by 1/10: down 60 s, with
 ``max_queue_batches=1,000`` (a tenth of the default) so that the queue fills as it would.
@@ -21,8 +22,10 @@ from __future__ import annotations
 import argparse
 import itertools
 import random
+import shutil
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import uuid
@@ -294,11 +297,14 @@ print(rate, cpu)
 
 def cpu_ab(old_tree: Path, rounds: int = 6, count: int = 4000) -> list[Row]:
     """Sender CPU per batch (part 4's ``background``) of the package in ``old_tree`` and in
-    this tree, each round in fresh processes, order rotated; a second copy of this tree is
-    the noise control."""
+    this tree, each round in fresh processes, order rotated. The noise control is a copy of
+    ``old_tree`` in another directory: it reads 1.00x unless the machine (or where a tree
+    lies) biases the figures."""
     from .collector import CollectorProcess
 
-    variants = {"before (old tree)": old_tree, "after": ROOT, "after, identical copy (noise control)": ROOT}
+    control = Path(tempfile.mkdtemp(prefix="koala-bench-control-")) / "tree"
+    shutil.copytree(old_tree, control, ignore=shutil.ignore_patterns("__pycache__", ".git"))
+    variants = {"before (old tree)": old_tree, "after": ROOT, "before, a copy (noise control)": control}
     results: dict[str, list[tuple[float, float]]] = {name: [] for name in variants}
     with CollectorProcess(delay=0.05) as koala:
         for index in range(rounds):
