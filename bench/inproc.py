@@ -450,9 +450,7 @@ def build_cases(loop: asyncio.AbstractEventLoop, all_versions: list[Version], dj
 
         return Variant(name, make)
 
-    def each_version(
-        target: float, make: Callable[[Version], MakeRunner], needs: str
-    ) -> list[Variant]:
+    def each_version(target: float, make: Callable[[Version], MakeRunner], needs: str) -> list[Variant]:
         return [
             Variant(v.title, make(v), version=v.label, target=target if v.label == "after" else None)
             for v in all_versions
@@ -623,7 +621,12 @@ def case_rows(case: Case) -> Iterator[Row]:
         target = f"<= {variant.target:.2f}x" if variant.target else ""
         met = check(ratio, variant.target) if variant.target else None
         yield Row(
-            case.part, f"{case.title}: {variant.name}", f"{us:.1f} us/request (+{us - base_us:.1f} us)", ratio, target, met
+            case.part,
+            f"{case.title}: {variant.name}",
+            f"{us:.1f} us/request (+{us - base_us:.1f} us)",
+            ratio,
+            target,
+            met,
         )
 
 
@@ -631,7 +634,7 @@ def _copy_over_after(case: Case) -> list[float]:
     """Per round: the identical copy's CPU over the working tree's."""
     after = next(v.name for v in case.variants if v.version == "after")
     copy = next(v.name for v in case.variants if v.version == "copy")
-    return [c / a for c, a in zip(case.results[copy], case.results[after])]
+    return [c / a for c, a in zip(case.results[copy], case.results[after], strict=True)]
 
 
 def noise_row(cases: list[Case]) -> Row:
@@ -676,10 +679,12 @@ def part1_table(cases: list[Case]) -> str:
             f"| {case.title} | {base_us:.1f} us | {cells.get('first', 'n/a')} | {cells.get('before', 'n/a')} "
             f"| {cells.get('after', 'n/a')} | {target} | {met} | {noise_cell} |"
         )
-    for case in cases:
-        for variant in case.variants:
-            if variant.version is None and not variant.is_baseline:
-                lines.append(f"| {case.title}: {variant.name} (for scale) | | | | {median(case.ratios[variant.name]):.2f}x | | | |")
+    lines.extend(
+        f"| {case.title}: {variant.name} (for scale) | | | | {median(case.ratios[variant.name]):.2f}x | | | |"
+        for case in cases
+        for variant in case.variants
+        if variant.version is None and not variant.is_baseline
+    )
     return "\n".join(lines)
 
 
