@@ -1,0 +1,118 @@
+"""Part 1 (memory): what a second client costs a process, and what a queued batch holds.
+
+- A second client: ``tracemalloc``'s count of the bytes still allocated after making a
+  second ``KoalaClient`` (the first pays for imports and module caches), and the same for
+  its sender once started (its first batch taken).
+- A queued batch: the process's resident memory (RSS, from ``/proc/self/statm``) grown by
+  queueing ``BATCHES`` batches of the usual shape (an identify with an email and a trait,
+  an event with a property, each visitor's own User-Agent and IP) to a sender parked on its
+  first batch, divided by their number; next to it, the bytes the queue counts for each
+  against ``max_queue_bytes``, which should be within 20% of it.
+
+    python -m bench.memory
+"""
+
+from __future__ import annotations
+
+import gc
+import os
+import tracemalloc
+import uuid
+
+from .common import machine_line
+
+BATCHES = 20_000
+
+
+def _rss() -> int:
+    with open("/proc/self/statm", encoding="ascii") as statm:
+        return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def second_client() -> tuple[int, int]:
+    """(bytes held by a second client, and by it with its sender started)."""
+    from koala_middleware import KoalaClient
+
+    from .inproc import ParkedTransport
+
+    def make() -> tuple[KoalaClient, ParkedTransport]:
+        transport = ParkedTransport()
+        return KoalaClient("pk_bench", api_url="http://127.0.0.1:9", transport=transport, max_in_flight=1), transport
+
+    first, first_transport = make()
+    with first.tracker(profile_id=str(uuid.uuid4())) as tracker:
+        tracker.track("Warm-up")
+    first_transport.reached.wait(10)
+    gc.collect()
+    tracemalloc.start()
+    before = tracemalloc.get_traced_memory()[0]
+    second, transport = make()
+    gc.collect()
+    made = tracemalloc.get_traced_memory()[0] - before
+    with second.tracker(profile_id=str(uuid.uuid4())) as tracker:
+        tracker.track("Warm-up")
+    transport.reached.wait(10)
+    gc.collect()
+    started = tracemalloc.get_traced_memory()[0] - before
+    tracemalloc.stop()
+    first.shutdown(0)
+    second.shutdown(0)
+    return made, started
+
+
+def queued_batch() -> tuple[float, float]:
+    """(RSS grown per queued batch, bytes the queue counts per batch), in bytes."""
+    from koala_middleware import KoalaClient
+
+    from .inproc import USER_AGENT, ParkedTransport
+
+    transport = ParkedTransport()
+    client = KoalaClient(
+        "pk_bench",
+        api_url="http://127.0.0.1:9",
+        transport=transport,
+        max_in_flight=1,
+        max_queue_batches=10 * BATCHES,
+        max_queue_bytes=1 << 40,
+    )
+    with client.tracker(profile_id=str(uuid.uuid4())) as tracker:
+        tracker.track("Warm-up")
+    transport.reached.wait(10)
+    gc.collect()
+    before = _rss()
+    counted_before = client._sender._queue.pending_bytes
+    for n in range(BATCHES):  # each visitor's strings made here: they are part of what is held
+        with client.tracker(profile_id=str(uuid.uuid4()), user_agent=f"{USER_AGENT} v/{n}") as tracker:
+            tracker.ip = f"203.0.{n >> 8 & 255}.{n & 255}"  # as a request's tracker reads it
+            tracker.identify("ada@example.com", {"plan": "pro"})
+            tracker.track("Created Workspace", {"seats": 3})
+    gc.collect()
+    grown = _rss() - before
+    counted = client._sender._queue.pending_bytes - counted_before
+    client.shutdown(0)
+    return grown / BATCHES, counted / BATCHES
+
+
+def main() -> None:
+    import logging
+
+    logging.getLogger("koala_middleware").setLevel(logging.CRITICAL)  # parked clients' shutdown
+    made, started = second_client()
+    per_batch, counted = queued_batch()
+    print(f"Machine: {machine_line()}.")
+    print("Run: `python -m bench.memory`.")
+    print()
+    print("| measure | value | target |")
+    print("| --- | ---: | --- |")
+    print(f"| a second client, made | {made / 1024:.1f} KB | <= 40 KB |")
+    print(f"| a second client, its sender started | {started / 1024:.1f} KB | |")
+    print(
+        f"| RSS per queued batch ({BATCHES:,} batches, each visitor's own User-Agent) | {per_batch:.0f} B | <= 700 B |"
+    )
+    print(
+        f"| bytes the queue counts per batch (max_queue_bytes) | {counted:.0f} B ({counted / per_batch:.2f}x) | within 20% |"
+    )
+
+
+if __name__ == "__main__":
+    main()
