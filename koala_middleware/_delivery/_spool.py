@@ -62,7 +62,7 @@ _inherited: list[object] = []
 
 
 def _size(batch: Batch) -> int:
-    return len(batch.body) + len(batch.user_agent) + 37 * len(batch.message_ids) + 64
+    return len(batch.body) + len(batch.user_agent) + 37 * batch.event_count + 64
 
 
 class SpoolFile:
