@@ -34,6 +34,7 @@ import logging
 import threading
 import time
 import types
+import uuid
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -376,6 +377,11 @@ MakeRunner = Callable[[], tuple[Runner, Callable[[], None]]]
 def build_cases(loop: asyncio.AbstractEventLoop, all_versions: list[Version], django: bool = True) -> list[Case]:
     # A returning visitor holds both cookies: ko_id and its server-kept copy (no Set-Cookie).
     returning = f"ko_id={VISITOR_ID}; ko_id_server={VISITOR_ID}; _ga=GA1.2.1234567890.1700000000"
+    # More visitors than the middleware remembers Cookie headers of: every request is a miss.
+    unseen = [
+        f"ko_id={v}; ko_id_server={v}; _ga=GA1.2.1234567890.1700000000"
+        for v in (uuid.uuid4() for _ in range(UNSEEN_VISITORS))
+    ]
     session = session_cookie(loop)
     returning_with_session = f"{returning}; {session}"
     current = all_versions[-1].package.current_tracker  # returns None in a bare app
@@ -386,6 +392,7 @@ def build_cases(loop: asyncio.AbstractEventLoop, all_versions: list[Version], dj
         cookie: str | None,
         expect_cookie: bool | None = None,
         expect_batches: int = 0,
+        others: list[str] | None = None,
     ) -> MakeRunner:
         def make() -> tuple[Runner, Callable[[], None]]:
             if version is None:
@@ -399,7 +406,8 @@ def build_cases(loop: asyncio.AbstractEventLoop, all_versions: list[Version], dj
             scope = asgi_scope(path, cookie)
             headers = asgi_response_headers(app, scope, loop)
             _expect(headers, b"set-cookie", b"ko_id", expect_cookie, client, transport, expect_batches)
-            return asgi_runner(app, scope, loop), _stopper(client)
+            scopes = [asgi_scope(path, other) for other in others] if others else None
+            return asgi_runner(app, scope, loop, scopes), _stopper(client)
 
         return make
 
@@ -409,6 +417,7 @@ def build_cases(loop: asyncio.AbstractEventLoop, all_versions: list[Version], dj
         cookie: str | None,
         expect_cookie: bool | None = None,
         expect_batches: int = 0,
+        others: list[str] | None = None,
     ) -> MakeRunner:
         def make() -> tuple[Runner, Callable[[], None]]:
             if version is None:
@@ -422,7 +431,8 @@ def build_cases(loop: asyncio.AbstractEventLoop, all_versions: list[Version], dj
             environ = wsgi_environ(path, cookie)
             headers = wsgi_response_headers(app, environ)
             _expect(headers, "set-cookie", "ko_id", expect_cookie, client, transport, expect_batches)
-            return wsgi_runner(app, environ), _stopper(client)
+            environs = [wsgi_environ(path, other) for other in others] if others else None
+            return wsgi_runner(app, environ, environs), _stopper(client)
 
         return make
 
@@ -450,7 +460,7 @@ def build_cases(loop: asyncio.AbstractEventLoop, all_versions: list[Version], dj
 
         return Variant(name, make)
 
-    def each_version(target: float, make: Callable[[Version], MakeRunner], needs: str) -> list[Variant]:
+    def each_version(target: float | None, make: Callable[[Version], MakeRunner], needs: str) -> list[Variant]:
         return [
             Variant(v.title, make(v), version=v.label, target=target if v.label == "after" else None)
             for v in all_versions
@@ -466,6 +476,14 @@ def build_cases(loop: asyncio.AbstractEventLoop, all_versions: list[Version], dj
                 *each_version(1.18, lambda v: asgi(v, "/", returning_with_session, False), "asgi"),
                 session_variant("SessionMiddleware, returning session", returning_with_session),
                 session_variant("SessionMiddleware, no session", returning),
+            ],
+        ),
+        Case(
+            "1a",
+            "Starlette, returning visitors, each header unseen",
+            [
+                Variant("bare", asgi(None, "/", returning, others=unseen), is_baseline=True),
+                *each_version(None, lambda v: asgi(v, "/", returning, False, others=unseen), "asgi"),
             ],
         ),
         Case(
@@ -490,6 +508,14 @@ def build_cases(loop: asyncio.AbstractEventLoop, all_versions: list[Version], dj
             [
                 Variant("bare", wsgi(None, "/", returning), is_baseline=True),
                 *each_version(1.07, lambda v: wsgi(v, "/", returning, False), "wsgi"),
+            ],
+        ),
+        Case(
+            "1a",
+            "Flask, returning visitors, each header unseen",
+            [
+                Variant("bare", wsgi(None, "/", returning, others=unseen), is_baseline=True),
+                *each_version(None, lambda v: wsgi(v, "/", returning, False, others=unseen), "wsgi"),
             ],
         ),
         Case(
