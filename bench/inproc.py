@@ -77,10 +77,10 @@ class Version:
         return versions.submodule(self.package, name)
 
 
-def load_versions() -> list[Version]:
+def load_versions(before: str = BEFORE) -> list[Version]:
     return [
         Version("first", "first round", versions.load("first", FIRST_ROUND)),
-        Version("before", "before", versions.load("before", BEFORE)),
+        Version("before", "before", versions.load("before", before)),
         Version("after", "after", versions.load("after")),
         Version("copy", "after, identical copy", versions.load("copy")),
     ]
@@ -612,12 +612,12 @@ def run_case(case: Case, rounds: int, chunks: int, chunk_seconds: float) -> None
             case.ratios[name].append(ns / base)
 
 
-def run_cases(quick: bool = False) -> list[Case]:
+def run_cases(quick: bool = False, before: str = BEFORE, only: str | None = None) -> list[Case]:
     logging.getLogger("koala_middleware").setLevel(logging.ERROR)  # parked clients' shutdown
     rounds, chunks, chunk_seconds = (5, 4, 0.003) if quick else (11, 8, 0.005)
     loop = asyncio.new_event_loop()
     try:
-        cases = build_cases(loop, load_versions())
+        cases = [case for case in build_cases(loop, load_versions(before)) if only is None or only in case.title]
         for case in cases:
             say(f"in process: {case.part} {case.title} ({rounds} rounds of {chunks} chunks)")
             run_case(case, rounds, chunks, chunk_seconds)
@@ -717,9 +717,11 @@ def part1_table(cases: list[Case]) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description="bench part 1: versions side by side")
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--before", default=BEFORE, help=f"the commit of the 'before' column (default {BEFORE})")
+    parser.add_argument("--only", help="only the cases whose title contains this, e.g. 'Flask'")
     args = parser.parse_args()
     started = time.monotonic()
-    cases = run_cases(args.quick)
+    cases = run_cases(args.quick, args.before, args.only)
     print(f"Machine: {machine_line()}.")
     print(f"Run: `python -m bench.inproc{' --quick' if args.quick else ''}` ({time.monotonic() - started:.0f} s).")
     print()
