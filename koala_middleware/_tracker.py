@@ -121,11 +121,10 @@ def _account_identify_item(traits: Mapping[str, Any] | None, group_id: str | Non
 class _AccountRecords:
     """What one tracker recorded about one account since its last hand-over."""
 
-    __slots__ = ("event_ids", "events", "identifies")
+    __slots__ = ("events", "identifies")
 
     def __init__(self) -> None:
         self.events: list[str] = []
-        self.event_ids: list[str] = []
         self.identifies: list[str] = []
 
 
@@ -158,7 +157,6 @@ class AccountRecorder:
             records = tracker._account_records(self.domain)
             if records is not None:
                 records.events.append(item)
-                records.event_ids.append(message_id)
         if tracker._stage == HANDED_OVER:
             tracker._follow_up()
         return message_id
@@ -192,7 +190,6 @@ class Tracker:
         "_accounts",
         "_client",
         "_count",
-        "_event_ids",
         "_events",
         "_fresh",
         "_identifies",
@@ -209,7 +206,6 @@ class Tracker:
     )
 
     _events: list[str]
-    _event_ids: list[str]
     _identifies: list[str]
     #: A request tracker's ``Set-Cookie`` values for its response (see RequestTracker).
     _set_cookies: list[str] | None
@@ -300,7 +296,6 @@ class Tracker:
         with _lock:
             if self._room():
                 self._events.append(item)
-                self._event_ids.append(message_id)
         if self._stage == HANDED_OVER:
             self._follow_up()
         return message_id
@@ -389,7 +384,6 @@ class Tracker:
         count = self._count
         if not count:
             self._events = []
-            self._event_ids = []
             self._identifies = []
         elif count >= MAX_ITEMS_PER_TRACKER:
             self._client.count_dropped(1, "tracker_full", TRACKER_FULL_DETAIL)
@@ -419,13 +413,12 @@ class Tracker:
         """The batches of what was recorded, and how many person items were left out
         because ``unheld``: the id is one no browser holds, and there is no email to send
         them under instead. Holds ``_lock``."""
-        pending = self._pending
-        result: list[_protocol.Batch] = list(pending) if pending is not None else []
-        if not self._count:
-            return result, 0
+        if not self._count:  # reset() keeps the count with its pending batches
+            return [], 0
         client = self._client
         user_agent = self.user_agent or client.user_agent
         withheld = 0
+        result: list[_protocol.Batch] = []
         if self._events or self._identifies:
             profile_id = self.profile_id
             if unheld:
@@ -433,20 +426,20 @@ class Tracker:
                 if self.email is None:
                     withheld = len(self._events) + len(self._identifies)
             if not withheld:
-                result += _protocol.visitor_batches(
+                result = _protocol.visitor_batches(
                     profile_id,
                     self.email,
                     self.ip if client.send_ip else None,
                     self._events,
-                    self._event_ids,
                     self._identifies,
                     user_agent,
                 )
         if self._accounts:
             for domain, records in self._accounts.items():
-                result += _protocol.account_batches(
-                    domain, records.events, records.event_ids, records.identifies, user_agent
-                )
+                result += _protocol.account_batches(domain, records.events, records.identifies, user_agent)
+        pending = self._pending
+        if pending is not None:
+            result = pending + result
         return result, withheld
 
     def take(self) -> list[_protocol.Batch]:
@@ -587,7 +580,6 @@ class RequestTracker(Tracker):
                 batches, withheld = self._build(self._fresh)  # a fresh id replaced is never held
                 self._pending = batches
                 self._events = []
-                self._event_ids = []
                 self._identifies = []
                 self._accounts = None
             else:
