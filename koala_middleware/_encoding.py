@@ -13,7 +13,7 @@ from json.encoder import c_make_encoder as _c_make_encoder  # type: ignore[attr-
 from json.encoder import encode_basestring_ascii
 from typing import Any
 
-__all__ = ["dumps", "format_sent_at", "quote"]
+__all__ = ["dumps", "format_sent_at", "now_sent_at", "quote"]
 
 
 def _default(value: Any) -> Any:
@@ -64,7 +64,7 @@ _last_millisecond: tuple[int, str] = (-1, "")
 _MILLISECONDS = tuple(f".{ms:03d}Z" for ms in range(1000))
 
 
-def _now_sent_at() -> str:
+def now_sent_at() -> str:
     """Now, as ``format_sent_at`` writes it: every track() and identify() pays for this,
     and formatting a datetime costs ~2 us, so the seconds part is formatted once a second,
     the milliseconds part is a table lookup (0.22 us in all), and a second call within the
@@ -90,7 +90,7 @@ def _format_millisecond(now: int) -> str:
 def format_sent_at(when: datetime.datetime | None) -> str:
     """ISO 8601 in UTC with milliseconds and ``Z``, the form Koala documents."""
     if when is None:
-        return _now_sent_at()
+        return now_sent_at()
     if not isinstance(when, datetime.datetime):
         raise TypeError(f"sent_at must be a datetime, got {type(when).__name__}")
     if when.tzinfo is None:

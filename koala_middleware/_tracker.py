@@ -17,7 +17,7 @@ from typing import Any, Protocol
 
 from . import _protocol
 from ._cookie import may_set_cookie
-from ._encoding import format_sent_at
+from ._encoding import format_sent_at, now_sent_at
 from ._ids import random_uuid4
 from ._validate import check_domain, check_email, check_id, check_name, encode_mapping
 
@@ -108,7 +108,8 @@ def _event_item(
     check_name(event)
     properties_json = encode_mapping(properties, "properties")
     message_id = random_uuid4() if message_id is None else check_id(message_id, "message_id")
-    return _protocol.event_item(message_id, event, properties_json, format_sent_at(sent_at)), message_id
+    stamp = now_sent_at() if sent_at is None else format_sent_at(sent_at)
+    return _protocol.event_item(message_id, event, properties_json, stamp), message_id
 
 
 def _account_identify_item(traits: Mapping[str, Any] | None, group_id: str | None) -> str:
@@ -307,7 +308,7 @@ class Tracker:
             traits = {**(traits or {}), "email": email}
         elif self.email is not None and traits is not None and "email" not in traits:
             traits = {**traits, "email": self.email}
-        item = _protocol.visitor_identify_item(encode_mapping(traits, "traits"), format_sent_at(None))
+        item = _protocol.visitor_identify_item(encode_mapping(traits, "traits"), now_sent_at())
         with _lock:
             if self._room():
                 if email is not None:
@@ -341,7 +342,7 @@ class Tracker:
             link_traits: dict[str, Any] = {"$account": self._account_link(domain, traits, group_id)}
             if self.email is not None:
                 link_traits["email"] = self.email
-            link_item = _protocol.visitor_identify_item(encode_mapping(link_traits, "traits"), format_sent_at(None))
+            link_item = _protocol.visitor_identify_item(encode_mapping(link_traits, "traits"), now_sent_at())
         if account_item is not None or link_item is not None:
             with _lock:
                 if link_item is not None and self._room():
