@@ -632,6 +632,9 @@ def run(quick: bool = False) -> list[Row]:
     for case in cases:
         rows.extend(case_rows(case))
     rows.append(noise_row(cases))
+    from . import memory
+
+    rows.extend(memory.rows())
     return rows
 
 
