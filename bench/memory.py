@@ -143,9 +143,9 @@ def rows() -> list[Row]:
         ),
         Row(
             "1m",
-            "bytes the queue counts per batch, over its RSS",
-            f"{counted:.0f} B",
-            counted / rss,
+            "bytes the queue counts per batch (max_queue_bytes), over its RSS",
+            f"{counted:.0f} B ({counted / rss:.2f}x)",
+            None,
             "0.80x-1.20x",
             0.8 <= counted / rss <= 1.2,
         ),
