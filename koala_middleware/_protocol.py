@@ -46,9 +46,9 @@ class Batch:
         """The events' ``message_id`` values, in order.
 
         A batch the tracker built keeps none of its own: they are in the body, and read
-        from it only when asked (an ``on_error`` hook, the spool). A queued batch then
-        holds its body, its User-Agent and little else: a tuple of id strings was 130 bytes
-        of each batch's ~830 (``bench/memory.py``).
+        from it (~4 us) only when asked (an ``on_error`` hook, the spool), then kept. A
+        queued batch then holds its body, its User-Agent and little else: a tuple of id
+        strings was 130 bytes of each batch's ~830 (``bench/memory.py``).
         """
         ids = self._message_ids
         if ids is None:
@@ -57,6 +57,7 @@ class Batch:
                 ids = tuple(str(event.get("message_id")) for event in events)
             except (ValueError, AttributeError, TypeError):  # a body from elsewhere
                 ids = ()
+            self._message_ids = ids  # asked once, asked again (the spool: its size, its row)
         return ids
 
     def json(self) -> Any:
