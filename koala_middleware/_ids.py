@@ -13,8 +13,9 @@ def random_uuid4() -> str:
 
     Every event's ``message_id`` and every new visitor's ``ko_id`` is one. Same randomness,
     ``os.urandom``, read for 128 ids at a time (one system call instead of 128) and formatted
-    without ``uuid.UUID``'s checks (see ``_read_ids``). Handing out the next id is one C-level ``next()``, which
-    no two threads can both get; a forked child drops what its parent had read (see below).
+    without ``uuid.UUID``'s checks (see ``_read_ids``). Handing out the next id is one
+    C-level ``next()``, which no two threads can both get; a forked child drops what its
+    parent had read (see below).
     """
     try:
         return next(_ids)
@@ -26,7 +27,7 @@ _ID_BATCH = 128
 _ids: Iterator[str] = iter(())
 
 #: Where each of an id's 32 random hex digits goes in its 37-character slot (36 and a space).
-_PLACES = tuple(enumerate(digit + (digit >= 8) + (digit >= 12) + (digit >= 16) + (digit >= 20) for digit in range(32)))
+_PLACES = tuple(enumerate(digit + sum(digit >= dash for dash in (8, 12, 16, 20)) for digit in range(32)))
 #: The variant digit (10xx): keeps the two low bits of a random hex digit.
 _VARIANT = bytes.maketrans(b"0123456789abcdef", b"89ab89ab89ab89ab")
 _SLOT = 37

@@ -45,8 +45,8 @@ def cost(batch: Batch, _sizeof: Callable[[object], int] = sys.getsizeof) -> int:
     64 KB User-Agents stay within the bound; a usual one's copy (at most ``max_in_flight``
     of them, as the request built for an attempt) is within the overhead's rounding.
     Counting a usual batch once keeps the count within a few percent of the memory it
-    holds (it counted 1.9x, so a bound held about half the batches its size suggests). Runs on the request
-    path: O(1).
+    holds (it counted 1.9x, so a bound held about half the batches its size suggests).
+    Runs on the request path: O(1).
     """
     user_agent = batch.user_agent
     size = _sizeof(user_agent)
