@@ -15,8 +15,8 @@ order rotated every chunk) with the garbage collector off, timing each chunk in 
 time. A variant's ratio is the median over rounds of (its CPU / the bare app's CPU) in the
 same round, so drift of the machine cancels out.
 
-For identify + track, HTTP belongs to the sender and is not counted: the client's transport
-parks every request forever, so the sender thread takes one batch and then sleeps, and the
+For identify + track, HTTP belongs to the sender and is not counted: the client posts to a
+loopback Koala that never answers, so the sender thread takes one batch and then sleeps, and the
 rest stay queued. What is timed is the request path: tracker calls, building what the
 hand-over needs, and the hand-over to the queue.
 
@@ -31,6 +31,7 @@ import asyncio
 import dataclasses
 import gc
 import logging
+import socket
 import threading
 import time
 import types
@@ -39,7 +40,6 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import flask
-import httpx
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
 from starlette.middleware.sessions import SessionMiddleware
@@ -86,31 +86,46 @@ def load_versions(before: str = BEFORE) -> list[Version]:
     ]
 
 
-class ParkedTransport(httpx.AsyncBaseTransport):
-    """Never answers: the sender takes a batch and waits, so none of its work is timed."""
+class ParkedKoala:
+    """A loopback Koala that reads a request and never answers: the sender takes a batch and
+    waits, so none of its work is timed. A socket, not a transport: every version's sender
+    (httpx, libcurl, the pure-Python engine) posts to it alike."""
 
     def __init__(self) -> None:
         self.reached = threading.Event()
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self._listener.getsockname()[1]}"
+        self._held: list[socket.socket] = []
+        threading.Thread(target=self._serve, daemon=True).start()
 
-    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
-        self.reached.set()
-        await asyncio.Event().wait()
-        raise AssertionError("unreachable")
+    def _serve(self) -> None:
+        try:
+            while True:
+                connection, _ = self._listener.accept()
+                self._held.append(connection)
+                connection.recv(65536)
+                self.reached.set()
+        except OSError:  # closed
+            pass
+
+    def close(self) -> None:
+        for held in (self._listener, *self._held):
+            held.close()
 
 
-def parked_client(version: Version) -> tuple[Any, ParkedTransport]:
+def parked_client(version: Version) -> tuple[Any, ParkedKoala]:
     # One batch in flight: the sender takes it and parks. With the default 100, its work on
     # the first 100 batches (building their requests) ran during the timed loop, on the GIL.
-    transport = ParkedTransport()
+    koala = ParkedKoala()
     client = version.package.KoalaClient(
         "pk_bench",
-        api_url="http://127.0.0.1:9",
-        transport=transport,
+        api_url=koala.url,
+        timeout=3600.0,
         max_in_flight=1,
         max_queue_batches=10_000_000,
         max_queue_bytes=1 << 40,
     )
-    return client, transport
+    return client, koala
 
 
 # -- the apps -------------------------------------------------------------------------------
@@ -354,9 +369,17 @@ def _nothing() -> None:
     pass
 
 
-def _stopper(client: Any) -> Callable[[], None]:
-    """Shut a parked client down at once: its queued batches are dropped on purpose."""
-    return (lambda: client.shutdown(timeout=0)) if client is not None else _nothing
+def _stopper(client: Any, koala: ParkedKoala | None) -> Callable[[], None]:
+    """Shut a parked client down at once (its queued batches are dropped on purpose), then
+    its parked Koala."""
+    if client is None or koala is None:
+        return _nothing
+
+    def stop() -> None:
+        client.shutdown(timeout=0)
+        koala.close()
+
+    return stop
 
 
 def session_cookie(loop: asyncio.AbstractEventLoop) -> str:
@@ -407,7 +430,7 @@ def build_cases(loop: asyncio.AbstractEventLoop, all_versions: list[Version], dj
             headers = asgi_response_headers(app, scope, loop)
             _expect(headers, b"set-cookie", b"ko_id", expect_cookie, client, transport, expect_batches)
             scopes = [asgi_scope(path, other) for other in others] if others else None
-            return asgi_runner(app, scope, loop, scopes), _stopper(client)
+            return asgi_runner(app, scope, loop, scopes), _stopper(client, transport)
 
         return make
 
@@ -432,7 +455,7 @@ def build_cases(loop: asyncio.AbstractEventLoop, all_versions: list[Version], dj
             headers = wsgi_response_headers(app, environ)
             _expect(headers, "set-cookie", "ko_id", expect_cookie, client, transport, expect_batches)
             environs = [wsgi_environ(path, other) for other in others] if others else None
-            return wsgi_runner(app, environ, environs), _stopper(client)
+            return wsgi_runner(app, environ, environs), _stopper(client, transport)
 
         return make
 
@@ -446,7 +469,7 @@ def build_cases(loop: asyncio.AbstractEventLoop, all_versions: list[Version], dj
             environ = wsgi_environ("/", cookie)
             headers = wsgi_response_headers(handler, environ)
             _expect(headers, "Set-Cookie", "ko_id", expect_cookie, client, transport, 0)
-            return wsgi_runner(handler, environ), _stopper(client)
+            return wsgi_runner(handler, environ), _stopper(client, transport)
 
         return make
 
@@ -547,7 +570,7 @@ def _expect(
     prefix: Any,
     expect_cookie: bool | None,
     client: Any,
-    transport: ParkedTransport | None,
+    transport: ParkedKoala | None,
     batches: int,
 ) -> None:
     """Refuse to time a variant that does not do what its row claims."""

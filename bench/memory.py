@@ -39,25 +39,25 @@ def second_client() -> tuple[int, int]:
     """(bytes held by a second client, and by it with its sender started)."""
     from koala_middleware import KoalaClient
 
-    from .inproc import ParkedTransport
+    from .inproc import ParkedKoala
 
-    def make() -> tuple[KoalaClient, ParkedTransport]:
-        transport = ParkedTransport()
-        return KoalaClient("pk_bench", api_url="http://127.0.0.1:9", transport=transport, max_in_flight=1), transport
+    def make(koala: ParkedKoala) -> KoalaClient:
+        return KoalaClient("pk_bench", api_url=koala.url, timeout=3600.0, max_in_flight=1)
 
-    first, first_transport = make()
+    first_koala, second_koala = ParkedKoala(), ParkedKoala()  # made before the count starts
+    first = make(first_koala)
     with first.tracker(profile_id=str(uuid.uuid4())) as tracker:
         tracker.track("Warm-up")
-    first_transport.reached.wait(10)
+    first_koala.reached.wait(10)
     gc.collect()
     tracemalloc.start()
     before = tracemalloc.get_traced_memory()[0]
-    second, transport = make()
+    second = make(second_koala)
     gc.collect()
     made = tracemalloc.get_traced_memory()[0] - before
     with second.tracker(profile_id=str(uuid.uuid4())) as tracker:
         tracker.track("Warm-up")
-    transport.reached.wait(10)
+    second_koala.reached.wait(10)
     gc.collect()
     started = tracemalloc.get_traced_memory()[0] - before
     tracemalloc.stop()
@@ -70,20 +70,20 @@ def queued_batch() -> tuple[float, float]:
     """(RSS grown per queued batch, bytes the queue counts per batch), in bytes."""
     from koala_middleware import KoalaClient
 
-    from .inproc import USER_AGENT, ParkedTransport
+    from .inproc import USER_AGENT, ParkedKoala
 
-    transport = ParkedTransport()
+    koala = ParkedKoala()
     client = KoalaClient(
         "pk_bench",
-        api_url="http://127.0.0.1:9",
-        transport=transport,
+        api_url=koala.url,
+        timeout=3600.0,
         max_in_flight=1,
         max_queue_batches=10 * BATCHES,
         max_queue_bytes=1 << 40,
     )
     with client.tracker(profile_id=str(uuid.uuid4())) as tracker:
         tracker.track("Warm-up")
-    transport.reached.wait(10)
+    koala.reached.wait(10)
     gc.collect()
     before = _rss()
     counted_before = client._sender._queue.pending_bytes
