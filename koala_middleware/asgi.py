@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any
 import anyio.to_thread
 
 from ._client import KoalaClient
+from ._pixel import asgi_proxy
 from ._request import RequestInfo, RequestReader
 from ._tracker import RequestTracker, bind, unbind
 from ._visit import VisitorOptions, Visits, configure
@@ -149,8 +150,13 @@ class KoalaASGIMiddleware:
         self.app = app
         self.client, settings = configure(client, **options)
         self.visits = Visits(self.client, settings, SCOPE_READER)
+        self.pixel = asgi_proxy(settings.pixel, self.client)  # None unless pixel_path is set
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        pixel = self.pixel
+        if pixel is not None and scope["type"] != "lifespan" and pixel.claims(scope):
+            await pixel(scope, receive, send)  # the first-party pixel: never the app
+            return
         if scope["type"] != "http" or SCOPE_KEY in scope:  # or already done by an outer Koala
             await self._not_http(scope, receive, send)
             return

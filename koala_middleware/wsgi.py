@@ -22,6 +22,7 @@ from collections.abc import Iterable, Iterator
 from typing import TYPE_CHECKING, Any
 
 from ._client import KoalaClient
+from ._pixel import wsgi_proxy
 from ._request import RequestInfo, RequestReader
 from ._tracker import RequestTracker, bind
 from ._visit import VisitorOptions, Visits, configure
@@ -92,8 +93,12 @@ class KoalaWSGIMiddleware:
         self.app = app
         self.client, settings = configure(client, **options)
         self.visits = Visits(self.client, settings, ENVIRON_READER)
+        self.pixel = wsgi_proxy(settings.pixel, self.client)  # None unless pixel_path is set
 
     def __call__(self, environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
+        pixel = self.pixel
+        if pixel is not None and environ.get("PATH_INFO", "").startswith(pixel.prefix):
+            return pixel(environ, start_response)  # the first-party pixel: never the app
         tracker = self.visits.start(environ, environ.get("HTTP_COOKIE"), environ.get("HTTP_SEC_GPC") == "1")
         environ[ENVIRON_KEY] = tracker
         # Always wrapped: the handler may call tracker.reset(), which needs a Set-Cookie.
