@@ -89,7 +89,11 @@ class Upstream:
             handler.send_header("Content-Type", "text/plain")
             handler.send_header("Transfer-Encoding", "chunked")
             handler.end_headers()
-            count, delay, chunk = {"/stream": (3, 0.3, b"part\n"), "/drip": (100, 0.1, b"."), "/huge": (400, 0, BIG_CHUNK)}[path]
+            count, delay, chunk = {
+                "/stream": (3, 0.3, b"part\n"),
+                "/drip": (100, 0.1, b"."),
+                "/huge": (400, 0, BIG_CHUNK),
+            }[path]
             try:
                 for _ in range(count):
                     handler.wfile.write(b"%x\r\n%s\r\n" % (len(chunk), chunk))
@@ -113,9 +117,7 @@ class Upstream:
             handler.send_header("Content-Length", "0")
             handler.end_headers()
             return
-        data = json.dumps(
-            {"method": handler.command, "path": handler.path, "body": body.decode("latin-1")}
-        ).encode()
+        data = json.dumps({"method": handler.command, "path": handler.path, "body": body.decode("latin-1")}).encode()
         send(200)
         handler.send_header("Content-Type", "application/json")
         handler.send_header("Content-Length", str(len(data)))
