@@ -7,6 +7,7 @@ is the visitor's :class:`Tracker`. What it records is sent to Koala after the re
 
 from ._client import KoalaClient
 from ._delivery import DeliveryError, Stats
+from ._pixel import pixel_snippet
 from ._protocol import Batch
 from ._tracker import AccountRecorder, Tracker, current_tracker
 from ._version import __version__
@@ -24,4 +25,5 @@ __all__ = [
     "Tracker",
     "__version__",
     "current_tracker",
+    "pixel_snippet",
 ]

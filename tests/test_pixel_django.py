@@ -50,7 +50,7 @@ def pixel_settings(stand_ins: tuple[Upstream, Upstream]) -> Iterator[None]:
 
 
 def test_sync_stack_proxies_with_cookies_filtered(pixel_settings: None, stand_ins: tuple[Upstream, Upstream]) -> None:
-    api, cdn = stand_ins
+    api, _ = stand_ins
     client = Client(HTTP_USER_AGENT=UA)
     client.cookies["ko_id"] = "abc"
     client.cookies["sessionid"] = "secret"
@@ -106,6 +106,8 @@ def test_template_tag(pixel_settings: None) -> None:
 
 def test_template_tag_without_pixel_path_says_what_to_set() -> None:
     engine = Engine(libraries={"koala": "koala_middleware.templatetags.koala"})
-    with override_settings(KOALA={"client": KoalaClient("pk_test", dry_run=True)}):
-        with pytest.raises(RuntimeError, match=r'settings.KOALA\["pixel_path"\]'):
-            engine.from_string("{% load koala %}{% koala_pixel %}").render(Context())
+    with (
+        override_settings(KOALA={"client": KoalaClient("pk_test", dry_run=True)}),
+        pytest.raises(RuntimeError, match=r'settings.KOALA\["pixel_path"\]'),
+    ):
+        engine.from_string("{% load koala %}{% koala_pixel %}").render(Context())
