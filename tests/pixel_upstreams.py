@@ -36,7 +36,8 @@ class _QuietServer(ThreadingHTTPServer):
 class Upstream:
     """One stand-in server; ``seen`` lists the requests it got, in order."""
 
-    def __init__(self) -> None:
+    def __init__(self, sdk_js: bytes = SDK_JS) -> None:
+        self.sdk_js = sdk_js
         self.seen: list[Seen] = []
         upstream = self
 
@@ -75,10 +76,10 @@ class Upstream:
             send(200)
             handler.send_header("Content-Type", "application/javascript")
             handler.send_header("Cache-Control", "public, max-age=60")
-            handler.send_header("Content-Length", str(len(SDK_JS)))
+            handler.send_header("Content-Length", str(len(self.sdk_js)))
             handler.end_headers()
             if handler.command != "HEAD":
-                handler.wfile.write(SDK_JS)
+                handler.wfile.write(self.sdk_js)
             return
         if path == "/gzip":
             data = gzip.compress(b'{"compressed": true}' * 50)
@@ -185,9 +186,9 @@ class EchoWebSocket:
 
 
 @contextmanager
-def upstreams() -> Iterator[tuple[Upstream, Upstream]]:
-    """``(api, cdn)``."""
-    api, cdn = Upstream(), Upstream()
+def upstreams(sdk_js: bytes = SDK_JS) -> Iterator[tuple[Upstream, Upstream]]:
+    """``(api, cdn)``; the CDN serves ``sdk_js`` as every ``sdk.js``."""
+    api, cdn = Upstream(), Upstream(sdk_js)
     try:
         yield api, cdn
     finally:
