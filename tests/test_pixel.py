@@ -429,3 +429,18 @@ def test_a_websocket_upgrade_under_wsgi_gets_501(front: str, request: pytest.Fix
 
 
 ServeFn = Callable[[Any], Iterator[str]]
+
+
+def test_check_pixel_url_finds_both_documented_urls(front: str, capsys: pytest.CaptureFixture[str]) -> None:
+    from koala_middleware.__main__ import main
+
+    assert main(["check", "--pixel-url", front + "/_k", "--key", "pk_test"]) == 0
+    said = capsys.readouterr().out
+    assert "CDN (sdk.js): GET " + front + "/_k/v1/koala/sdk.js -> 200 application/javascript" in said
+    assert "API: GET " + front + "/_k/web/projects/pk_test -> 200 application/json" in said
+    assert "served first-party." in said
+
+    assert main(["check", "--pixel-url", front + "/elsewhere", "--key", "pk_test"]) == 2
+    said = capsys.readouterr().out
+    assert "404" in said and "pixel_path" in said and "NOT served" in said
+    assert main(["check", "--pixel-url", "app.example.com/_k"]) == 1
