@@ -27,7 +27,7 @@ if str(ROOT) not in sys.path:
 
 from bench import common  # noqa: E402
 
-PARTS = ("inproc", "servers", "isolation", "delivery", "sdks", "spool")
+PARTS = ("inproc", "servers", "isolation", "delivery", "sdks", "spool", "pixel")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -64,6 +64,10 @@ def main(argv: list[str] | None = None) -> int:
         from bench import spool
 
         rows += spool.run(args.quick)
+    if "pixel" in parts:
+        from bench import pixel
+
+        rows += pixel.run(args.quick)
     took = time.monotonic() - started
 
     print(f"Machine: {common.machine_line()}.")

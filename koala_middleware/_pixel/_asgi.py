@@ -8,6 +8,7 @@ import contextlib
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
+from ..asgi import _path
 from ._route import Rejected, route
 from ._settings import PixelSettings
 from ._stats import PixelStats
@@ -32,14 +33,13 @@ class ASGIPixelProxy:
         self.upstream = AsyncUpstream(settings, proxy, self.stats)
 
     def claims(self, scope: Scope) -> bool:
-        """Whether the scope's path (below any ``root_path``) is under the prefix."""
-        from ..asgi import _path
-
-        return _path(scope).startswith(self.prefix)
+        """Whether the scope's path (below any ``root_path``) is under the prefix. Runs on
+        every request: the common case (no ``root_path``) is one ``startswith``."""
+        if scope.get("root_path"):
+            return _path(scope).startswith(self.prefix)
+        return scope["path"].startswith(self.prefix)  # type: ignore[no-any-return]
 
     def _out_path(self, scope: Scope) -> str:
-        from ..asgi import _path
-
         return _path(scope)[len(self.settings.path) :]
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
