@@ -12,7 +12,7 @@ from ..asgi import _path
 from ._route import Rejected, route
 from ._settings import PixelSettings
 from ._stats import PixelStats
-from ._upstream import AsyncUpstream, error_answer
+from ._upstream import AsyncUpstream, UpstreamCut, error_answer
 
 __all__ = ["ASGIPixelProxy"]
 
@@ -77,6 +77,8 @@ class ASGIPixelProxy:
             async for chunk in chunks:
                 await send({"type": "http.response.body", "body": chunk, "more_body": True})
             await send({"type": "http.response.body", "body": b"", "more_body": False})
+        except UpstreamCut:
+            pass  # no last message: the server closes the connection, the browser sees it cut
         except OSError:
             pass  # the visitor went away: the upstream answer is closed below
         finally:

@@ -25,7 +25,12 @@ from ._stats import PixelStats
 if TYPE_CHECKING:
     import httpx
 
-__all__ = ["Answer", "AsyncAnswer", "AsyncUpstream", "SyncUpstream", "error_answer"]
+__all__ = ["Answer", "AsyncAnswer", "AsyncUpstream", "SyncUpstream", "UpstreamCut", "error_answer"]
+
+
+class UpstreamCut(Exception):
+    """The upstream's answer broke off, or ran past the deadline, after it had started."""
+
 
 ERROR_BODY = {
     400: b"Bad request\n",
@@ -172,7 +177,7 @@ class SyncUpstream(_Base):
             for chunk in response.iter_raw():
                 if time.monotonic() > deadline:
                     self.stats.failed("upstream_cut", "the whole-answer deadline passed")
-                    return
+                    raise UpstreamCut("the whole-answer deadline passed")
                 if kept is not None:
                     size += len(chunk)
                     kept = kept if size <= MAX_ENTRY_BYTES else None
@@ -181,7 +186,7 @@ class SyncUpstream(_Base):
                 yield chunk
         except (httpx.HTTPError, OSError) as exc:
             self.stats.failed("upstream_cut", f"{type(exc).__name__}: {exc}")
-            return
+            raise UpstreamCut(type(exc).__name__) from None
         finally:
             response.close()
         if kept is not None:
@@ -201,14 +206,18 @@ class AsyncUpstream(_Base):
     server's event loop. The deadline covers the whole answer, headers and body."""
 
     _client: httpx.AsyncClient | None = None
+    _loop: object = None
 
     def client(self) -> httpx.AsyncClient:
-        if self._client is None:
+        # A pooled connection belongs to the event loop that opened it: a new loop (a test
+        # client's, a restarted server's) gets a new client.
+        loop = _running_loop()
+        if self._client is None or loop is not self._loop:
             import httpx
 
             client = httpx.AsyncClient(**_client_options(self.settings, self.proxy))
             client.headers.clear()  # no httpx defaults: only what route() chose goes up
-            self._client = client
+            self._client, self._loop = client, loop
         return self._client
 
     async def open(self, out: Outgoing, body: bytes, site_host: str | None) -> AsyncAnswer:
@@ -256,7 +265,7 @@ class AsyncUpstream(_Base):
                 yield chunk
         except (httpx.HTTPError, OSError, TimeoutError) as exc:
             self.stats.failed("upstream_cut", f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__)
-            kept = None
+            raise UpstreamCut(type(exc).__name__) from None
         finally:
             with anyio.CancelScope(shield=True):
                 await response.aclose()
@@ -270,6 +279,15 @@ class AsyncUpstream(_Base):
     async def aclose(self) -> None:
         if self._client is not None:
             await self._client.aclose()
+
+
+def _running_loop() -> object:
+    import asyncio
+
+    try:
+        return asyncio.get_running_loop()
+    except RuntimeError:  # trio: one loop per process run
+        return None
 
 
 async def _one(body: bytes) -> AsyncIterator[bytes]:
