@@ -5,8 +5,10 @@ with the Koala client's egress proxy (or the environment's) and trust store.
 an :class:`Answer`: status, the filtered headers, and the body as the upstream sends it,
 chunk by chunk, undecoded (a gzip answer passes through as gzip). Redirects are never
 followed. Failures before the answer starts become a ``502``/``504`` answer of our own;
-failures after it end the body early (the server then closes the connection, which tells
-the browser the answer is incomplete). Every failure is counted and logged once a minute.
+failures after it raise :class:`UpstreamCut` from the body: the ASGI glue then ends without
+the last message and a WSGI server closes the connection, so the browser knows the answer
+is incomplete (and never caches half a script). Every failure is counted and logged once a
+minute.
 """
 
 from __future__ import annotations
