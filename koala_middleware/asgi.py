@@ -154,7 +154,8 @@ class KoalaASGIMiddleware:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         pixel = self.pixel
-        if pixel is not None and scope["type"] != "lifespan" and pixel.claims(scope):
+        # A substring test first (lifespan has no path): every request passes here.
+        if pixel is not None and pixel.prefix in scope.get("path", "") and pixel.claims(scope):
             await pixel(scope, receive, send)  # the first-party pixel: never the app
             return
         if scope["type"] != "http" or SCOPE_KEY in scope:  # or already done by an outer Koala
