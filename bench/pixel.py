@@ -6,8 +6,9 @@ the unset one as a noise control; process CPU per request, variants interleaved 
 chunks, ratio = median over rounds of (variant / unset) in the same round.
 
 (b) What a proxied request costs in latency: uvicorn (1 worker) serving a Starlette app with
-``KoalaASGIMiddleware(pixel_path="/_k")`` in front of a stand-in upstream (uvicorn, its own
-process); one client (this process) asks, in turn, the stand-in directly and through the
+``KoalaASGIMiddleware(pixel_path="/_k")``, then gunicorn (1 worker, gthread, 4 threads) serving
+a WSGI app with ``KoalaWSGIMiddleware(pixel_path="/_k")``, in front of a stand-in upstream
+(uvicorn, its own process); one client (this process) asks, in turn, the stand-in directly and through the
 proxy: ``sdk.js`` cached (the upstream says ``max-age``), ``sdk.js`` uncached (``no-store``),
 and an API POST. Ratio = median latency through the proxy / direct, same run.
 """
@@ -76,6 +77,19 @@ def proxying_app() -> Any:
         pixel_api_url=url,
         pixel_cdn_url=url,
     )
+
+
+def wsgi_proxying_app() -> Any:
+    """The same under gunicorn: a bare WSGI app in ``KoalaWSGIMiddleware``."""
+    from koala_middleware import KoalaClient
+    from koala_middleware.wsgi import KoalaWSGIMiddleware
+
+    def home(environ: Any, start_response: Any) -> list[bytes]:
+        start_response("200 OK", [("Content-Type", "text/plain")])
+        return [b"ok"]
+
+    url = os.environ["BENCH_PIXEL_UPSTREAM"]
+    return KoalaWSGIMiddleware(home, KoalaClient(dry_run=True), pixel_path="/_k", pixel_api_url=url, pixel_cdn_url=url)
 
 
 # -- (a) cost on requests that are not proxied ----------------------------------------------------
@@ -162,12 +176,17 @@ def _overhead_rows(quick: bool) -> list[Row]:
 
 
 @contextlib.contextmanager
-def serve(target: list[str], port: int, env: dict[str, str]) -> Iterator[None]:
-    """``uvicorn <target>`` on ``port`` in its own process, until the block ends."""
+def serve(target: list[str], port: int, env: dict[str, str], server: str = "uvicorn") -> Iterator[None]:
+    """``uvicorn <target>`` (or gunicorn: 1 worker, gthread, 4 threads, as part 2) on ``port``
+    in its own process, until the block ends."""
     from .collector import ROOT
 
-    command = [sys.executable, "-m", "uvicorn", *target, "--host", "127.0.0.1", "--port", str(port)]
-    command += ["--no-access-log", "--log-level", "warning", "--lifespan", "off"]
+    if server == "uvicorn":
+        command = [sys.executable, "-m", "uvicorn", *target, "--host", "127.0.0.1", "--port", str(port)]
+        command += ["--no-access-log", "--log-level", "warning", "--lifespan", "off"]
+    else:
+        command = [sys.executable, "-m", "gunicorn", "--workers", "1", "--worker-class", "gthread"]
+        command += ["--threads", "4", "--bind", f"127.0.0.1:{port}", "--log-level", "warning", *target]
     proc = subprocess.Popen(command, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT), **env})
     try:
         deadline = time.monotonic() + 30
@@ -190,6 +209,12 @@ def serve(target: list[str], port: int, env: dict[str, str]) -> Iterator[None]:
 
 
 def _latency_rows(quick: bool) -> list[Row]:
+    return _latency(quick, "uvicorn", ["bench.pixel:proxying_app", "--factory"]) + _latency(
+        quick, "gunicorn", ["bench.pixel:wsgi_proxying_app()"]
+    )
+
+
+def _latency(quick: bool, server: str, target: list[str]) -> list[Row]:
     from .servers import free_port
 
     requests = 150 if quick else 600
@@ -198,7 +223,7 @@ def _latency_rows(quick: bool) -> list[Row]:
     rows: list[Row] = []
     with (
         serve(["bench.pixel:upstream"], upstream_port, {}),
-        serve(["bench.pixel:proxying_app", "--factory"], app_port, {"BENCH_PIXEL_UPSTREAM": upstream_url}),
+        serve(target, app_port, {"BENCH_PIXEL_UPSTREAM": upstream_url}, server),
         httpx.Client(timeout=10) as http,
     ):
         app_url = f"http://127.0.0.1:{app_port}/_k"
@@ -224,14 +249,14 @@ def _latency_rows(quick: bool) -> list[Row]:
             rows.append(
                 Row(
                     "7",
-                    f"through the proxy (uvicorn): {case}",
+                    f"through the proxy ({server}): {case}",
                     f"p50 {proxied * 1000:.2f} ms vs {direct * 1000:.2f} ms direct; p99 {p99 * 1000:.2f} ms",
                     proxied / direct,
                     "",
                     None,
                 )
             )
-            say(f"part 7 {case}: {proxied * 1000:.2f} ms vs {direct * 1000:.2f} ms direct")
+            say(f"part 7 {server} {case}: {proxied * 1000:.2f} ms vs {direct * 1000:.2f} ms direct")
     return rows
 
 
