@@ -444,3 +444,34 @@ def test_check_pixel_url_finds_both_documented_urls(front: str, capsys: pytest.C
     said = capsys.readouterr().out
     assert "404" in said and "pixel_path" in said and "NOT served" in said
     assert main(["check", "--pixel-url", "app.example.com/_k"]) == 1
+
+
+def test_non_ascii_header_values_pass_through_byte_for_byte(front: str, stand_ins: tuple[Upstream, Upstream]) -> None:
+    """Servers hand header bytes over as latin-1 text; they go up as the same bytes."""
+    api, _ = stand_ins
+    port = int(front.rsplit(":", 1)[1])
+    marker = uuid.uuid4().hex
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+        sock.sendall(
+            f"GET /_k/web/{marker} HTTP/1.1\r\nHost: app.example.test\r\nConnection: close\r\n".encode()
+            + b"User-Agent: Mozilla/5.0 caf\xc3\xa9\r\nAccept-Language: fr\r\n\r\n"
+        )
+        answer = b""
+        while more := sock.recv(65536):
+            answer += more
+    assert answer.startswith(b"HTTP/1.1 200")
+    seen = last(api, marker)
+    assert seen.headers["user-agent"].encode("latin-1") == b"Mozilla/5.0 caf\xc3\xa9"
+
+
+def test_the_app_behind_never_sees_a_proxy_failure(stand_ins: tuple[Upstream, Upstream]) -> None:
+    """Whatever goes wrong inside the proxy is an answer (502), never an exception."""
+    api, cdn = stand_ins
+    app = flask_app(api.url, cdn.url)
+    middleware = app.extensions["koala"]
+
+    def broken(*args: Any) -> Any:
+        raise RuntimeError("a bug in the proxy")
+
+    middleware.pixel.upstream.client = broken
+    assert app.test_client().get("/_k/web/x").status_code == 502

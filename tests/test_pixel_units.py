@@ -174,3 +174,26 @@ def test_flask_jinja_global() -> None:
     Koala(dry, client=KoalaClient(dry_run=True), pixel_path="/_k")
     with dry.app_context():
         assert "no public key" in render_template_string("{{ koala_pixel() }}")
+
+
+@pytest.mark.parametrize("length", ["-5", "1_0", "x", "+3", "\u00b2"])
+def test_a_bad_content_length_is_refused(length: str) -> None:
+    import io
+
+    from koala_middleware._pixel._wsgi import read_body
+
+    with pytest.raises(Rejected) as caught:
+        read_body({"CONTENT_LENGTH": length, "wsgi.input": io.BytesIO(b"abc")}, 10)
+    assert caught.value.status == 400
+
+
+def test_a_body_that_cannot_be_read_is_refused() -> None:
+    from koala_middleware._pixel._wsgi import read_body
+
+    class Broken:
+        def read(self, size: int) -> bytes:
+            raise OSError("client went away")
+
+    with pytest.raises(Rejected) as caught:
+        read_body({"CONTENT_LENGTH": "3", "wsgi.input": Broken()}, 10)
+    assert caught.value.status == 400

@@ -200,7 +200,7 @@ async def relay_websocket(
 async def _read_body(receive: Receive, headers: list[tuple[str, str]], limit: int) -> bytes:
     length = next((value for name, value in headers if name == "content-length"), None)
     if length is not None:
-        if not length.strip().isdigit():
+        if not (length.strip().isascii() and length.strip().isdigit()):
             raise Rejected(400, "a Content-Length that is not a number")
         if int(length) > limit:
             raise Rejected(413, f"Content-Length {int(length)} > {limit}")

@@ -43,7 +43,7 @@ class DjangoPixelProxy:
                 None,
             )
             length = meta.get("CONTENT_LENGTH") or "0"
-            if not str(length).isdigit():
+            if not (str(length).isascii() and str(length).isdigit()):
                 raise Rejected(400, "a Content-Length that is not a number")
             if int(length) > self.settings.max_body:
                 raise Rejected(413, f"Content-Length {length} > {self.settings.max_body}")

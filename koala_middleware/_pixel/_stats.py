@@ -21,6 +21,7 @@ REASONS = {
     "rejected": "pixel proxy: refused a request (%s)",
     "too_large": "pixel proxy: a request body over pixel_max_body (%s); answered 413",
     "websocket_failed": "pixel proxy: a WebSocket could not be relayed (%s)",
+    "proxy_error": "pixel proxy: unexpected error (%s); answered 502 (please report it)",
 }
 
 
@@ -37,7 +38,7 @@ class PixelStats:
         with self._lock:
             self.counts[kind] = self.counts.get(kind, 0) + 1
 
-    def failed(self, kind: str, detail: str) -> None:
+    def failed(self, kind: str, detail: str, exc: BaseException | None = None) -> None:
         """Count a failure of ``kind`` and log it, unless one of its kind was logged within
         the last minute (the count says how many there were)."""
         now = time.monotonic()
@@ -48,7 +49,7 @@ class PixelStats:
                 return
             self._logged_at[kind] = now
             total = self.counts[kind]
-        logger.warning(REASONS[kind] + " [%d so far; logged at most once a minute]", detail, total)
+        logger.warning(REASONS[kind] + " [%d so far; logged at most once a minute]", detail, total, exc_info=exc)
 
     def __repr__(self) -> str:
         return f"<PixelStats {self.counts}>"

@@ -92,8 +92,17 @@ def _failure(stats: PixelStats, exc: Exception) -> int:
     if isinstance(exc, (httpx.TimeoutException, TimeoutError)):
         stats.failed("upstream_timeout", detail)
         return 504
-    stats.failed("upstream_unreachable", detail)
+    if isinstance(exc, (httpx.HTTPError, OSError)):
+        stats.failed("upstream_unreachable", detail)
+    else:  # a bug of ours: said with its traceback, once a minute
+        stats.failed("proxy_error", detail, exc)
     return 502
+
+
+def _raw(out: Outgoing) -> list[tuple[bytes, bytes]]:
+    """The headers as bytes: servers hand them over as latin-1 text, and httpx would encode
+    text as ASCII (failing on a UTF-8 User-Agent)."""
+    return [(name.encode("latin-1"), value.encode("latin-1", "replace")) for name, value in out.headers]
 
 
 class _Base:
@@ -106,7 +115,9 @@ class _Base:
 
     def _headers(self, response: httpx.Response, out: Outgoing, site_host: str | None) -> list[tuple[str, str]]:
         upstream = self.settings.cdn_url if out.cdn else self.settings.api_url
-        return answer_headers(response.headers.multi_items(), site_host, self.settings.path, upstream)
+        # latin-1 both ways: header bytes pass through unchanged, whatever their encoding.
+        raw = [(name.decode("latin-1"), value.decode("latin-1")) for name, value in response.headers.raw]
+        return answer_headers(raw, site_host, self.settings.path, upstream)
 
     def _cached(self, out: Outgoing) -> CachedAnswer | None:
         if not out.cdn or out.method != "GET" or self.settings.cache_seconds <= 0:
@@ -147,15 +158,14 @@ class SyncUpstream(_Base):
     def open(self, out: Outgoing, body: bytes, site_host: str | None) -> Answer:
         hit = self._cached(out)
         if hit is not None:
-            return Answer(hit.status, hit.headers, iter((hit.body,)))
-        import httpx
+            return Answer(hit.status, list(hit.headers), iter((hit.body,)))
 
         deadline = time.monotonic() + self.settings.timeout
-        client = self.client()
         try:
-            request = client.build_request(out.method, out.url, headers=out.headers, content=body or None)
+            client = self.client()
+            request = client.build_request(out.method, out.url, headers=_raw(out), content=body or None)
             response = client.send(request, stream=True)
-        except (httpx.HTTPError, OSError) as exc:
+        except Exception as exc:  # any failure is an answer, never an exception for the app
             status, headers, content = error_answer(_failure(self.stats, exc))
             return Answer(status, headers, iter((content,)))
         self.stats.count("proxied")
@@ -171,7 +181,6 @@ class SyncUpstream(_Base):
     def _body(
         self, response: httpx.Response, out: Outgoing, deadline: float, keep: float, headers: list[tuple[str, str]]
     ) -> Iterator[bytes]:
-        import httpx
 
         kept: list[bytes] | None = [] if keep else None
         size = 0
@@ -186,7 +195,7 @@ class SyncUpstream(_Base):
                     if kept is not None:
                         kept.append(chunk)
                 yield chunk
-        except (httpx.HTTPError, OSError) as exc:
+        except Exception as exc:
             self.stats.failed("upstream_cut", f"{type(exc).__name__}: {exc}")
             raise UpstreamCut(type(exc).__name__) from None
         finally:
@@ -224,18 +233,17 @@ class AsyncUpstream(_Base):
 
     async def open(self, out: Outgoing, body: bytes, site_host: str | None) -> AsyncAnswer:
         import anyio
-        import httpx
 
         hit = self._cached(out)
         if hit is not None:
-            return AsyncAnswer(hit.status, hit.headers, _one(hit.body))
+            return AsyncAnswer(hit.status, list(hit.headers), _one(hit.body))
         deadline = anyio.current_time() + self.settings.timeout
-        client = self.client()
         try:
+            client = self.client()
             with anyio.fail_after(self.settings.timeout):
-                request = client.build_request(out.method, out.url, headers=out.headers, content=body or None)
+                request = client.build_request(out.method, out.url, headers=_raw(out), content=body or None)
                 response = await client.send(request, stream=True)
-        except (httpx.HTTPError, OSError, TimeoutError) as exc:
+        except Exception as exc:  # any failure is an answer, never an exception for the app
             status, headers, content = error_answer(_failure(self.stats, exc))
             return AsyncAnswer(status, headers, _one(content))
         self.stats.count("proxied")
@@ -247,7 +255,6 @@ class AsyncUpstream(_Base):
         self, response: httpx.Response, out: Outgoing, deadline: float, keep: float, headers: list[tuple[str, str]]
     ) -> AsyncIterator[bytes]:
         import anyio
-        import httpx
 
         kept: list[bytes] | None = [] if keep else None
         size = 0
@@ -265,7 +272,7 @@ class AsyncUpstream(_Base):
                     if kept is not None:
                         kept.append(chunk)
                 yield chunk
-        except (httpx.HTTPError, OSError, TimeoutError) as exc:
+        except Exception as exc:
             self.stats.failed("upstream_cut", f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__)
             raise UpstreamCut(type(exc).__name__) from None
         finally:

@@ -95,21 +95,24 @@ def read_body(environ: WSGIEnvironment, limit: int) -> bytes:
     length_header = environ.get("CONTENT_LENGTH") or ""
     length: int | None = None
     if length_header:
-        try:
-            length = int(length_header)
-        except ValueError:
-            raise Rejected(400, "a Content-Length that is not a number") from None
+        if not (length_header.strip().isascii() and length_header.strip().isdigit()):  # no sign, no "1_0"
+            raise Rejected(400, "a Content-Length that is not a number")
+        length = int(length_header)
         if length > limit:
             raise Rejected(413, f"Content-Length {length} > {limit}")
     stream = environ.get("wsgi.input")
     if stream is None or length == 0:
         return b""
-    if length is None:
-        if environ.get("HTTP_TRANSFER_ENCODING", "").lower() != "chunked" and not environ.get("wsgi.input_terminated"):
-            return b""
-        body = stream.read(limit + 1)
-    else:
-        body = stream.read(length)
+    try:
+        if length is None:
+            chunked = environ.get("HTTP_TRANSFER_ENCODING", "").lower() == "chunked"
+            if not chunked and not environ.get("wsgi.input_terminated"):
+                return b""
+            body = stream.read(limit + 1)
+        else:
+            body = stream.read(length)
+    except (OSError, ValueError) as exc:  # the visitor went away mid-body, or sent a broken one
+        raise Rejected(400, f"the body could not be read ({type(exc).__name__})") from None
     if len(body) > limit:
         raise Rejected(413, f"a chunked body over {limit}")
     return body  # type: ignore[no-any-return]
