@@ -9,7 +9,7 @@ import socket
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import httpx
@@ -412,23 +412,58 @@ def test_a_websocket_is_echoed_through_the_asgi_proxy() -> None:
         echo.close()
 
 
-def test_a_websocket_upgrade_under_wsgi_gets_501(front: str, request: pytest.FixtureRequest) -> None:
-    if "flask" not in request.node.callspec.id:
-        pytest.skip("WSGI only")
-    response = httpx.get(
-        front + "/_k/ws",
-        headers={
-            "Connection": "Upgrade",
-            "Upgrade": "websocket",
-            "Sec-WebSocket-Version": "13",
-            "Sec-WebSocket-Key": "x",
-        },
-    )
-    assert response.status_code == 501
-    assert "ASGI" in response.text
+def test_a_websocket_upgrade_under_wsgi_gets_501(stand_ins: tuple[Upstream, Upstream]) -> None:
+    api, cdn = stand_ins
+    for base in serve_wsgi(flask_app(api.url, cdn.url)):
+        response = httpx.get(
+            base + "/_k/ws",
+            headers={
+                "Connection": "Upgrade",
+                "Upgrade": "websocket",
+                "Sec-WebSocket-Version": "13",
+                "Sec-WebSocket-Key": "dGhlIHNhbXBsZSBub25jZQ==",
+            },
+        )
+        assert response.status_code == 501
+        assert "ASGI" in response.text
 
 
-ServeFn = Callable[[Any], Iterator[str]]
+def test_a_websocket_to_an_upstream_down_is_refused() -> None:
+    from websockets.exceptions import InvalidStatus
+    from websockets.sync.client import connect
+
+    dead = _dead_url()
+    for base in serve_asgi(fastapi_app(dead, dead)):
+        with pytest.raises(InvalidStatus):
+            connect(base.replace("http", "ws") + "/_k/ws", open_timeout=5)
+        assert httpx.get(base + "/").json() == "the app"  # the server goes on
+
+
+@pytest.mark.anyio
+async def test_a_mounted_asgi_app_proxies_below_its_root_path(stand_ins: tuple[Upstream, Upstream]) -> None:
+    api, cdn = stand_ins
+    app = fastapi_app(api.url, cdn.url)
+    marker = uuid.uuid4().hex
+    transport = httpx.ASGITransport(app=app, root_path="/shop")
+    async with httpx.AsyncClient(transport=transport, base_url="http://app.example.test") as http:
+        response = await http.get(f"/shop/_k/web/{marker}")
+    assert response.status_code == 200
+    assert last(api, marker).path == f"/web/{marker}"
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+def test_flask_reads_pixel_options_from_app_config(stand_ins: tuple[Upstream, Upstream]) -> None:
+    api, cdn = stand_ins
+    app = Flask("configured")
+    app.config.update(KOALA_PIXEL_PATH="/_edge", KOALA_PIXEL_API_URL=api.url, KOALA_PIXEL_CDN_URL=cdn.url)
+    Koala(app, client=KoalaClient(dry_run=True))
+    marker = uuid.uuid4().hex
+    assert app.test_client().get(f"/_edge/web/{marker}").status_code == 200
+    assert last(api, marker).path == f"/web/{marker}"
 
 
 def test_check_pixel_url_finds_both_documented_urls(front: str, capsys: pytest.CaptureFixture[str]) -> None:
