@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import atexit
 import collections
+import difflib
 import functools
 import json
 import logging
@@ -34,6 +35,10 @@ logger = logging.getLogger("koala_middleware")
 DEFAULT_API_URL = "https://api2.getkoala.com"
 LOG_DRY_RUN = "dry run (no KOALA_PUBLIC_KEY), would POST %s %s"
 LOG_DRY_RUN_ON = "no public key configured; running in dry-run mode, nothing is sent"
+LOG_NO_KEY = (
+    "no Koala public key: nothing is sent to Koala (dry-run mode; batches are logged at INFO). "
+    "Set KOALA_PUBLIC_KEY or pass public_key=; pass dry_run=True to silence this warning.%s"
+)
 LOG_EXIT_FAILED = "shutdown at interpreter exit failed"
 LOG_SIGTERM = "SIGTERM: delivering pending batches (at most %.1fs), then exiting as SIGTERM does"
 
@@ -179,6 +184,9 @@ class KoalaClient:
         #: In dry-run mode, the last batches that would have been sent (newest last).
         self.dry_run_batches: collections.deque[Batch] = collections.deque(maxlen=100)
         self._dry_run_lock = threading.Lock()
+        # Loud once when the key is missing (a typo in the variable's name too); not when dry
+        # run was asked for, nor under pytest, where a keyless client is the norm.
+        self._warn_no_key = dry_run is None and public_key is None
         if self.dry_run:
             logger.info(LOG_DRY_RUN_ON)
         _live_clients.add(self)
@@ -221,6 +229,9 @@ class KoalaClient:
             self._sender.counters.add("dry_run")
             with self._dry_run_lock:
                 self.dry_run_batches.append(batch)
+                warn, self._warn_no_key = self._warn_no_key, False
+            if warn and "PYTEST_CURRENT_TEST" not in os.environ:
+                logger.warning(LOG_NO_KEY, _misspelt_key_hint())
             logger.info(LOG_DRY_RUN, batch.path, batch.body.decode())
             return
         self._sender.submit(batch)
@@ -267,6 +278,13 @@ class KoalaClient:
 _live_clients: weakref.WeakSet[KoalaClient] = weakref.WeakSet()
 #: Senders of clients collected while they held batches: (shutdown, handle_sigterm).
 _orphans: list[tuple[Callable[[], object], bool]] = []
+
+
+def _misspelt_key_hint() -> str:
+    """Names (never values) of set variables that look like a misspelt ``KOALA_PUBLIC_KEY``."""
+    near = difflib.get_close_matches("KOALA_PUBLIC_KEY", [name.upper() for name in os.environ], n=3, cutoff=0.8)
+    names = [name for name in os.environ if name.upper() in near and name != "KOALA_PUBLIC_KEY"]
+    return f" Did you mean KOALA_PUBLIC_KEY instead of {', '.join(sorted(names))}?" if names else ""
 
 
 def _orphaned(sender: BackgroundSender | SyncSender, timeout: float, handle_sigterm: bool) -> None:

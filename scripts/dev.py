@@ -8,8 +8,10 @@
     python3 scripts/dev.py test -k cookie   # with arguments: pytest on this Python only
     python3 scripts/dev.py bench   # the benchmarks in bench/
 
-Needs only Python 3 and pip. The venv is .venv/ in the repository. For the browser test it
-installs Debian's chromium when it can (root with apt-get); otherwise that test skips.
+Needs only Python 3 and pip. The venv is .venv/ in the repository; ``test`` also makes nox's
+virtualenvs in .nox/ (one per CPython): about 1.6 GB of disk in all. For the browser
+test, ``test`` installs Debian's chromium when it can (root with apt-get: about 115 packages,
+360 MB), saying so first; KOALA_SKIP_CHROMIUM_INSTALL=1 skips that, and the test then skips.
 """
 
 from __future__ import annotations
@@ -42,8 +44,13 @@ def install_chromium() -> None:
     if shutil.which("chromium") or os.environ.get("KOALA_SKIP_CHROMIUM_INSTALL"):
         return
     if not shutil.which("apt-get") or os.geteuid() != 0:
-        print("chromium not installed and cannot install it here: the browser test will skip")
+        print("chromium not installed and cannot install it here (needs root and apt-get): the browser test will skip")
         return
+    print(
+        "installing Debian's chromium for the browser test (apt-get install chromium: about 115 packages,\n"
+        "360 MB of disk); set KOALA_SKIP_CHROMIUM_INSTALL=1 to skip it (the browser test then skips)",
+        flush=True,
+    )
     env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
     for cmd in (["apt-get", "update", "-qq"], ["apt-get", "install", "-y", "-qq", "chromium"]):
         try:
@@ -81,7 +88,7 @@ def main(argv: list[str]) -> int:
             return 0 if code == 5 else code
         setup("ci")
         env = {**os.environ, **pyenv_pythons()}
-        print("+", "nox (lint, then tests on CPython 3.10-3.13)", flush=True)
+        print("+", "nox (lint, docs, package, then tests on CPython 3.10-3.13)", flush=True)
         return subprocess.run([str(PYTHON), "-m", "nox"], cwd=ROOT, env=env, check=False).returncode
     if command == "bench":
         setup("bench")

@@ -1,0 +1,121 @@
+#!/usr/bin/env python3
+"""Draw the documentation's performance plots from a bench run's output.
+
+    python3 scripts/dev.py bench --only inproc --only sdks > docs/assets/bench/run.txt
+    python scripts/bench_plots.py docs/assets/bench/run.txt   # writes docs/assets/bench/*.svg
+
+Reads the Markdown table ``bench/run.py`` prints (one row per case, with its ratio) and
+writes SVG bar charts next to it: ``inproc.svg`` (part 1: the middleware's cost per request
+as a ratio to the same app without it, Starlette's SessionMiddleware as a yardstick) and
+``sdks.svg`` (part 5: CPU per visitor against PostHog's and Segment's SDKs). Needs
+matplotlib (the ``docs`` extra). The SVGs are committed, so building the site needs no run.
+"""
+
+from __future__ import annotations
+
+import re
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class Row:
+    part: str
+    case: str
+    measured: str
+    ratio: float | None
+
+
+def read_rows(text: str) -> list[Row]:
+    rows = []
+    for line in text.splitlines():
+        cells = [cell.strip() for cell in line.strip().strip("|").split("|")]
+        if len(cells) < 4 or not re.fullmatch(r"\d+[a-z]?", cells[0]):
+            continue
+        ratio = float(cells[3].rstrip("x")) if cells[3].endswith("x") else None
+        rows.append(Row(cells[0], cells[1], cells[2], ratio))
+    return rows
+
+
+def _number(measured: str) -> float:
+    return float(measured.split()[0].replace(",", ""))
+
+
+def plot_inproc(rows: list[Row], machine: str, out: Path) -> None:
+    import matplotlib.pyplot as plt
+
+    wanted = [r for r in rows if r.part.startswith("1") and r.ratio is not None and not r.case.endswith(": bare")]
+    if not wanted:
+        return
+    labels = [r.case.replace(": ", "\n") for r in wanted]
+    colours = ["#9e9e9e" if "SessionMiddleware" in r.case else "#2e7d32" for r in wanted]
+    fig, ax = plt.subplots(figsize=(9, 0.42 * len(wanted) + 1.4))
+    ax.barh(range(len(wanted)), [r.ratio or 0 for r in wanted], color=colours)
+    ax.set_yticks(range(len(wanted)), labels, fontsize=7)
+    ax.invert_yaxis()
+    ax.axvline(1.0, color="black", linewidth=0.8)
+    for i, r in enumerate(wanted):
+        ax.text((r.ratio or 0) + 0.03, i, f"{r.ratio:.2f}x  ({r.measured})", va="center", fontsize=7)
+    ax.set_xlabel("time per request, as a ratio to the same app without the middleware (1.00x)")
+    ax.set_title("In-process cost per request (part 1; grey: Starlette's SessionMiddleware)", fontsize=10)
+    ax.set_xlim(0, max(r.ratio or 0 for r in wanted) * 1.45)
+    fig.text(0.01, 0.005, machine, fontsize=6, color="#555555")
+    fig.tight_layout(rect=(0, 0.03, 1, 1))
+    fig.savefig(out, format=out.suffix[1:], metadata={"Date": None} if out.suffix == ".svg" else None)
+    plt.close(fig)
+
+
+def plot_sdks(rows: list[Row], machine: str, out: Path) -> None:
+    import matplotlib.pyplot as plt
+
+    wanted = [r for r in rows if r.part == "5"]
+    if not wanted:
+        return
+    groups = sorted({r.case.split(":")[0] for r in wanted}, key=lambda g: "only" in g)
+    sdks = list(dict.fromkeys(r.case.split(": ", 1)[1] for r in wanted))
+    fig, ax = plt.subplots(figsize=(9, 3.6))
+    width = 0.8 / len(sdks)
+    palette = ["#2e7d32", "#1565c0", "#ef6c00", "#6a1b9a"]
+    for j, sdk in enumerate(sdks):
+        values = []
+        for group in groups:
+            match = [r for r in wanted if r.case == f"{group}: {sdk}"]
+            values.append(_number(match[0].measured) if match else 0.0)
+        xs = [i + (j - (len(sdks) - 1) / 2) * width for i in range(len(groups))]
+        bars = ax.bar(xs, values, width, label=sdk, color=palette[j % len(palette)])
+        ax.bar_label(bars, [f"{v:.0f} us" for v in values], fontsize=7)
+    ax.set_xticks(range(len(groups)), groups, fontsize=8)
+    ax.set_ylabel("whole-process CPU per visitor (us)")
+    ax.set_title("One identify + one track per visitor (part 5; lower is better)", fontsize=10)
+    ax.legend(fontsize=8)
+    fig.text(0.01, 0.005, machine, fontsize=6, color="#555555")
+    fig.tight_layout(rect=(0, 0.04, 1, 1))
+    fig.savefig(out, format=out.suffix[1:], metadata={"Date": None} if out.suffix == ".svg" else None)
+    plt.close(fig)
+
+
+def main(argv: list[str]) -> int:
+    if len(argv) != 1:
+        print(__doc__)
+        return 2
+    source = Path(argv[0])
+    text = source.read_text()
+    machine = next((line for line in text.splitlines() if line.startswith("Machine:")), "")[:150]
+    rows = read_rows(text)
+    if not rows:
+        print(f"{source}: no bench table found", file=sys.stderr)
+        return 1
+    import matplotlib
+
+    matplotlib.use("Agg")
+    matplotlib.rcParams["svg.hashsalt"] = "koala-middleware"  # the same run gives the same file
+    matplotlib.rcParams["svg.fonttype"] = "none"  # text as text: small, readable diffs
+    plot_inproc(rows, machine, source.parent / "inproc.svg")
+    plot_sdks(rows, machine, source.parent / "sdks.svg")
+    print(f"wrote {source.parent / 'inproc.svg'} and {source.parent / 'sdks.svg'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
