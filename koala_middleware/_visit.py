@@ -134,8 +134,15 @@ def configure(
     :param should_track: ``should_track(info) -> bool``, your consent decision; when it says
         no, no cookie is set and the tracker's calls are validated but ignored.
     :param respect_gpc: honour the ``Sec-GPC: 1`` header as an opt-out (default on).
-    :param pixel_path: serve Koala's browser pixel first-party under this path (e.g. ``"/_k"``;
-        off by default); the other ``pixel_*`` options bound it (see docs/pixel.md).
+    :param pixel_path: serve Koala's browser pixel first-party under this path, e.g. ``"/_k"``
+        (off by default): requests under it go to Koala's upstreams, never to the app.
+    :param pixel_api_url: the pixel's API upstream (every path under ``pixel_path`` but ``/v1/``).
+    :param pixel_cdn_url: the pixel's CDN upstream (``/v1/...``: ``sdk.js`` and its chunks).
+    :param pixel_max_body: the largest request body the pixel proxy forwards, in bytes (else 413).
+    :param pixel_connect_timeout: seconds to connect to a pixel upstream (else 502/504).
+    :param pixel_timeout: seconds for a pixel upstream's whole answer (else 504, or a cut answer).
+    :param pixel_cache_seconds: the cap on keeping CDN scripts in memory (their ``max-age`` rules
+        below it); ``0`` turns the cache off.
     """
     cookie = CookieSettings(
         name=cookie_name,
