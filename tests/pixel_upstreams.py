@@ -5,10 +5,11 @@ a WebSocket echo server (the ``websockets`` package)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gzip
 import json
+import socket
 import threading
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -29,8 +30,35 @@ class Seen:
 
 
 class _QuietServer(ThreadingHTTPServer):
+    """Joins its handler threads on close, after cutting the connections still open (the
+    proxies' kept-alive ones): nothing of it outlives the test module."""
+
+    daemon_threads = False
+    block_on_close = True
+
+    def __init__(self, *args: Any) -> None:
+        super().__init__(*args)
+        self.open_connections: set[socket.socket] = set()
+        self.stopping = threading.Event()
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        self.open_connections.add(request)
+        super().process_request(request, client_address)
+
+    def shutdown_request(self, request: Any) -> None:
+        self.open_connections.discard(request)
+        super().shutdown_request(request)
+
     def handle_error(self, request: Any, client_address: Any) -> None:
         pass  # a proxy that hung up mid-answer (the deadline tests) is expected here
+
+    def close(self) -> None:
+        self.stopping.set()
+        self.shutdown()
+        for connection in list(self.open_connections):
+            with contextlib.suppress(OSError):
+                connection.shutdown(socket.SHUT_RDWR)
+        self.server_close()  # joins the handler threads
 
 
 class Upstream:
@@ -64,7 +92,6 @@ class Upstream:
             do_GET = do_POST = do_PUT = do_PATCH = do_DELETE = do_OPTIONS = do_HEAD = _any
 
         self.server = _QuietServer(("127.0.0.1", 0), Handler)
-        self.server.daemon_threads = True
         self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
         self.thread.start()
@@ -104,13 +131,13 @@ class Upstream:
                 for _ in range(count):
                     handler.wfile.write(b"%x\r\n%s\r\n" % (len(chunk), chunk))
                     handler.wfile.flush()
-                    time.sleep(delay)
+                    self.server.stopping.wait(delay)
                 handler.wfile.write(b"0\r\n\r\n")
             except OSError:
                 pass
             return
         if path == "/slow":
-            time.sleep(5)
+            self.server.stopping.wait(5)
         if path == "/redirect":
             send(302)
             handler.send_header("Location", "/web/after-redirect")
@@ -144,8 +171,7 @@ class Upstream:
             handler.wfile.write(data)
 
     def close(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
+        self.server.close()
 
 
 class EchoWebSocket:
