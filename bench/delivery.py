@@ -68,7 +68,7 @@ def background(url: str, count: int, options: dict[str, int]) -> tuple[float, fl
     client = KoalaClient("pk_bench", api_url=url, **options)
     try:
         for batch in make_batches(client, 100):  # warm up: start the thread, open connections
-            client.send(batch)
+            client._send(batch)
         if not client.flush(30):
             raise RuntimeError("warm-up batches were not delivered within 30 s")
         batches = make_batches(client, count)
@@ -76,7 +76,7 @@ def background(url: str, count: int, options: dict[str, int]) -> tuple[float, fl
         cpu = thread_cpu(thread)
         start = time.perf_counter()
         for batch in batches:
-            client.send(batch)
+            client._send(batch)
         if not client.flush(120):
             raise RuntimeError(f"{count} batches were not delivered within 120 s")
         wall = time.perf_counter() - start

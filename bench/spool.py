@@ -1,6 +1,6 @@
 """Part 6: what the on-disk spool (``spool_dir``) costs.
 
-Hand-over: the calling thread's CPU per ``client.send(batch)`` with the spool and without,
+Hand-over: the calling thread's CPU per ``client._send(batch)`` with the spool and without,
 rounds interleaved in one run; the difference is the spool's own cost (one SQLite insert,
 committed to the WAL, before the hand-over returns). Throughput: batches/s to a Koala that
 answers in 50 ms with the spool on (every delivered batch is also deleted from disk), and
@@ -25,13 +25,13 @@ def hand_over(url: str, count: int, spool_dir: str | None) -> float:
     client = KoalaClient("pk_bench", api_url=url, spool_dir=spool_dir, handle_sigterm=False)
     try:
         for batch in make_batches(client, 100):  # warm up: sender thread, connections, spool file
-            client.send(batch)
+            client._send(batch)
         if not client.flush(30):
             raise RuntimeError("warm-up batches were not delivered within 30 s")
         batches = make_batches(client, count)
         cpu = time.thread_time()
         for batch in batches:
-            client.send(batch)
+            client._send(batch)
         cpu = time.thread_time() - cpu
         if not client.flush(60):
             raise RuntimeError(f"{count} batches were not delivered within 60 s")

@@ -6,11 +6,13 @@ is the visitor's :class:`Tracker`. What it records is sent to Koala after the re
 """
 
 from ._client import KoalaClient
-from ._delivery import DeliveryError, Stats
+from ._delivery import DeliveryError, DropReason, ErrorHook, Stats
 from ._pixel import pixel_snippet
 from ._protocol import Batch
+from ._request import RequestInfo
 from ._tracker import AccountRecorder, Tracker, current_tracker
 from ._version import __version__
+from ._visit import ShouldTrack
 from .asgi import KoalaASGIMiddleware
 from .wsgi import KoalaWSGIMiddleware
 
@@ -18,9 +20,13 @@ __all__ = [
     "AccountRecorder",
     "Batch",
     "DeliveryError",
+    "DropReason",
+    "ErrorHook",
     "KoalaASGIMiddleware",
     "KoalaClient",
     "KoalaWSGIMiddleware",
+    "RequestInfo",
+    "ShouldTrack",
     "Stats",
     "Tracker",
     "__version__",

@@ -23,11 +23,11 @@ from typing import TypedDict
 
 import httpx
 
-from ._delivery import BackgroundSender, DeliverySettings, ErrorHook, Stats, SyncSender
+from ._delivery import BackgroundSender, DeliverySettings, DropReason, ErrorHook, Stats, SyncSender
 from ._protocol import Batch
 from ._signals import exit_as_signalled, exiting, install_sigterm_flush
 from ._tracker import Tracker
-from ._validate import check_email, check_id
+from ._validate import check_count, check_email, check_flag, check_id, check_optional_text, check_seconds
 from ._version import __version__
 
 logger = logging.getLogger("koala_middleware")
@@ -138,6 +138,7 @@ class KoalaClient:
         spool_dir: str | os.PathLike[str] | None = None,
         max_spool_bytes: int = 64 * 1024 * 1024,
     ) -> None:
+        _check_options(locals())
         public_key = public_key or os.environ.get("KOALA_PUBLIC_KEY") or None
         if public_key is not None and not _KEY.match(public_key):
             raise ValueError(
@@ -219,12 +220,12 @@ class KoalaClient:
             check_id(user_agent, "user_agent")
         return Tracker(self, profile_id, email, user_agent=user_agent)
 
-    def send_tracker(self, tracker: Tracker) -> None:
+    def _send_tracker(self, tracker: Tracker) -> None:
         """Hand a tracker's records over as batches (non-blocking unless ``sync``)."""
-        for batch in tracker.take():
-            self.send(batch)
+        for batch in tracker._take():
+            self._send(batch)
 
-    def send(self, batch: Batch) -> None:
+    def _send(self, batch: Batch) -> None:
         if self.dry_run:
             self._sender.counters.add("dry_run")
             with self._dry_run_lock:
@@ -269,7 +270,7 @@ class KoalaClient:
         """A snapshot of the delivery counters (delivered, retried, dropped by reason...)."""
         return self._sender.counters.snapshot(self._sender.pending())
 
-    def count_dropped(self, items: int, reason: str, detail: str = "") -> None:
+    def _count_dropped(self, items: int, reason: DropReason, detail: str = "") -> None:
         """Count (in :attr:`stats`) and log ``items`` recorded but never sent, and why
         (trackers report theirs here, e.g. ``tracker_full``)."""
         self._sender.counters.dropped(reason, 0, items, detail)
@@ -344,6 +345,23 @@ def _shutdown_at_sigterm() -> None:
     stoppers[0]()
     for thread in threads:
         thread.join()
+
+
+def _check_options(options: dict[str, object]) -> None:
+    """Type and range of every numeric and switch option, with the keyword in the message:
+    a wrong value fails here, at the call that gave it, not as a failing post later."""
+    check_seconds("timeout", options["timeout"], positive=True)
+    for seconds in ("backoff_base", "max_backoff", "shutdown_timeout"):
+        check_seconds(seconds, options[seconds])
+    for count in ("max_queue_batches", "max_queue_bytes", "max_in_flight", "max_spool_bytes"):
+        check_count(count, options[count], 1)
+    check_count("max_retries", options["max_retries"], 0)
+    for flag in ("send_ip", "sync", "handle_sigterm"):
+        check_flag(flag, options[flag])
+    check_flag("dry_run", options["dry_run"], none=True)
+    for text in ("public_key", "api_url", "user_agent"):
+        check_optional_text(text, options[text])
+    check_optional_text("proxy", options["proxy"], "a proxy URL string")
 
 
 def client_from_options(client: KoalaClient | None, options: ClientOptions) -> KoalaClient:

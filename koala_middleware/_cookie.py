@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from publicsuffixlist import PublicSuffixList
 
 from ._ids import random_uuid4
+from ._request import header_text
 
 logger = logging.getLogger("koala_middleware")
 
@@ -54,6 +55,19 @@ _DIRECTIVE = re.compile(r'([^\s,="]+)[ \t]*(?:=[ \t]*(?:"(?:[^"\\]|\\.)*"|[^,]*)
 _SAMESITE = {"lax": "Lax", "strict": "Strict", "none": "None"}
 
 
+#: The middlewares' keyword for each setting: errors name what the user wrote.
+KEYWORDS = {
+    "name": "cookie_name",
+    "domain": "cookie_domain",
+    "allowed_hosts": "allowed_hosts",
+    "max_age": "cookie_max_age",
+    "secure": "cookie_secure",
+    "samesite": "cookie_samesite",
+    "server_copy": "cookie_server_copy",
+    "server_copy_name": "cookie_server_copy_name",
+}
+
+
 @dataclass(frozen=True, slots=True)
 class CookieSettings:
     """How the visitor cookie is scoped; validated once so the hot path can trust it."""
@@ -71,49 +85,53 @@ class CookieSettings:
     def __post_init__(self) -> None:
         _check_name("name", self.name)
         if not isinstance(self.server_copy, bool):
-            raise TypeError("CookieSettings.server_copy must be True or False")
+            raise TypeError(f"cookie_server_copy must be True or False, got {self.server_copy!r}")
         _check_name("server_copy_name", self.server_copy_name)
         if self.server_copy and self.server_copy_name == self.name:
-            raise ValueError("CookieSettings.server_copy_name must differ from the cookie's name")
+            raise ValueError("cookie_server_copy_name must differ from cookie_name (the copy is another cookie)")
         if self.domain is not None:
             domain = _setting_host("domain", self.domain)
             if _is_ip(domain) or _public_suffix_list().is_public(domain):
                 # A browser rejects a Domain attribute naming a public suffix (or an IP):
                 # every visitor would get a new id on every request.
                 raise ValueError(
-                    f"CookieSettings.domain {domain!r} is "
+                    f"cookie_domain {domain!r} is "
                     f"{'an IP address' if _is_ip(domain) else 'a public suffix (browsers refuse cookies for it)'}; "
                     "name your own registrable domain, e.g. 'example.co.uk', or leave it unset"
                 )
             object.__setattr__(self, "domain", domain)
         if self.allowed_hosts is not None:
             if isinstance(self.allowed_hosts, (str, bytes)):
-                raise TypeError("CookieSettings.allowed_hosts must be a list or tuple of host names, not one string")
+                raise TypeError("allowed_hosts must be a list or tuple of host names, not one string")
             hosts = tuple(_setting_host("allowed_hosts", h) for h in self.allowed_hosts)
             object.__setattr__(self, "allowed_hosts", hosts)
         if isinstance(self.max_age, bool) or not isinstance(self.max_age, int):
-            raise TypeError("CookieSettings.max_age must be an int number of seconds")
+            raise TypeError(f"cookie_max_age must be a whole number of seconds, got {self.max_age!r}")
         if self.max_age <= 0:
-            raise ValueError("CookieSettings.max_age must be a positive number of seconds (a lifetime, not a deletion)")
+            raise ValueError(
+                f"cookie_max_age must be a positive number of seconds (a lifetime, not a deletion), got {self.max_age!r}"
+            )
         if self.max_age > MAX_AGE_LIMIT:
             logger.debug(MAX_AGE_CAPPED_MESSAGE, MAX_AGE_LIMIT)
             object.__setattr__(self, "max_age", MAX_AGE_LIMIT)
         if self.secure is not None and not isinstance(self.secure, bool):
-            raise TypeError("CookieSettings.secure must be True, False or None (None: Secure on https requests)")
+            raise TypeError(
+                f"cookie_secure must be True, False or None (None: Secure on https requests), got {self.secure!r}"
+            )
         samesite = self.samesite.lower() if isinstance(self.samesite, str) else None
         if samesite not in _SAMESITE:
-            raise ValueError("CookieSettings.samesite must be 'lax', 'strict' or 'none'")
+            raise ValueError(f"cookie_samesite must be 'lax', 'strict' or 'none', got {self.samesite!r}")
         if samesite == "none" and self.secure is False:
-            raise ValueError("CookieSettings.samesite='none' requires Secure: leave secure as None or set it True")
+            raise ValueError("cookie_samesite='none' requires Secure: leave cookie_secure as None or set it True")
         object.__setattr__(self, "samesite", samesite)
 
 
 def _check_name(option: str, name: object) -> None:
     if not isinstance(name, str) or not _TOKEN.fullmatch(name):
-        raise ValueError(f"CookieSettings.{option} may only hold ASCII letters, digits and !#$%&'*+.^_`|~-")
+        raise ValueError(f"{KEYWORDS[option]} may only hold ASCII letters, digits and !#$%&'*+.^_`|~-, got {name!r}")
     if name.lower().startswith(("__secure-", "__host-")):
         # Browsers drop such cookies when set without Secure or with a Domain.
-        raise ValueError(f"CookieSettings.{option} must not start with __Secure- or __Host-; use a plain name")
+        raise ValueError(f"{KEYWORDS[option]} must not start with __Secure- or __Host-; use a plain name")
 
 
 def _is_ip(host: str) -> bool:
@@ -124,42 +142,17 @@ def _is_ip(host: str) -> bool:
 def _setting_host(option: str, value: object) -> str:
     """Normalise a configured host name, refusing anything a Domain attribute cannot hold."""
     if not isinstance(value, str):
-        raise TypeError(f"CookieSettings.{option} must be a host name string such as 'example.com'")
+        raise TypeError(f"{KEYWORDS[option]} must be a host name string such as 'example.com', got {value!r}")
     host = normalize_host(value.strip().lstrip("."))
     if host is None or ":" in value:
-        raise ValueError(f"CookieSettings.{option} must be a host name such as 'example.com', without scheme or port")
+        raise ValueError(
+            f"{KEYWORDS[option]} must be a host name such as 'example.com', without scheme or port, got {value!r}"
+        )
     return host
 
 
-def new_visitor_id() -> str:
-    """A fresh id in the format the pixel generates (a lower-case UUID v4)."""
-    return random_uuid4()
-
-
-def is_valid_visitor_id(value: str) -> bool:
-    """Only ids Koala's pixel or server may have written are kept; anything else is
-    replaced, never echoed: a URL-safe token (``[A-Za-z0-9_-]``) of 16 to 64 characters
-    (UUIDs of any version in either case among them), but not the nil UUID."""
-    return isinstance(value, str) and 16 <= len(value) <= 64 and _VISITOR_ID_RE.fullmatch(value) is not None
-
-
-def read_visitor_id(cookie_headers: str | Iterable[str] | None, name: str = "ko_id") -> str | None:
-    """The first valid visitor id among all ``name`` cookies of all Cookie headers.
-
-    Several headers (HTTP/2) and duplicate cookies (same name, other Path or
-    Domain) are common. Commas also separate cookies, because servers such as
-    gunicorn join repeated Cookie headers with ``,``. The middlewares call
-    :meth:`VisitorCookie.read`, which gives the same answer faster for one header.
-    """
-    if cookie_headers is None:
-        return None
-    if isinstance(cookie_headers, str):
-        cookie_headers = (cookie_headers,)
-    return _search_visitor_id(cookie_headers, name)
-
-
-# A separator and the space browsers write after it; other spacing takes the search.
-_SEPARATORS = ("; ", ", ")
+# The separator and the space browsers write after it; other spacing takes the search.
+_SEPARATOR = "; "
 
 
 def _search_visitor_id(cookie_headers: Iterable[str], name: str) -> str | None:
@@ -175,17 +168,18 @@ def _search_visitor_id(cookie_headers: Iterable[str], name: str) -> str | None:
         while found is not None:
             # The name must start the cookie: only spaces or tabs since a separator.
             before = header[: found.start()].rstrip(" \t")
-            if not before or before[-1] in ";,":
+            if not before or before[-1] == ";":
                 return found.group(2)
             found = pattern.search(header, found.start() + 1)
     return None
 
 
 def _visitor_id_pattern(name: str) -> re.Pattern[str]:
-    """``name=<id>`` up to a separator (``;`` or ``,``) or the end, the id alone or in double
-    quotes. Starting with the name lets the search skip ahead to it; what precedes the
+    """``name=<id>`` up to the separator (``;``) or the end, the id alone or in double
+    quotes. Only ``;`` separates cookies (RFC 6265bis, as browsers send them): a ``,``
+    belongs to a value, so another cookie's value can never pose as the visitor id. Starting with the name lets the search skip ahead to it; what precedes the
     name is checked by the caller."""
-    return re.compile(re.escape(name) + r'[ \t]*=[ \t]*("?)(' + _VISITOR_ID + r")\1[ \t]*(?=[;,]|\Z)")
+    return re.compile(re.escape(name) + r'[ \t]*=[ \t]*("?)(' + _VISITOR_ID + r")\1[ \t]*(?=;|\Z)")
 
 
 # Compiled patterns by cookie name (names come from settings, never from the network).
@@ -281,13 +275,6 @@ def _cookie_attributes(host: str | None, https: bool, settings: CookieSettings) 
     return attributes
 
 
-def set_cookie_header(visitor_id: str, host: str | None, https: bool, settings: CookieSettings) -> str:
-    """The Set-Cookie header value; never HttpOnly because the pixel reads the cookie."""
-    if not is_valid_visitor_id(visitor_id):
-        raise ValueError("visitor_id must be a visitor id: 16 to 64 of A-Z a-z 0-9 _ - (see new_visitor_id())")
-    return _set_cookie_header(visitor_id, host, https, settings)
-
-
 #: What a request's cookies leave to write (bits): nothing, the copy, ``ko_id``, or both.
 WRITE_NONE = 0
 WRITE_COPY = 1
@@ -319,12 +306,12 @@ class VisitorCookie:
         self._plain_copy = _plain_matcher(settings.server_copy_name)
         self._seen: dict[int, tuple[str, int]] = {}
 
-    def read(self, cookie: bytes | str | None) -> str | None:
+    def read(self, cookie: object) -> str | None:
         """The visitor id in a Cookie header (several joined with ``"; "``), or None."""
         found = self.resolve(cookie)
         return found[0] if found is not None else None
 
-    def resolve(self, cookie: bytes | str | None) -> tuple[str, int] | None:
+    def resolve(self, cookie: object) -> tuple[str, int] | None:
         """``(visitor_id, writes)`` for a Cookie header, or None for a new visitor.
 
         The id is ``ko_id`` when valid, else the server-kept copy's; ``writes`` says which
@@ -334,10 +321,14 @@ class VisitorCookie:
         """
         if cookie is None:
             return None
+        if cookie.__class__ is not str and cookie.__class__ is not bytes:
+            cookie = header_text(cookie)  # a list, bytearray...: from an odd server
+            if cookie is None:
+                return None
         key = hash(cookie)
         found = self._seen.get(key)
         if found is None:
-            found = self._parse(cookie.decode("latin-1") if isinstance(cookie, bytes) else cookie)
+            found = self._parse(cookie.decode("latin-1") if isinstance(cookie, bytes) else str(cookie))
             if found is not None:
                 if len(self._seen) >= _SEEN_SIZE:
                     self._seen.clear()  # a new generation: simpler and cheaper than LRU order
@@ -370,24 +361,20 @@ class VisitorCookie:
 
 
 def _plain_matcher(name: str) -> Callable[[str, int], re.Match[str] | None]:
-    return re.compile(re.escape(name + "=") + "(" + _VISITOR_ID + ")(?=[;,]|\\Z)").match
+    return re.compile(re.escape(name + "=") + "(" + _VISITOR_ID + ")(?=;|\\Z)").match
 
 
 def _first_id(cookie: str, name: str, plain: Callable[[str, int], re.Match[str] | None]) -> str | None:
-    """Same answer as :func:`read_visitor_id`: the first occurrence of the name, when it
+    """The first valid ``name`` cookie's id: the first occurrence of the name, when it
     starts a cookie as ``name=<id>``, is the first valid one; anything else is searched."""
     start = cookie.find(name)
     if start < 0:
         return None
-    if start == 0 or cookie[start - 1] in ";," or cookie[start - 2 : start] in _SEPARATORS:
+    if start == 0 or cookie[start - 1] == ";" or cookie[start - 2 : start] == _SEPARATOR:
         found = plain(cookie, start)
         if found is not None:
             return found.group(1)
     return _search_visitor_id((cookie,), name)
-
-
-def _set_cookie_header(visitor_id: str, host: str | None, https: bool, settings: CookieSettings) -> str:
-    return settings.name + "=" + visitor_id + _attributes(host, https, settings)
 
 
 def _attributes(host: str | None, https: bool, settings: CookieSettings) -> str:
@@ -400,19 +387,33 @@ _logged_shared_cache_skip = False
 
 
 def may_set_cookie(status: int, cache_control: str | None) -> bool:
-    """Whether a Set-Cookie may be added without a shared cache replaying it to other visitors."""
+    """Whether a Set-Cookie may be added without a shared cache replaying it to other visitors.
+
+    A shared cache (a CDN, a reverse proxy) may store a response, as RFC 9111 (sections 3
+    and 5.2.2) has it, when its Cache-Control gives it explicit leave: ``public``,
+    ``s-maxage`` or ``max-age``, and neither ``private`` nor ``no-store`` (an unqualified or
+    a qualified ``private="set-cookie"``: either keeps the cookie out of shared caches).
+    Such a response gets no cookie, nor does a 304 (it only refreshes a stored response).
+    Without Cache-Control a response gets its cookie: RFC 9111 lets caches store some of those
+    heuristically, but CDNs and proxies do not store a response that sets a cookie unless
+    told to, and withholding it from every such response would leave new visitors unknown.
+    """
     global _logged_shared_cache_skip
     if status == 304:
-        return False  # a 304 only refreshes a stored response; its cookie would go nowhere useful
+        return False
     if not cache_control:
         return True
     lowered = cache_control.lower()
-    if "public" not in lowered and "s-maxage" not in lowered:
+    if "public" not in lowered and "max" not in lowered:  # max-age, s-maxage
         return True
     directives = set(_DIRECTIVE.findall(lowered))
-    if "private" in directives or "no-store" in directives or directives.isdisjoint(("public", "s-maxage")):
+    if "private" in directives or "no-store" in directives or directives.isdisjoint(_SHARED_STORE):
         return True
     if not _logged_shared_cache_skip:
         _logged_shared_cache_skip = True
         logger.debug(SHARED_CACHE_SKIP_MESSAGE)
     return False
+
+
+#: Directives that let a shared cache store a response (RFC 9111, section 3).
+_SHARED_STORE = ("public", "s-maxage", "max-age")

@@ -13,13 +13,16 @@ import logging
 import os
 import threading
 from collections.abc import Callable, Mapping
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from . import _protocol
 from ._cookie import may_set_cookie
 from ._encoding import format_sent_at
 from ._ids import random_uuid4
 from ._validate import check_domain, check_email, check_id, check_name, encode_mapping
+
+if TYPE_CHECKING:
+    from ._delivery import DropReason
 
 MAX_ITEMS_PER_TRACKER = 10_000
 
@@ -75,10 +78,10 @@ class Sink(Protocol):
     def send_ip(self) -> bool:
         """Whether batches carry the visitor's IP."""
 
-    def send_tracker(self, tracker: Tracker) -> None:
-        """Take what ``tracker`` recorded (its ``take()``) for delivery."""
+    def _send_tracker(self, tracker: Tracker) -> None:
+        """Take what ``tracker`` recorded (its ``_take()``) for delivery."""
 
-    def count_dropped(self, items: int, reason: str, detail: str = "") -> None:
+    def _count_dropped(self, items: int, reason: DropReason, detail: str = "") -> None:
         """Count (and log) ``items`` recorded but never sent, and why."""
 
 
@@ -198,11 +201,8 @@ class Tracker:
         "_identifies",
         "_ip",
         "_pending",
-        "_request",
-        "_set_cookies",
         "_stage",
         "_user_agent",
-        "_visits",
         "email",
         "enabled",
         "profile_id",
@@ -211,8 +211,6 @@ class Tracker:
     _events: list[str]
     _event_ids: list[str]
     _identifies: list[str]
-    #: A request tracker's ``Set-Cookie`` values for its response (see RequestTracker).
-    _set_cookies: list[str] | None
     #: Batches made by ``reset()`` from the records before it, handed over with the rest.
     _pending: list[_protocol.Batch] | None
 
@@ -235,23 +233,16 @@ class Tracker:
         self.enabled = enabled
         self._accounts: dict[str, _AccountRecords] | None = None
         self._count = 0
-        self._request: Any = None  # see RequestTracker
         self._stage = OPEN
         self._pending = None
         #: True while ``profile_id`` is an id made for this request whose cookie has not gone
         #: out: no browser holds it, so it must not reach Koala (see ``_build``).
         self._fresh = False
-        self._visits: RequestRules | None = None
-        self._set_cookies = None
 
     @property
     def user_agent(self) -> str | None:
         """The visitor's User-Agent, sent with the batch (None: the client's)."""
-        value = self._user_agent
-        if value is _UNREAD:  # a request's tracker: read when first needed
-            self._read_request()
-            value = self._user_agent
-        return value
+        return self._user_agent
 
     @user_agent.setter
     def user_agent(self, value: str | None) -> None:
@@ -260,26 +251,11 @@ class Tracker:
     @property
     def ip(self) -> str | None:
         """The visitor's IP address, sent with the batch (unless ``send_ip=False``)."""
-        value = self._ip
-        if value is _UNREAD:
-            self._read_request()
-            value = self._ip
-        return value
+        return self._ip
 
     @ip.setter
     def ip(self, value: str | None) -> None:
         self._ip = value
-
-    def _read_request(self) -> None:
-        """Fill in the User-Agent and IP not set yet, from the request while it is held
-        (None once the middleware let go of it)."""
-        request = self._request  # once: the middleware may let go of it meanwhile
-        visits = self._visits
-        user_agent, ip = visits.read_visitor(request) if request is not None and visits is not None else (None, None)
-        if self._user_agent is _UNREAD:
-            self._user_agent = user_agent
-        if self._ip is _UNREAD:
-            self._ip = ip
 
     def __repr__(self) -> str:
         return f"<Tracker profile_id={self.profile_id!r} enabled={self.enabled}>"
@@ -392,7 +368,7 @@ class Tracker:
             self._event_ids = []
             self._identifies = []
         elif count >= MAX_ITEMS_PER_TRACKER:
-            self._client.count_dropped(1, "tracker_full", TRACKER_FULL_DETAIL)
+            self._client._count_dropped(1, "tracker_full", TRACKER_FULL_DETAIL)
             return False
         self._count = count + 1
         return True
@@ -449,7 +425,7 @@ class Tracker:
                 )
         return result, withheld
 
-    def take(self) -> list[_protocol.Batch]:
+    def _take(self) -> list[_protocol.Batch]:
         """The hand-over: the batches of everything recorded so far, and a fresh start."""
         with _lock:
             batches, withheld = self._build(self._fresh)
@@ -457,7 +433,7 @@ class Tracker:
             self._accounts = None
             self._pending = None
         if withheld:
-            self._client.count_dropped(withheld, "cookie_withheld", COOKIE_WITHHELD_DETAIL)
+            self._client._count_dropped(withheld, "cookie_withheld", COOKIE_WITHHELD_DETAIL)
         return batches
 
     def send(self) -> None:
@@ -468,7 +444,7 @@ class Tracker:
         """
         if self._fresh and self._stage == OPEN:
             return
-        self._client.send_tracker(self)
+        self._client._send_tracker(self)
 
     def _follow_up(self) -> None:
         """Hand over what was recorded after the hand-over, at once, as its own batch."""
@@ -477,7 +453,7 @@ class Tracker:
             _logged_follow_up = True
             logger.debug(LOG_FOLLOW_UP)
         try:
-            self._client.send_tracker(self)
+            self._client._send_tracker(self)
         except Exception:  # a thread or task of the app: never raise into it over tracking
             logger.exception(LOG_FOLLOW_UP_FAILED)
 
@@ -510,7 +486,9 @@ class RequestTracker(Tracker):
     :param fresh: ``profile_id`` was made for this request (a new visitor).
     """
 
-    __slots__ = ()
+    # The visit's own state, apart from what the base class records: the request (until
+    # the hand-over), the middleware's rules, and the Set-Cookie values its response needs.
+    __slots__ = ("_request", "_set_cookies", "_visits")
 
     def __init__(
         self,
@@ -523,10 +501,47 @@ class RequestTracker(Tracker):
         fresh: bool = False,
     ) -> None:
         super().__init__(client, profile_id, None, _UNREAD, _UNREAD, enabled)
-        self._request = request
+        self._request: Any = request
         self._visits = visits
         self._set_cookies = set_cookies
         self._fresh = fresh
+
+    @property
+    def user_agent(self) -> str | None:
+        """The visitor's User-Agent, sent with the batch (None: the client's); read from
+        the request when first needed."""
+        value = self._user_agent
+        if value is _UNREAD:
+            self._read_request()
+            value = self._user_agent
+        return value
+
+    @user_agent.setter
+    def user_agent(self, value: str | None) -> None:
+        self._user_agent = value
+
+    @property
+    def ip(self) -> str | None:
+        """The visitor's IP address (None unless it is one), read when first needed."""
+        value = self._ip
+        if value is _UNREAD:
+            self._read_request()
+            value = self._ip
+        return value
+
+    @ip.setter
+    def ip(self, value: str | None) -> None:
+        self._ip = value
+
+    def _read_request(self) -> None:
+        """Fill in the User-Agent and IP not set yet, from the request while it is held
+        (None once the middleware let go of it)."""
+        request = self._request  # once: the middleware may let go of it meanwhile
+        user_agent, ip = self._visits.read_visitor(request) if request is not None else (None, None)
+        if self._user_agent is _UNREAD:
+            self._user_agent = user_agent
+        if self._ip is _UNREAD:
+            self._ip = ip
 
     @property
     def new_visitor(self) -> bool:
@@ -553,7 +568,7 @@ class RequestTracker(Tracker):
         self._stage = HANDED_OVER
         if self._count:  # reset() keeps the count with its pending batches
             try:
-                self._client.send_tracker(self)
+                self._client._send_tracker(self)
             except Exception:  # the response is out: never raise into the server's close()
                 logger.exception(LOG_HANDOVER_FAILED)
         self._request = None
@@ -580,7 +595,6 @@ class RequestTracker(Tracker):
                 "response headers (call it in the handler, not in a background task or a stream)"
             )
         visits = self._visits
-        assert visits is not None  # set by the middleware with the request
         with _lock:
             if self._count:
                 # The records so far, under the current id; the count stays (one request's cap).
@@ -596,4 +610,4 @@ class RequestTracker(Tracker):
             self.email = None
             self._fresh = True
         if withheld:
-            self._client.count_dropped(withheld, "cookie_withheld", COOKIE_WITHHELD_DETAIL)
+            self._client._count_dropped(withheld, "cookie_withheld", COOKIE_WITHHELD_DETAIL)

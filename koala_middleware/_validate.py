@@ -136,3 +136,41 @@ def check_domain(domain: object) -> str:
             "(no scheme, path, port or email)"
         )
     return normal
+
+
+# -- the developer's options, checked where they are given --------------------------------------
+# Each error names the keyword the developer wrote and the value they passed, so the message
+# alone says what to fix (``timeout must be a positive number of seconds, got '5'``).
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def check_seconds(option: str, value: object, *, positive: bool = False) -> float:
+    """A finite number of seconds: above 0 with ``positive``, else at least 0."""
+    if not _is_number(value) or value < 0 or (positive and value == 0):  # type: ignore[operator]
+        range_text = "a positive number of seconds" if positive else "a number of seconds of at least 0"
+        raise (ValueError if _is_number(value) else TypeError)(f"{option} must be {range_text}, got {value!r}")
+    return float(value)  # type: ignore[arg-type]
+
+
+def check_count(option: str, value: object, minimum: int) -> int:
+    """A whole number (``int``, not ``bool``) of at least ``minimum``."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        whole = isinstance(value, int) and not isinstance(value, bool)
+        raise (ValueError if whole else TypeError)(
+            f"{option} must be a whole number of at least {minimum}, got {value!r}"
+        )
+    return value
+
+
+def check_flag(option: str, value: object, *, none: bool = False) -> None:
+    """``True`` or ``False`` (or ``None`` where it means "decide for me")."""
+    if not isinstance(value, bool) and not (none and value is None):
+        raise TypeError(f"{option} must be {'True, False or None' if none else 'True or False'}, got {value!r}")
+
+
+def check_optional_text(option: str, value: object, what: str = "a string") -> None:
+    if value is not None and not isinstance(value, str):
+        raise TypeError(f"{option} must be {what} or None, got {value!r}")

@@ -12,7 +12,7 @@ needs it, so a returning visitor costs a cookie read and a tracker, nothing more
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, MutableMapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -25,13 +25,28 @@ from ._tracker import RequestTracker
 if TYPE_CHECKING:
     from typing_extensions import Unpack
 
-TrackDecision = Callable[[RequestInfo], bool]
+#: Your consent callback, ``should_track(info) -> bool`` (the ``should_track`` option).
+ShouldTrack = Callable[[RequestInfo], bool]
 SameSite = Literal["lax", "strict", "none", "Lax", "Strict", "None"]
 
 logger = logging.getLogger("koala_middleware")
 LOG_SHOULD_TRACK_FAILED = "should_track raised; not tracking this request (fix the callback)"
 
 _COOKIE_DEFAULTS = CookieSettings()
+
+# RequestTracker's ``enabled`` and ``fresh``, by name: passed by position (``start`` runs on
+# every request, and keywords cost more), these say which is which.
+_TRACKED, _NOT_TRACKED, _NEW_ID = True, False, True
+
+#: Where the middlewares keep a request's tracker: ``environ``, ``scope`` (and through
+#: them Django's ``request.META`` / ``request.scope``). A request that already holds one
+#: was started by an outer Koala middleware, which alone sets its cookie and hands it over.
+TRACKER_KEY = "koala.tracker"
+
+
+def outer_tracker(holder: Mapping[str, Any] | None) -> RequestTracker | None:
+    """The tracker an outer Koala middleware gave this request, if any."""
+    return holder.get(TRACKER_KEY) if holder is not None else None
 
 
 class VisitorOptions(ClientOptions, total=False):
@@ -51,7 +66,7 @@ class VisitorOptions(ClientOptions, total=False):
     cookie_server_copy_name: str
     allowed_hosts: Sequence[str] | None
     exclude_paths: Sequence[str]
-    should_track: TrackDecision | None
+    should_track: ShouldTrack | None
     respect_gpc: bool
     pixel_path: str | None
     pixel_api_url: str
@@ -68,20 +83,24 @@ class MiddlewareSettings:
 
     cookie: CookieSettings = _COOKIE_DEFAULTS
     exclude_paths: Sequence[str] = ()  # made a tuple of normalised paths
-    should_track: TrackDecision | None = None
+    should_track: ShouldTrack | None = None
     respect_gpc: bool = True
     pixel: PixelSettings | None = None  # the first-party pixel proxy (docs/pixel.md), off by default
 
     def __post_init__(self) -> None:
         if isinstance(self.exclude_paths, str):
-            raise TypeError("exclude_paths must be a list of paths, e.g. ['/healthz', '/static']")
+            raise TypeError(
+                f"exclude_paths must be a list of paths, e.g. ['/healthz', '/static'], got {self.exclude_paths!r}"
+            )
         paths = tuple(self.exclude_paths)
         for path in paths:
             if not isinstance(path, str) or not path.startswith("/"):
                 raise ValueError(f"exclude_paths entries must be paths starting with '/', got {path!r}")
         object.__setattr__(self, "exclude_paths", tuple(p.rstrip("/") or "/" for p in paths))
         if self.should_track is not None and not callable(self.should_track):
-            raise TypeError("should_track must be a callable should_track(info) -> bool")
+            raise TypeError(f"should_track must be a callable should_track(info) -> bool, got {self.should_track!r}")
+        if not isinstance(self.respect_gpc, bool):
+            raise TypeError(f"respect_gpc must be True or False, got {self.respect_gpc!r}")
 
     def excluded(self, path: str) -> bool:
         for prefix in self.exclude_paths:
@@ -103,7 +122,7 @@ def configure(
     cookie_server_copy_name: str = _COOKIE_DEFAULTS.server_copy_name,
     allowed_hosts: Sequence[str] | None = _COOKIE_DEFAULTS.allowed_hosts,
     exclude_paths: Sequence[str] = (),
-    should_track: TrackDecision | None = None,
+    should_track: ShouldTrack | None = None,
     respect_gpc: bool = True,
     pixel_path: str | None = None,
     pixel_api_url: str = DEFAULT_API_URL,
@@ -205,33 +224,45 @@ class Visits:
         self._respect_gpc = settings.respect_gpc
         self._should_track = settings.should_track
 
-    def start(self, request: Any, cookie: bytes | str | None, gpc: bool) -> RequestTracker:
+    def enter(self, holder: MutableMapping[str, Any], request: Any, cookie: object, gpc: bool) -> RequestTracker | None:
+        """The request lifecycle's start, for every stack: this request's tracker, kept in
+        ``holder`` (its ``environ`` or ``scope``) under :data:`TRACKER_KEY`; or None when an
+        outer Koala middleware already started it (then this one only passes it on: one
+        request, one visitor id, one hand-over).
+        """
+        if TRACKER_KEY in holder:
+            return None
+        tracker = self.start(request, cookie, gpc)
+        holder[TRACKER_KEY] = tracker
+        return tracker
+
+    def start(self, request: Any, cookie: object, gpc: bool) -> RequestTracker:
         """This request's tracker, which knows the ``Set-Cookie`` values its response needs
         (the glue asks it at response start: ``tracker.start_response(...)``).
 
         :param request: the ``environ`` or ``scope``; other parts are read from it when needed.
         :param cookie: the Cookie header (several joined with ``"; "``), or None; bytes
-            (latin-1) from ASGI, str from WSGI.
+            (latin-1) from ASGI, str from WSGI; any other type is read as well as it can be.
         :param gpc: the request carries ``Sec-GPC: 1``.
         """
         client = self.client
         if self._excluded is not None and self._excluded(self._reader.path(request)):
-            return RequestTracker(client, None, False, request, self)
+            return RequestTracker(client, None, _NOT_TRACKED, request, self)
         found = self._cookie.resolve(cookie)
         if (gpc and self._respect_gpc) or (
             self._should_track is not None and not _consents(self._should_track, self._reader.info(request))
         ):
-            return RequestTracker(client, found[0] if found is not None else None, False, request, self)
+            return RequestTracker(client, found[0] if found is not None else None, _NOT_TRACKED, request, self)
         if found is None:
             visitor_id, set_cookies = self.new_visitor(request)
-            return RequestTracker(client, visitor_id, True, request, self, set_cookies, True)
+            return RequestTracker(client, visitor_id, _TRACKED, request, self, set_cookies, _NEW_ID)
         visitor_id, writes = found
         if writes:  # a returning visitor with one of the two cookies missing or stale
             host, https = self._reader.site(request)
             return RequestTracker(
-                client, visitor_id, True, request, self, self._cookie.set_cookies(visitor_id, writes, host, https)
+                client, visitor_id, _TRACKED, request, self, self._cookie.set_cookies(visitor_id, writes, host, https)
             )
-        return RequestTracker(client, visitor_id, True, request, self)
+        return RequestTracker(client, visitor_id, _TRACKED, request, self)
 
     def new_visitor(self, request: Any) -> tuple[str, list[str]]:
         """A fresh visitor id and the ``Set-Cookie`` values that give it to the browser."""
@@ -240,7 +271,7 @@ class Visits:
         return visitor_id, self._cookie.set_cookies(visitor_id, WRITE_BOTH, host, https)
 
 
-def _consents(should_track: TrackDecision, info: RequestInfo) -> bool:
+def _consents(should_track: ShouldTrack, info: RequestInfo) -> bool:
     """Your consent callback; when it fails, the visitor is not tracked (the safe answer)."""
     try:
         return bool(should_track(info))

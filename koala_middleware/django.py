@@ -52,11 +52,10 @@ except ImportError as exc:  # pragma: no cover - exercised in a subprocess test
     raise ImportError("koala_middleware.django needs Django: pip install 'koala-middleware[django]'") from exc
 
 from ._client import KoalaClient
-from ._request import RequestInfo, RequestReader
+from ._request import RequestInfo, RequestReader, client_ip, header_text, sec_gpc
 from ._tracker import RequestTracker, Tracker, bind, unbind
-from ._visit import MiddlewareSettings, Visits, configure
-from .asgi import SCOPE_KEY, ASGIApp, Receive, Scope, Send, flush_at_shutdown, lifespan_with_flush
-from .wsgi import ENVIRON_KEY
+from ._visit import TRACKER_KEY, MiddlewareSettings, Visits, configure, outer_tracker
+from .asgi import ASGIApp, Receive, Scope, Send, flush_at_shutdown, lifespan_with_flush
 
 __all__ = ["KoalaMiddleware", "LifespanFlush", "get_asgi_application", "request_info"]
 
@@ -67,7 +66,7 @@ REQUEST_ATTRIBUTE = "koala"
 def request_info(request: Any) -> RequestInfo:
     """Read what the rules need from a Django ``HttpRequest`` (``raw`` is the request)."""
     meta = request.META
-    cookie = meta.get("HTTP_COOKIE")
+    cookie = header_text(meta.get("HTTP_COOKIE"))
     host, _ = _site(request)
     user_agent, ip = _visitor(request)
     return RequestInfo(
@@ -78,9 +77,14 @@ def request_info(request: Any) -> RequestInfo:
         [cookie] if cookie else [],
         user_agent,
         ip,
-        meta.get("HTTP_SEC_GPC") == "1",
+        _gpc(meta),
         request,
     )
+
+
+def _gpc(meta: Mapping[str, Any]) -> bool:
+    value = meta.get("HTTP_SEC_GPC")
+    return value is not None and (value == "1" or sec_gpc(value))
 
 
 def _path(request: Any) -> str:
@@ -94,7 +98,10 @@ def _site(request: Any) -> tuple[str | None, bool]:
 
 def _visitor(request: Any) -> tuple[str | None, str | None]:
     meta = request.META
-    return meta.get("HTTP_USER_AGENT") or None, meta.get("REMOTE_ADDR") or None
+    user_agent = meta.get("HTTP_USER_AGENT")
+    if user_agent.__class__ is not str:
+        user_agent = header_text(user_agent)
+    return user_agent or None, client_ip(meta.get("REMOTE_ADDR"))
 
 
 REQUEST_READER = RequestReader(info=request_info, path=_path, site=_site, visitor=_visitor)
@@ -162,16 +169,15 @@ class KoalaMiddleware:
         """The request's tracker; None when an outer Koala middleware already made the
         tracker (it is handed on as ``request.koala``)."""
         meta = request.META
-        outer = meta.get(ENVIRON_KEY)
+        outer = outer_tracker(getattr(request, "scope", None))  # ASGIRequest: the scope is apart
         if outer is None:
-            scope = getattr(request, "scope", None)  # ASGIRequest
-            outer = scope.get(SCOPE_KEY) if scope is not None else None
-        if outer is not None:
-            setattr(request, REQUEST_ATTRIBUTE, outer)
-            return None
-        tracker = self.visits.start(request, meta.get("HTTP_COOKIE"), meta.get("HTTP_SEC_GPC") == "1")
-        setattr(request, REQUEST_ATTRIBUTE, tracker)
-        return tracker
+            tracker = self.visits.enter(meta, request, meta.get("HTTP_COOKIE"), _gpc(meta))
+            if tracker is not None:
+                setattr(request, REQUEST_ATTRIBUTE, tracker)
+                return tracker
+            outer = meta[TRACKER_KEY]  # an outer WSGI Koala: META is its environ
+        setattr(request, REQUEST_ATTRIBUTE, outer)
+        return None
 
     def _respond(self, response: Any, tracker: RequestTracker) -> Any:
         # The view has run: its response is this request's response start (reset() included).

@@ -106,12 +106,20 @@ class Koala:
             )
         if EXTENSION_KEY in app.extensions:
             raise RuntimeError("Koala is already set up on this app; call Koala(app) or init_app(app) once")
-        options = cast("VisitorOptions", {**_config_options(app.config, self._client is None), **self._options})
+        from_config = _config_options(app.config, self._client is None)
+        options = cast("VisitorOptions", {**from_config, **self._options})
         holder: Any = app
         attribute = "wsgi_app"
         while isinstance(getattr(holder, attribute), ProxyFix):
             holder, attribute = getattr(holder, attribute), "app"
-        middleware = KoalaWSGIMiddleware(getattr(holder, attribute), self._client, **options)
+        try:
+            middleware = KoalaWSGIMiddleware(getattr(holder, attribute), self._client, **options)
+        except (TypeError, ValueError) as exc:
+            # The message names the keyword; a value from app.config is named as it is there.
+            configured = [n for n in from_config if n not in self._options and str(exc).startswith(n + " ")]
+            if configured:
+                raise type(exc)(f"app.config['KOALA_{configured[0].upper()}']: {exc}") from exc
+            raise
         setattr(holder, attribute, middleware)
         if not hasattr(app.request_class, "koala"):
             base = app.request_class

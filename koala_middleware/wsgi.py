@@ -23,39 +23,49 @@ from typing import TYPE_CHECKING, Any
 
 from ._client import KoalaClient
 from ._pixel import wsgi_proxy
-from ._request import RequestInfo, RequestReader
+from ._request import RequestInfo, RequestReader, client_ip, header_text, path_text, sec_gpc
 from ._tracker import RequestTracker, bind
-from ._visit import VisitorOptions, Visits, configure
+from ._visit import TRACKER_KEY, VisitorOptions, Visits, configure
 
 if TYPE_CHECKING:
     from _typeshed.wsgi import StartResponse, WSGIApplication, WSGIEnvironment
     from typing_extensions import Unpack
 
-ENVIRON_KEY = "koala.tracker"
+ENVIRON_KEY = TRACKER_KEY
 
 __all__ = ["ENVIRON_KEY", "KoalaWSGIMiddleware", "request_info"]
 
 
 def request_info(environ: WSGIEnvironment) -> RequestInfo:
     """Read what the rules need from ``environ`` (for ``should_track``)."""
-    cookie = environ.get("HTTP_COOKIE")
-    host, _ = _site(environ)
+    cookie = header_text(environ.get("HTTP_COOKIE"))
+    host, https = _site(environ)
     user_agent, ip = _visitor(environ)
+    method = environ.get("REQUEST_METHOD")
     return RequestInfo(
-        environ.get("REQUEST_METHOD", "GET"),
-        environ.get("wsgi.url_scheme", "http"),
+        method if isinstance(method, str) and method else "GET",
+        "https" if https else "http",
         host,
         _path(environ),
         [cookie] if cookie else [],
         user_agent,
         ip,
-        environ.get("HTTP_SEC_GPC") == "1",
+        _gpc(environ),
         environ,
     )
 
 
+def _gpc(environ: WSGIEnvironment) -> bool:
+    value = environ.get("HTTP_SEC_GPC")
+    return value is not None and (value == "1" or sec_gpc(value))
+
+
 def _path(environ: WSGIEnvironment) -> str:
-    path: str = environ.get("PATH_INFO") or "/"
+    path = environ.get("PATH_INFO")
+    if not isinstance(path, str):
+        return path_text(path)  # bytes or None from an odd server: never a TypeError
+    if not path:
+        return "/"
     if not path.isascii():
         # PEP 3333 hands the raw path bytes over as latin-1; ASGI gives decoded text. A
         # character above U+00FF means a server (or a test client) already decoded it.
@@ -65,11 +75,15 @@ def _path(environ: WSGIEnvironment) -> str:
 
 
 def _site(environ: WSGIEnvironment) -> tuple[str | None, bool]:
-    return environ.get("HTTP_HOST") or environ.get("SERVER_NAME"), environ.get("wsgi.url_scheme") == "https"
+    host = header_text(environ.get("HTTP_HOST")) or header_text(environ.get("SERVER_NAME"))
+    return host, environ.get("wsgi.url_scheme") == "https"
 
 
 def _visitor(environ: WSGIEnvironment) -> tuple[str | None, str | None]:
-    return environ.get("HTTP_USER_AGENT") or None, environ.get("REMOTE_ADDR") or None
+    user_agent = environ.get("HTTP_USER_AGENT")
+    if user_agent.__class__ is not str:  # a call less on the batch path, for the usual str
+        user_agent = header_text(user_agent)
+    return user_agent or None, client_ip(environ.get("REMOTE_ADDR"))
 
 
 ENVIRON_READER = RequestReader(info=request_info, path=_path, site=_site, visitor=_visitor)
@@ -97,10 +111,16 @@ class KoalaWSGIMiddleware:
 
     def __call__(self, environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
         pixel = self.pixel
-        if pixel is not None and environ.get("PATH_INFO", "").startswith(pixel.prefix):
-            return pixel(environ, start_response)  # the first-party pixel: never the app
-        tracker = self.visits.start(environ, environ.get("HTTP_COOKIE"), environ.get("HTTP_SEC_GPC") == "1")
-        environ[ENVIRON_KEY] = tracker
+        if pixel is not None:
+            path = environ.get("PATH_INFO")
+            if isinstance(path, str) and path.startswith(pixel.prefix):
+                return pixel(environ, start_response)  # the first-party pixel: never the app
+        gpc = environ.get("HTTP_SEC_GPC")
+        tracker = self.visits.enter(
+            environ, environ, environ.get("HTTP_COOKIE"), gpc is not None and (gpc == "1" or sec_gpc(gpc))
+        )
+        if tracker is None:  # an outer Koala middleware handles this request
+            return self.app(environ, start_response)
         # Always wrapped: the handler may call tracker.reset(), which needs a Set-Cookie.
         start_response = _start_with_cookies(start_response, tracker)
         # The app runs in its own copy of the server's context with the tracker bound: the

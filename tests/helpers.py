@@ -6,11 +6,12 @@ import gc
 import inspect
 import subprocess
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
-from koala_middleware import KoalaClient
+from koala_middleware import KoalaClient, _cookie
+from koala_middleware._cookie import CookieSettings, VisitorCookie
 from koala_middleware._delivery import DeliverySettings
 
 #: Fast retries so fault tests take seconds, not minutes.
@@ -59,3 +60,34 @@ def delivery_settings(**overrides: Any) -> DeliverySettings:
         if name in fields
     }
     return DeliverySettings(**{"base_url": "http://127.0.0.1:9", **defaults, **overrides})
+
+
+# -- the visitor cookie, read and written as one header at a time (tests of _cookie.py) ------
+# Test-only views of koala_middleware._cookie: the middlewares use VisitorCookie.
+
+
+def new_visitor_id() -> str:
+    """A fresh id in the format the pixel generates (a lower-case UUID v4)."""
+    return VisitorCookie(CookieSettings()).issue()
+
+
+def is_valid_visitor_id(value: str) -> bool:
+    """Only ids Koala's pixel or server may have written are kept (16 to 64 URL-safe
+    characters, not the nil UUID)."""
+    return isinstance(value, str) and 16 <= len(value) <= 64 and _cookie._VISITOR_ID_RE.fullmatch(value) is not None
+
+
+def read_visitor_id(cookie_headers: str | Iterable[str] | None, name: str = "ko_id") -> str | None:
+    """The first valid visitor id among all ``name`` cookies of all Cookie headers."""
+    if cookie_headers is None:
+        return None
+    if isinstance(cookie_headers, str):
+        cookie_headers = (cookie_headers,)
+    return _cookie._search_visitor_id(cookie_headers, name)
+
+
+def set_cookie_header(visitor_id: str, host: str | None, https: bool, settings: CookieSettings) -> str:
+    """The ``ko_id`` Set-Cookie value for ``visitor_id`` (never HttpOnly: the pixel reads it)."""
+    if not is_valid_visitor_id(visitor_id):
+        raise ValueError("visitor_id must be a visitor id: 16 to 64 of A-Z a-z 0-9 _ - (see new_visitor_id())")
+    return VisitorCookie(settings).set_cookies(visitor_id, _cookie.WRITE_ID, host, https)[0]

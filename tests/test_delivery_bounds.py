@@ -82,7 +82,7 @@ def test_max_queue_bytes_bounds_everything_a_queued_batch_holds(collector: Colle
         for n in range(200):
             user_agent = f"Mozilla/5.0 ({n}) " + "x" * 64 * 1024  # each request its own
             body = json.dumps({"profile_id": str(uuid.uuid4()), "events": [{"message_id": str(n)}]}).encode()
-            client.send(Batch("/batch", body, user_agent, (str(uuid.uuid4()),)))
+            client._send(Batch("/batch", body, user_agent, (str(uuid.uuid4()),)))
         del user_agent, body
         gc.collect()
         held = tracemalloc.get_traced_memory()[0] - before
@@ -113,7 +113,7 @@ def test_a_rejection_log_carries_a_short_excerpt_without_the_batch_s_email_ids_o
     tracker = Tracker(client, profile_id, user_agent="UA/echo", ip="203.0.113.7")
     tracker.identify("ada.lovelace@example.com", {"plan": "pro"})
     message_id = tracker.track("Signed Up", {"coupon": "SECRET-42"})
-    client.send_tracker(tracker)
+    client._send_tracker(tracker)
     assert client.flush(5)
     client.shutdown(1)
     [record] = [r for r in caplog.records if r.levelno == logging.ERROR]

@@ -86,7 +86,7 @@ def test_a_batch_no_request_can_carry_is_dropped_alone(
         with client.tracker(profile_id=str(uuid.uuid4())) as tracker:
             tracker.track("Viewed", {"n": n})
         if n % 20 == 0:
-            client.send(bad[n // 20])
+            client._send(bad[n // 20])
     assert client.flush(10)
     stats = client.stats
     client.shutdown(1)

@@ -124,7 +124,7 @@ def test_starlette_an_asyncio_task_started_by_the_handler_delivers_a_follow_up_b
         return PlainTextResponse("ok")
 
     app = KoalaASGIMiddleware(Starlette(routes=[Route("/", page)]), client=client)
-    with TestClient(app) as browser:
+    with TestClient(app, client=("203.0.113.9", 50000)) as browser:  # not "testclient": a real IP
         assert browser.get("/", headers={"cookie": COOKIE, "user-agent": UA}).text == "ok"
         assert client.stats.enqueued == 1  # handed over with the response; the task still waits
         assert collector.wait_for(2)

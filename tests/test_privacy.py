@@ -261,7 +261,8 @@ def test_should_track_receives_a_request_info(make_stack: Callable[..., Stack], 
         "app.example.com:8443",
         "/pricing",
     )
-    assert info.user_agent == UA and info.gpc is False and isinstance(info.ip, str)
+    # Starlette's test client puts "testclient" where the address goes: no IP, then.
+    assert info.user_agent == UA and info.gpc is False and (info.ip is None or isinstance(info.ip, str))
     assert any(f"ko_id={VISITOR}" in header for header in info.cookie_headers)
     assert info.raw is not None  # the environ or the scope, for decisions that need more
 
@@ -306,7 +307,8 @@ def test_excluded_paths_get_no_cookie_and_no_tracker_work(
         pytest.param([("cc", "public"), ("cc", "private")], True, id="private-in-another-header"),
         pytest.param([("cc", "public, no-store")], True, id="no-store-wins"),
         pytest.param([("cc", 'no-cache="public"')], True, id="public-only-quoted"),
-        pytest.param([("cc", "max-age=600")], True, id="browser-cache-only"),
+        pytest.param([("cc", "max-age=600, private")], True, id="browser-cache-only"),
+        pytest.param([("cc", "max-age=600")], False, id="max-age-a-shared-cache-may-use"),
         pytest.param([], True, id="no-cache-control"),
     ],
 )
@@ -392,7 +394,12 @@ def test_a_fixed_cookie_domain_is_used_only_for_hosts_under_it(
 def test_a_returning_visitor_keeps_their_id_and_gets_no_set_cookie(
     make_stack: Callable[..., Stack], client: KoalaClient, collector: Collector, cookie_headers: list[str], visitor: str
 ) -> None:
-    reply = make_stack(client).get("/back", headers=[("Cookie", c) for c in cookie_headers])
+    stack = make_stack(client)
+    if len(cookie_headers) > 1 and isinstance(stack, FlaskStack):
+        # A WSGI server joins repeated headers with ", " (werkzeug, gunicorn), and a "," belongs
+        # to a cookie's value (RFC 6265bis): browsers send one Cookie header over HTTP/1.1.
+        cookie_headers = ["; ".join(cookie_headers)]
+    reply = stack.get("/back", headers=[("Cookie", c) for c in cookie_headers])
     assert reply.cookie is None and reply.json()["profile_id"] == visitor
     assert [b["profile_id"] for b in delivered(client, collector)] == [visitor]
 

@@ -44,7 +44,7 @@ def test_a_failing_hand_over_is_logged_not_raised(caplog: pytest.LogCaptureFixtu
     def explode(batch: object) -> None:
         raise RuntimeError("can't start new thread")
 
-    client.send = explode  # type: ignore[method-assign]  # the sender failing is not reproducible for real
+    client._send = explode  # type: ignore[method-assign]  # the sender failing is not reproducible for real
     caplog.set_level(logging.ERROR, logger="koala_middleware")
     response = app_with(client).get("/")
     assert response.status_code == 200 and response.text == "ok"

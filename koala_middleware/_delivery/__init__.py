@@ -13,8 +13,8 @@ One concern per module:
 """
 
 from ._settings import DeliverySettings
-from ._stats import DeliveryError, ErrorHook, Stats
+from ._stats import DeliveryError, DropReason, ErrorHook, Stats
 from ._sync import SyncSender
 from ._worker import BackgroundSender
 
-__all__ = ["BackgroundSender", "DeliveryError", "DeliverySettings", "ErrorHook", "Stats", "SyncSender"]
+__all__ = ["BackgroundSender", "DeliveryError", "DeliverySettings", "DropReason", "ErrorHook", "Stats", "SyncSender"]

@@ -16,6 +16,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable
+from typing import Literal
 
 from .._protocol import Batch
 from . import _native
@@ -63,7 +64,7 @@ class BatchQueue:
         self._max_batches = settings.max_queue_batches
         self._max_bytes = settings.max_queue_bytes
 
-    def admit_locked(self, batch: Batch) -> str:
+    def admit_locked(self, batch: Batch) -> Literal["", "queue_full", "queue_bytes_full", "shutdown"]:
         """Queue ``batch`` (the caller holds ``lock``); "" or the reason it was refused."""
         if self.closed:
             return "shutdown"

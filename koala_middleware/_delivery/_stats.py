@@ -13,7 +13,7 @@ import re
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 from .._protocol import Batch
 from . import _native
@@ -34,15 +34,31 @@ _IPV4 = re.compile(r"\b\d{1,3}(?:\.\d{1,3}){3}\b")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]+")
 
 
+#: Why recorded items were not delivered: the keys of ``client.stats.dropped`` and
+#: ``events_dropped``, and :attr:`DeliveryError.reason`.
+DropReason = Literal[
+    "queue_full",
+    "queue_bytes_full",
+    "spool_full",
+    "rejected",
+    "retries_exhausted",
+    "shutdown",
+    "error",
+    "tracker_full",
+    "cookie_withheld",
+]
+
+
 class DeliveryError(Exception):
     """Why a batch was given up; passed to the ``on_error`` hook, never raised at callers.
 
     ``reason`` is the key it is counted under in ``client.stats.dropped``: ``queue_full``,
     ``queue_bytes_full``, ``spool_full`` (past ``max_spool_bytes``), ``rejected`` (a 4xx),
     ``retries_exhausted``, ``shutdown`` or ``error`` (something unexpected; the detail says what).
+    (A :data:`DropReason`, as are the trackers' own ``tracker_full`` and ``cookie_withheld``.)
     """
 
-    def __init__(self, reason: str, detail: str = "", status: int | None = None) -> None:
+    def __init__(self, reason: DropReason, detail: str = "", status: int | None = None) -> None:
         super().__init__(f"{reason}: {detail}" if detail else reason)
         self.reason = reason
         self.detail = detail
@@ -73,8 +89,8 @@ class Stats:
     retried: int = 0
     dry_run: int = 0
     events_delivered: int = 0
-    dropped: dict[str, int] = field(default_factory=dict)
-    events_dropped: dict[str, int] = field(default_factory=dict)
+    dropped: dict[DropReason, int] = field(default_factory=dict)
+    events_dropped: dict[DropReason, int] = field(default_factory=dict)
     queued: int = 0
     spooled: int = 0
     recovered: int = 0
@@ -125,7 +141,7 @@ class Counters:
             self._stats.delivered += 1
             self._stats.events_delivered += len(batch.message_ids)
 
-    def dropped(self, reason: str, batches: int, events: int, detail: str = "") -> None:
+    def dropped(self, reason: DropReason, batches: int, events: int, detail: str = "") -> None:
         with self._lock:
             stats = self._stats
             if batches:

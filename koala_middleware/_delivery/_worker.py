@@ -106,7 +106,7 @@ class BackgroundSender(Sender):
         if self._spool is not None:
             spooled = self._spool.add(batch)
             if spooled == "spool_full":
-                self._give_up(batch, DeliveryError(spooled, "not queued: the spool is at max_spool_bytes"))
+                self._give_up(batch, DeliveryError("spool_full", "not queued: the spool is at max_spool_bytes"))
                 return False
             if not spooled:
                 self.counters.add("spooled")
