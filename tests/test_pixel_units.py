@@ -197,3 +197,28 @@ def test_a_body_that_cannot_be_read_is_refused() -> None:
     with pytest.raises(Rejected) as caught:
         read_body({"CONTENT_LENGTH": "3", "wsgi.input": Broken()}, 10)
     assert caught.value.status == 400
+
+
+def test_an_odd_environ_or_scope_gets_a_502_not_an_exception(caplog: pytest.LogCaptureFixture) -> None:
+    import asyncio
+
+    client = KoalaClient(dry_run=True)
+    wsgi = KoalaWSGIMiddleware(noop_app, client, pixel_path="/_k")
+    statuses: list[str] = []
+    environ = {"REQUEST_METHOD": "GET", "PATH_INFO": "/_k/web/x", "QUERY_STRING": b"bytes?"}
+    body = wsgi(environ, lambda status, headers, exc_info=None: statuses.append(status))  # type: ignore[arg-type,misc]
+    assert statuses == ["502 Bad Gateway"] and b"".join(body).startswith(b"Bad gateway")
+    assert "unexpected error" in caplog.text
+
+    asgi = KoalaASGIMiddleware(noop_app, client, pixel_path="/_k")  # type: ignore[arg-type]
+    sent: list[dict[str, object]] = []
+
+    async def receive() -> dict[str, object]:
+        return {"type": "http.request", "body": b""}
+
+    async def send(message: dict[str, object]) -> None:
+        sent.append(message)
+
+    scope = {"type": "http", "path": "/_k/web/x", "headers": [("host", "odd.test")]}  # str, not bytes
+    asyncio.run(asgi(scope, receive, send))  # type: ignore[arg-type]
+    assert sent[0]["status"] == 502

@@ -43,9 +43,27 @@ class ASGIPixelProxy:
         return _path(scope)[len(self.settings.path) :]
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "websocket":
-            await self._websocket(scope, receive, send)
-            return
+        started = False
+
+        async def send_noting_start(message: Message) -> None:
+            nonlocal started
+            started = True
+            await send(message)
+
+        try:
+            if scope["type"] == "websocket":
+                await self._websocket(scope, receive, send_noting_start)
+            else:
+                await self._http(scope, receive, send_noting_start)
+        except Exception as exc:  # a bug of ours, or a server's odd scope: a 502, never raised
+            self.stats.failed("proxy_error", f"{type(exc).__name__}: {exc}", exc)
+            if not started:
+                if scope["type"] == "websocket":
+                    await send({"type": "websocket.close", "code": 1011})
+                else:
+                    await _send_error(send, 502)
+
+    async def _http(self, scope: Scope, receive: Receive, send: Send) -> None:
         headers = [(name.decode("latin-1").lower(), value.decode("latin-1")) for name, value in scope["headers"]]
         client = scope.get("client")
         try:

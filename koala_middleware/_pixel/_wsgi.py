@@ -40,6 +40,13 @@ class WSGIPixelProxy:
         self.upstream = SyncUpstream(settings, proxy, self.stats)
 
     def __call__(self, environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
+        try:
+            return self._proxy(environ, start_response)
+        except Exception as exc:  # a bug of ours, or a server's odd environ: a 502, never the app's problem
+            self.stats.failed("proxy_error", f"{type(exc).__name__}: {exc}", exc)
+            return _error(start_response, 502)
+
+    def _proxy(self, environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
         from ..wsgi import _path
 
         if (environ.get("HTTP_UPGRADE") or "").lower() == "websocket":
