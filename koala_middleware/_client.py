@@ -7,25 +7,22 @@ it would have sent is logged at INFO on the ``koala_middleware`` logger.
 
 from __future__ import annotations
 
-import atexit
 import collections
 import difflib
-import functools
 import json
 import logging
 import os
 import re
-import sys
 import threading
 import weakref
-from collections.abc import Callable
 from typing import TypedDict
 
 import httpx
 
 from ._delivery import BackgroundSender, DeliverySettings, DropReason, ErrorHook, Stats, SyncSender
+from ._exit import orphaned, register, shutdown_at_multiprocessing_exit, shutdown_at_sigterm, unregister
 from ._protocol import Batch
-from ._signals import exit_as_signalled, exiting, install_sigterm_flush
+from ._signals import install_sigterm_flush
 from ._tracker import Tracker
 from ._validate import check_count, check_email, check_flag, check_id, check_optional_text, check_seconds
 from ._version import __version__
@@ -39,8 +36,6 @@ LOG_NO_KEY = (
     "no Koala public key: nothing is sent to Koala (dry-run mode; batches are logged at INFO). "
     "Set KOALA_PUBLIC_KEY or pass public_key=; pass dry_run=True to silence this warning.%s"
 )
-LOG_EXIT_FAILED = "shutdown at interpreter exit failed"
-LOG_SIGTERM = "SIGTERM: delivering pending batches (at most %.1fs), then exiting as SIGTERM does"
 
 _KEY = re.compile(r"^[A-Za-z0-9_\-]{1,200}$")
 
@@ -190,15 +185,15 @@ class KoalaClient:
         self._warn_no_key = dry_run is None and public_key is None
         if self.dry_run:
             logger.info(LOG_DRY_RUN_ON)
-        _live_clients.add(self)
+        register(self)
         # A client collected with batches still pending (made in a function that returned)
         # leaves its sender to the exit hooks, which flush it like a live client's.
-        self._orphaned = weakref.finalize(self, _orphaned, self._sender, self.shutdown_timeout, self.handle_sigterm)
+        self._orphaned = weakref.finalize(self, orphaned, self._sender, self.shutdown_timeout, self.handle_sigterm)
         self._orphaned.atexit = False
         if not self.sync and not self.dry_run:
-            _shutdown_at_multiprocessing_exit()
+            shutdown_at_multiprocessing_exit()
             if self.handle_sigterm:
-                install_sigterm_flush(_shutdown_at_sigterm)
+                install_sigterm_flush(shutdown_at_sigterm)
 
     def __repr__(self) -> str:
         mode = "dry-run" if self.dry_run else "sync" if self.sync else "background"
@@ -261,7 +256,7 @@ class KoalaClient:
 
     def shutdown(self, timeout: float | None = None) -> bool:
         """Flush (within ``timeout``, default ``shutdown_timeout``), then stop the sender."""
-        _live_clients.discard(self)
+        unregister(self)
         self._orphaned.detach()
         return self._sender.shutdown(self.shutdown_timeout if timeout is None else timeout)
 
@@ -276,75 +271,11 @@ class KoalaClient:
         self._sender.counters.dropped(reason, 0, items, detail)
 
 
-_live_clients: weakref.WeakSet[KoalaClient] = weakref.WeakSet()
-#: Senders of clients collected while they held batches: (shutdown, handle_sigterm).
-_orphans: list[tuple[Callable[[], object], bool]] = []
-
-
 def _misspelt_key_hint() -> str:
     """Names (never values) of set variables that look like a misspelt ``KOALA_PUBLIC_KEY``."""
     near = difflib.get_close_matches("KOALA_PUBLIC_KEY", [name.upper() for name in os.environ], n=3, cutoff=0.8)
     names = [name for name in os.environ if name.upper() in near and name != "KOALA_PUBLIC_KEY"]
     return f" Did you mean KOALA_PUBLIC_KEY instead of {', '.join(sorted(names))}?" if names else ""
-
-
-def _orphaned(sender: BackgroundSender | SyncSender, timeout: float, handle_sigterm: bool) -> None:
-    if sender.pending():
-        _orphans.append((functools.partial(sender.shutdown, timeout), handle_sigterm))
-
-
-def _stoppers(sigterm: bool) -> list[Callable[[], object]]:
-    """What the exit hooks (or, with ``sigterm``, the SIGTERM handler) shut down: every live
-    client (that wants it), and the senders of collected ones that still held batches."""
-    clients = [c.shutdown for c in list(_live_clients) if not sigterm or (c.handle_sigterm and not c.sync)]
-    orphans = [shutdown for shutdown, handle_sigterm in _orphans if not sigterm or handle_sigterm]
-    _orphans.clear()
-    return [*clients, *orphans]
-
-
-@atexit.register
-def _shutdown_at_exit() -> None:
-    exiting()
-    for shutdown in _stoppers(sigterm=False):
-        try:
-            shutdown()
-        except Exception:  # never turn interpreter exit into a traceback
-            logger.exception(LOG_EXIT_FAILED)
-    exit_as_signalled()
-
-
-_multiprocessing_exit_pid = 0
-
-
-def _shutdown_at_multiprocessing_exit() -> None:
-    """In a ``multiprocessing`` child (granian's and hypercorn's workers), also shut down at
-    its end: a forked child ends with ``os._exit``, which skips ``atexit``, but it runs
-    ``multiprocessing``'s own exit finalizers just before."""
-    global _multiprocessing_exit_pid
-    multiprocessing = sys.modules.get("multiprocessing")  # not imported: not such a child
-    if multiprocessing is None or _multiprocessing_exit_pid == os.getpid():
-        return
-    if multiprocessing.parent_process() is None:
-        return
-    _multiprocessing_exit_pid = os.getpid()
-    import multiprocessing.util
-
-    multiprocessing.util.Finalize(None, _shutdown_at_exit, exitpriority=100)
-
-
-def _shutdown_at_sigterm() -> None:
-    """The SIGTERM handler's work (in its own thread): stop the clients that want it."""
-    stoppers = _stoppers(sigterm=True)
-    if not stoppers:
-        return
-    logger.info(LOG_SIGTERM, max([c.shutdown_timeout for c in list(_live_clients)], default=5.0))
-    # All at once: the process must end within the longest shutdown_timeout, not their sum.
-    threads = [threading.Thread(target=stop, name="koala-sigterm") for stop in stoppers[1:]]
-    for thread in threads:
-        thread.start()
-    stoppers[0]()
-    for thread in threads:
-        thread.join()
 
 
 def _check_options(options: dict[str, object]) -> None:

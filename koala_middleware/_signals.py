@@ -9,7 +9,14 @@ worker) get this handler from the first ``KoalaClient`` made in the main thread 
 thread that may install handlers).
 
 It never replaces a handler someone else installed, and a server that installs its own
-later simply takes over. The handler does next to nothing: it starts a bare thread
+later simply takes over; an app handler installed later that chains to this one (calls the
+previous handler) runs once: after the flush the process then exits with status 143 (128 +
+SIGTERM) instead of dying of the signal, as only the main thread may restore SIGTERM's
+default action. Not seen: ``faulthandler.register(SIGTERM)`` before the first client (its
+C-level handler is invisible to ``signal.getsignal``; register it after the client with
+``chain=True``, or pass ``handle_sigterm=False``); and the flush starts only when the main
+thread runs Python code again (CPython runs signal handlers there alone), so a main thread
+inside a long C call delays it past ``shutdown_timeout``. The handler does next to nothing: it starts a bare thread
 (``_thread.start_new_thread`` takes no lock, so a signal that lands while the main thread
 holds one, even one of ``threading``'s own, cannot deadlock) and returns, so the
 interrupted code carries on and releases what it holds. That thread shuts the clients down
@@ -31,6 +38,8 @@ import signal
 import threading
 import time
 from collections.abc import Callable
+
+from ._delivery._native import os_thread_ident
 
 logger = logging.getLogger("koala_middleware")
 
@@ -71,7 +80,7 @@ def install_sigterm_flush(shutdown: Callable[[], object]) -> bool:
         return True
     if current is not signal.SIG_DFL:  # someone else's (or ignored): theirs to handle
         return False
-    _shutdown, _main_thread = shutdown, threading.get_ident()
+    _shutdown, _main_thread = shutdown, os_thread_ident()
     signal.signal(signal.SIGTERM, _on_sigterm)
     return True
 
@@ -103,11 +112,18 @@ def _shut_down_then_signal(signum: int) -> None:
     if _exiting:  # the main thread is in the exit hooks: exit_as_signalled ends it
         _busy.release()
         return
+    if signal.getsignal(signum) is not _on_sigterm:
+        # An app's handler installed after ours called ours (chaining to the previous
+        # handler, as if to the default action): signalling again would run it twice.
+        # Only the main thread may restore the default action, so end the process here,
+        # with the status a shell gives a process killed by the signal.
+        logging.shutdown()
+        os._exit(128 + signum)
     # To the main thread itself: a process-wide signal could be taken by another thread
     # and leave the main thread asleep in a system call.
     try:
         signal.pthread_kill(_main_thread, signum)
-    except (OSError, ValueError, OverflowError):  # gevent: idents are greenlets', not threads'
+    except (OSError, ValueError, OverflowError):  # the main thread is gone
         os.kill(os.getpid(), signum)
     time.sleep(MAIN_THREAD_WAIT)
     logger.warning(LOG_SIGTERM_STUCK, MAIN_THREAD_WAIT)
@@ -139,7 +155,7 @@ def _after_fork_in_child() -> None:
     _busy = _thread.allocate_lock()
     _done = _exiting = False
     _received = None
-    _main_thread = threading.get_ident()
+    _main_thread = os_thread_ident()
 
 
 if hasattr(os, "register_at_fork"):

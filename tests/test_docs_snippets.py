@@ -28,7 +28,7 @@ import httpx
 import pytest
 
 from koala_middleware import KoalaClient
-from koala_middleware._client import _live_clients
+from koala_middleware._exit import _live_clients
 from koala_middleware.testing import Collector
 
 ROOT = Path(__file__).resolve().parent.parent

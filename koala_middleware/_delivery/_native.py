@@ -9,8 +9,11 @@ still counts as running in that thread, so a request's ``asyncio.run()`` (or asg
 ``async_to_sync``) fails with "cannot be called from a running event loop".
 
 So where gevent patched ``threading``, the sender runs on a thread started with the original
-``_thread.start_new_thread``, and its loop uses the original selector and resolves host
-names with the original ``getaddrinfo`` on a native thread of its own: asyncio's default
+``_thread.start_new_thread``, and its loop uses the original selector, a self-pipe made by
+the C ``_socket.socketpair`` (gevent's ``socket.socketpair``, even the "original" one,
+makes gevent sockets, which create a gevent hub in the sender's thread: two threads then
+import gevent's loop module at once and deadlock on the import locks, a host that hangs at
+start-up), and resolves host names with the original ``getaddrinfo`` on a native thread of its own: asyncio's default
 executor would make its workers greenlets of this thread, which no hub ever runs (and
 which the interpreter then waits for at exit). All of these are looked up when used, not
 at import: a worker patches after ``--preload`` imported this module. The sender and the
@@ -28,28 +31,31 @@ Without gevent's patching these are ``threading.Thread``, ``threading.Lock``,
 
 from __future__ import annotations
 
+import _socket
 import _thread
 import asyncio
 import contextlib
 import selectors
+import socket
 import sys
 import threading
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
-__all__ = ["Lock", "LockType", "SenderThread", "new_event_loop", "new_selector"]
+__all__ = ["Lock", "LockType", "SenderThread", "new_event_loop", "new_selector", "os_thread_ident"]
 
 LockType = _thread.LockType
 
 
 class _Originals(NamedTuple):
-    """The stdlib functions and class the sender needs, as they were before gevent patched them."""
+    """The stdlib functions and classes the sender needs, as they were before gevent patched them."""
 
     start_new_thread: Callable[..., int]
     allocate_lock: Callable[[], LockType]
     get_ident: Callable[[], int]
     getaddrinfo: Callable[..., Any]
     selector: type[selectors.BaseSelector]
+    socket: type[socket.socket]
 
 
 def _originals() -> _Originals | None:
@@ -67,6 +73,7 @@ def _originals() -> _Originals | None:
             ident,
             monkey.get_original("socket", "getaddrinfo"),
             monkey.get_original("selectors", "DefaultSelector"),
+            monkey.get_original("socket", "socket"),
         )
     return None
 
@@ -75,6 +82,14 @@ def Lock() -> LockType:
     """A lock that excludes OS threads, also where ``threading.Lock`` was patched to a greenlet lock."""
     originals = _originals()
     return _thread.allocate_lock() if originals is None else originals.allocate_lock()
+
+
+def os_thread_ident() -> int:
+    """The calling OS thread's ``pthread_t``, as ``signal.pthread_kill`` needs it: under
+    gevent's patching ``threading.get_ident()`` is a greenlet's ``id()``, which
+    ``pthread_kill`` would take for a thread pointer (undefined behaviour; hangs seen)."""
+    originals = _originals()
+    return _thread.get_ident() if originals is None else originals.get_ident()
 
 
 def new_selector() -> selectors.BaseSelector:
@@ -97,8 +112,17 @@ class _NativeLoop(asyncio.SelectorEventLoop):
     """
 
     def __init__(self, selector: selectors.BaseSelector, originals: _Originals) -> None:
-        super().__init__(selector)
         self._originals = originals
+        super().__init__(selector)
+
+    def _make_self_pipe(self) -> None:
+        # asyncio's own four lines (3.10 to 3.14), but with the C socketpair: see the module
+        # docstring. ``_socket.socket`` has all the self-pipe needs (recv, send, close).
+        self._ssock, self._csock = _socket.socketpair()
+        self._ssock.setblocking(False)
+        self._csock.setblocking(False)
+        self._internal_fds += 1  # type: ignore[attr-defined]
+        self._add_reader(self._ssock.fileno(), self._read_from_self)  # type: ignore[attr-defined]
 
     async def getaddrinfo(
         self,
@@ -130,6 +154,50 @@ class _NativeLoop(asyncio.SelectorEventLoop):
 
         self._originals.start_new_thread(resolve, ())
         return await future
+
+    async def create_connection(  # type: ignore[override]
+        self,
+        protocol_factory: Callable[[], asyncio.BaseProtocol],
+        host: str | None = None,
+        port: int | None = None,
+        **kwargs: Any,
+    ) -> tuple[asyncio.Transport, asyncio.BaseProtocol]:
+        """asyncio's, but the socket is the original ``socket.socket``: asyncio would make a
+        patched one, which creates a gevent hub in this thread (see ``_make_self_pipe``).
+        Tries each address in turn (no Happy Eyeballs, as asyncio's default)."""
+        if kwargs.get("sock") is not None or host is None:
+            return await super().create_connection(protocol_factory, host, port, **kwargs)  # type: ignore[arg-type]
+        options = {key: kwargs.pop(key) for key in ("family", "proto", "flags") if key in kwargs}
+        local = kwargs.pop("local_addr", None)
+        infos = await self.getaddrinfo(
+            host,
+            port,
+            family=options.get("family", 0),
+            type=socket.SOCK_STREAM,
+            proto=options.get("proto", 0),
+            flags=options.get("flags", 0),
+        )
+        if not infos:
+            raise OSError(f"getaddrinfo({host!r}) returned an empty list")
+        errors: list[OSError] = []
+        for family, kind, proto, _, address in infos:
+            sock = self._originals.socket(family, kind, proto)
+            try:
+                sock.setblocking(False)
+                if local is not None:
+                    sock.bind(local)
+                await self.sock_connect(sock, address)
+            except OSError as error:
+                sock.close()
+                errors.append(error)
+                continue
+            except BaseException:
+                sock.close()
+                raise
+            if kwargs.get("ssl") and kwargs.get("server_hostname") is None:
+                kwargs["server_hostname"] = host
+            return await super().create_connection(protocol_factory, sock=sock, **kwargs)
+        raise errors[0] if len(errors) == 1 else OSError(f"could not connect to {host!r}: {errors}")
 
 
 class SenderThread:

@@ -1,34 +1,46 @@
 """The on-disk spool: every batch on disk from its hand-over until Koala accepts it.
 
-Off unless ``spool_dir`` (or ``KOALA_SPOOL_DIR``) is set. Each process writes its own
-SQLite database in that directory (WAL journal, ``synchronous=NORMAL``: a commit is in the
+Off unless ``spool_dir`` (or ``KOALA_SPOOL_DIR``) is set; then :class:`Spool`, else
+:class:`NoSpool`, which the sender calls the same way. Each process writes its own SQLite
+databases in that directory (WAL journal, ``synchronous=NORMAL``: a commit is in the
 operating system's hands before the hand-over returns, so it survives the process being
 killed, ``kill -9`` and OOM included; a power cut may lose the last moments, never the
-file's consistency). The file is opened with SQLite's exclusive locking mode, so it stays
+file's consistency). A file is opened with SQLite's exclusive locking mode, so it stays
 locked while its process lives and the kernel releases the lock when the process dies,
 however it dies.
 
-A process that finds a file whose lock it can take (its owner is gone) adopts it: it keeps
-the lock, delivers the file's batches like its own, and deletes the file once it is empty.
-Taking the lock is the only way in, so two processes sharing the directory never deliver
-the same batch twice. A file that is not a readable spool is renamed ``*.corrupt`` with a
-warning and left alone. Nothing here raises into the host: a spool that cannot be written
-(full disk, read-only volume) logs once and leaves the batches in memory, as without one.
+Each file belongs to one app: its name carries a digest of the app's Koala URL (API URL
+and public key) and the file records that URL. A process adopts only files of its own app
+whose lock it can take (their owner is gone): it keeps the lock, delivers their batches
+like its own, and deletes each file once it is empty. Taking the lock is the only way in,
+so two processes sharing the directory never deliver the same batch twice; files of other
+apps are left alone (reported once). A file that cannot be opened or written *now* (full
+disk, another user's file, a lock) is left for a later scan; only a file that is provably
+not a database is set aside as ``*.corrupt``. Symlinks and other non-regular files are
+never opened.
+
+Request threads do one thing here: the committed insert. Files are created by the
+constructing thread or the sender thread; the WAL is never checkpointed while hand-overs
+write to it: after ``ROTATE_EVERY`` transactions the sender starts a new file for them and
+checkpoints the old one (its fsyncs) holding only that file's lock.
 
 After ``os.fork()`` the child never touches its parent's files (SQLite connections must not
-cross a fork; even closing one there would disturb the parent's): it opens its own file on
-its first hand-over.
+cross a fork; even closing one there would disturb the parent's): its sender thread creates
+the child's own file; hand-overs before that are written into it then.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import json
 import logging
 import os
+import stat
 import time
 import uuid
-from collections.abc import Callable, Iterator
-from typing import TYPE_CHECKING
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Literal
 
 from .._protocol import Batch
 from . import _native
@@ -42,95 +54,233 @@ LOG_SPOOL_UNAVAILABLE = "the spool in %s cannot be written (%s); batches are kep
 LOG_SPOOL_CORRUPT = "%s is not a readable spool file (%s); set aside as %s"
 LOG_SPOOL_ADOPTED = "adopted %d batch(es) left in %s by a process that is gone"
 LOG_SPOOL_LEFT = "%d batch(es) left in the spool %s for the next process to deliver"
+LOG_SPOOL_FOREIGN = "leaving %s alone: %s"
+LOG_SPOOL_REPLACED = (
+    "the spool file %s was removed or replaced under this process; "
+    "recreated as %s with the %d batch(es) this process still held"
+)
 
-#: The sender checkpoints its own file's WAL after this many transactions on it (so that the
-#: checkpoint's fsync never lands on a request thread's hand-over, and the WAL, a page per
-#: hand-over, stays within a few megabytes also while nothing is delivered).
-CHECKPOINT_EVERY = 1000
+#: After this many transactions on the file hand-overs write to, the sender gives them a
+#: new file and checkpoints the old one: its WAL (a page per hand-over) stays within a
+#: few megabytes, and the checkpoint's fsyncs never hold up a hand-over.
+ROTATE_EVERY = 1000
+#: A file without its app record yet is being created (microseconds); one this old was
+#: left by a process killed while creating it, and is removed.
+STALE_INCOMPLETE = 600.0
 
 PREFIX = "koala-spool-"
 SUFFIX = ".sqlite3"
+SCHEMA_VERSION = "2"
 
 _SCHEMA = (
-    "CREATE TABLE IF NOT EXISTS batches ("
+    "CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)",
+    "CREATE TABLE batches ("
     "id INTEGER PRIMARY KEY, path TEXT NOT NULL, user_agent TEXT NOT NULL, message_ids TEXT NOT NULL, "
-    "body BLOB NOT NULL, due REAL)"  # due: NULL while in memory; else when to load it (monotonic)
+    "body BLOB NOT NULL, due REAL)",  # due: NULL while in memory; else when to load it (monotonic)
 )
 
 #: Connections inherited from a parent process: never closed nor collected in the child.
 _inherited: list[object] = []
+
+#: "" stored; "pending" to be stored by the sender thread (see ``Spool.on_spooled``);
+#: "spool_full" refused; "memory" the spool cannot be used (the batch is still deliverable).
+AddResult = Literal["", "pending", "spool_full", "memory"]
+
+
+def app_tag(app: str) -> str:
+    """The part of a file name that says which app (Koala URL incl. public key) it is for."""
+    return hashlib.sha256(app.encode()).hexdigest()[:12]
 
 
 def _size(batch: Batch) -> int:
     return len(batch.body) + len(batch.user_agent) + 37 * len(batch.message_ids) + 64
 
 
-class SpoolFile:
-    """One locked spool database: this process's own, or one adopted from a dead process."""
+def _identity(result: os.stat_result) -> tuple[int, int]:
+    return result.st_dev, result.st_ino
 
-    def __init__(self, path: str, connection: sqlite3.Connection) -> None:
+
+def _is_corruption(error: BaseException) -> bool:
+    """SQLite says the file is not a database, or a damaged one (not: locked, full,
+    read-only, cannot open: those may pass)."""
+    import sqlite3
+
+    if not isinstance(error, sqlite3.DatabaseError) or isinstance(error, sqlite3.OperationalError):
+        return False
+    code = getattr(error, "sqlite_errorcode", None)  # Python 3.11+
+    if code is not None:
+        return code & 0xFF in (11, 26)  # SQLITE_CORRUPT, SQLITE_NOTADB
+    text = str(error).lower()
+    return "not a database" in text or "malformed" in text
+
+
+class SpoolFile:
+    """One locked spool database: this process's own, or one adopted from a dead process.
+
+    ``io`` serialises statements on it; the sender's checkpoint holds it (and nothing else).
+    """
+
+    def __init__(self, path: str, connection: sqlite3.Connection, identity: tuple[int, int], own: bool) -> None:
         self.path = path
         self.db = connection
+        self.identity = identity
+        self.own = own
+        self.io = _native.Lock()
         self.rows = 0  # batches stored here, in memory or not
+        self.writes = 0  # transactions since it was opened
 
     @classmethod
-    def open(cls, path: str) -> SpoolFile:
-        """Open and lock ``path`` (created if missing); raises if locked or unreadable."""
+    def create(cls, directory: str, app: str) -> SpoolFile:
+        """A new, locked file of ``app`` in ``directory``; raises OSError/sqlite3.Error."""
         import sqlite3
 
-        db = sqlite3.connect(path, timeout=0, isolation_level=None, check_same_thread=False)
+        os.makedirs(directory, exist_ok=True)
+        path = os.path.join(directory, f"{PREFIX}{app_tag(app)}-{os.getpid()}-{uuid.uuid4().hex[:12]}{SUFFIX}")
+        # O_EXCL: a name of our own, never an existing file or a symlink planted there.
+        fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY | getattr(os, "O_NOFOLLOW", 0), 0o600)
+        try:
+            identity = _identity(os.fstat(fd))
+        finally:
+            os.close(fd)
+        # A sibling's scan may look at the empty file for a moment (it leaves files without
+        # the app record alone): wait for it rather than fail.
+        db = sqlite3.connect(path, timeout=5, isolation_level=None, check_same_thread=False)
         try:
             db.execute("PRAGMA locking_mode=EXCLUSIVE")  # before WAL: no shared memory, one owner
             db.execute("PRAGMA journal_mode=WAL")
             db.execute("PRAGMA synchronous=NORMAL")
-            db.execute("PRAGMA wal_autocheckpoint=0")  # the sender checkpoints: see Spool.sync
+            db.execute("PRAGMA wal_autocheckpoint=0")  # the sender checkpoints: see Spool.rotate
             db.execute("BEGIN EXCLUSIVE")  # the lock, held from here until close
-            db.execute(_SCHEMA)
+            for statement in _SCHEMA:
+                db.execute(statement)
+            db.executemany("INSERT INTO meta (key, value) VALUES (?, ?)", [("app", app), ("version", SCHEMA_VERSION)])
             db.execute("COMMIT")
-            spool = cls(path, db)
-            spool.rows = db.execute("SELECT count(*) FROM batches").fetchone()[0]
+            db.execute("PRAGMA busy_timeout=0")
         except BaseException:
             db.close()
+            _unlink(path, path + "-wal")
             raise
+        return cls(path, db, identity, own=True)
+
+    @classmethod
+    def take_over(cls, path: str, app: str) -> SpoolFile | str:
+        """Open and lock an existing file of ``app``; else why not (a log-ready phrase,
+        prefixed ``"later: "`` when a later scan may succeed). Raises on corruption."""
+        import sqlite3
+
+        try:
+            before = os.lstat(path)
+        except OSError:
+            return "later: gone"
+        if not stat.S_ISREG(before.st_mode):
+            return "not a regular file (a symlink?); spool files are never followed"
+        try:
+            db = sqlite3.connect(path, timeout=0, isolation_level=None, check_same_thread=False)
+        except sqlite3.Error as error:
+            return f"later: {error}"
+        try:
+            db.execute("PRAGMA locking_mode=EXCLUSIVE")
+            tables = {row[0] for row in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+            if "meta" not in tables:
+                db.close()
+                if "batches" in tables:
+                    return "written by an older version of koala-middleware, which did not say for which app"
+                if not tables and time.time() - before.st_mtime > STALE_INCOMPLETE:
+                    _unlink(path, path + "-wal")
+                    return "an empty file left by a process killed while creating it; removed"
+                return "later: not a complete spool file (yet)"
+            meta = dict(db.execute("SELECT key, value FROM meta").fetchall())
+            if meta.get("app") != app:
+                db.close()
+                return "another app's spool file (another public key or API URL)"
+            if _identity(os.lstat(path)) != _identity(before):
+                db.close()
+                return "later: replaced while being opened"
+            db.execute("PRAGMA synchronous=NORMAL")
+            db.execute("PRAGMA wal_autocheckpoint=0")
+            db.execute("BEGIN EXCLUSIVE")
+            db.execute("COMMIT")
+            spool = cls(path, db, _identity(before), own=False)
+            spool.rows = db.execute("SELECT count(*) FROM batches").fetchone()[0]
+        except Exception as error:
+            db.close()
+            if _is_corruption(error):
+                raise
+            return f"later: {type(error).__name__}: {error}"  # alive (locked), full disk, read-only...
         return spool
 
     def insert(self, batch: Batch, due: float | None) -> int:
-        row = self.db.execute(
-            "INSERT INTO batches (path, user_agent, message_ids, body, due) VALUES (?, ?, ?, ?, ?)",
-            (batch.path, batch.user_agent, " ".join(batch.message_ids), batch.body, due),
-        ).lastrowid
-        self.rows += 1
+        with self.io:
+            row = self.db.execute(
+                "INSERT INTO batches (path, user_agent, message_ids, body, due) VALUES (?, ?, ?, ?, ?)",
+                (batch.path, batch.user_agent, json.dumps(batch.message_ids), batch.body, due),
+            ).lastrowid
+            self.rows += 1
+            self.writes += 1
         assert row is not None
         return row
 
     def delete(self, rows: list[int]) -> None:
-        self.db.execute("BEGIN")
-        self.db.executemany("DELETE FROM batches WHERE id = ?", [(row,) for row in rows])
-        self.db.execute("COMMIT")
-        self.rows -= len(rows)
+        with self.io:
+            self.db.execute("BEGIN")
+            try:
+                self.db.executemany("DELETE FROM batches WHERE id = ?", [(row,) for row in rows])
+                self.db.execute("COMMIT")
+            except BaseException:
+                with contextlib.suppress(Exception):
+                    self.db.execute("ROLLBACK")
+                raise
+            self.rows -= len(rows)
+            self.writes += 1
+
+    def park(self, row: int, due: float) -> None:
+        with self.io:
+            self.db.execute("UPDATE batches SET due = ? WHERE id = ?", (due, row))
+            self.writes += 1
 
     def load(self, now: float, limit: int) -> list[tuple[int, Batch]]:
         """Up to ``limit`` batches due by ``now``, marked as in memory."""
-        rows = self.db.execute(
-            "SELECT id, path, user_agent, message_ids, body FROM batches WHERE due <= ? ORDER BY id LIMIT ?",
-            (now, limit),
-        ).fetchall()
-        if rows:
-            self.db.execute("BEGIN")
-            self.db.executemany("UPDATE batches SET due = NULL WHERE id = ?", [(row[0],) for row in rows])
-            self.db.execute("COMMIT")
+        with self.io:
+            rows = self.db.execute(
+                "SELECT id, path, user_agent, message_ids, body FROM batches WHERE due <= ? ORDER BY id LIMIT ?",
+                (now, limit),
+            ).fetchall()
+            if rows:
+                self.db.execute("BEGIN")
+                self.db.executemany("UPDATE batches SET due = NULL WHERE id = ?", [(row[0],) for row in rows])
+                self.db.execute("COMMIT")
+                self.writes += 1
         return [(row[0], _batch(*row[1:])) for row in rows]
 
+    def all_rows(self) -> list[tuple[int, Batch, float | None]]:
+        with self.io:
+            rows = self.db.execute("SELECT id, path, user_agent, message_ids, body, due FROM batches").fetchall()
+        return [(row[0], _batch(*row[1:5]), row[5]) for row in rows]
+
     def next_due(self) -> float | None:
-        due: float | None = self.db.execute("SELECT min(due) FROM batches WHERE due IS NOT NULL").fetchone()[0]
+        with self.io:
+            due: float | None = self.db.execute("SELECT min(due) FROM batches WHERE due IS NOT NULL").fetchone()[0]
         return due
 
-    def close(self, remove: bool) -> None:
+    def checkpoint(self) -> None:
+        with self.io:
+            self.db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+
+    def replaced(self) -> bool:
+        """Whether its path no longer names this file (removed, replaced, re-mounted)."""
         try:
+            return _identity(os.lstat(self.path)) != self.identity
+        except FileNotFoundError:
+            return True
+        except OSError:
+            return False  # cannot tell now (permissions): assume not
+
+    def close(self, remove: bool) -> None:
+        """Release it; ``remove`` unlinks it first (so the close's own checkpoint is moot)."""
+        if remove and not self.replaced():
+            _unlink(self.path, self.path + "-wal", self.path + "-shm")
+        with contextlib.suppress(Exception):
             self.db.close()
-        finally:
-            if remove:
-                _unlink(self.path, self.path + "-wal", self.path + "-shm")
 
 
 def _batch(path: object, user_agent: object, message_ids: object, body: object) -> Batch:
@@ -138,37 +288,94 @@ def _batch(path: object, user_agent: object, message_ids: object, body: object) 
         raise ValueError("a row with fields of the wrong type")
     if not isinstance(body, bytes):
         raise ValueError("a row whose body is not bytes")
-    return Batch(path, body, user_agent, tuple(message_ids.split()) if message_ids else ())
+    ids = json.loads(message_ids)  # a JSON list: a message_id may hold spaces
+    if not isinstance(ids, list) or not all(isinstance(i, str) for i in ids):
+        raise ValueError("a row whose message_ids are not a list of strings")
+    return Batch(path, body, user_agent, tuple(ids))
 
 
-class Spool:
-    """This process's spool file, the files it adopted, and which batch is in which row.
+class NoSpool:
+    """No ``spool_dir``: what the sender calls on a spool, doing nothing."""
 
-    Thread-safe: hand-overs (request threads) and the sender thread share one lock (an OS
-    lock also under gevent, as the queue's); every call is a short SQLite statement on a
-    local file.
+    enabled = False
+    on_stranded: Callable[[int, bool], None] | None = None
+    on_spooled: Callable[[int], None] | None = None
+
+    @property
+    def finished(self) -> int:
+        return 0
+
+    @property
+    def needs_sync(self) -> bool:
+        return False
+
+    def prepare(self) -> None:
+        """On the sender thread, before its first delivery."""
+
+    def add(self, batch: Batch) -> AddResult:
+        return "memory"
+
+    def holds(self, batch: Batch) -> bool:
+        return False
+
+    def remove(self, batch: Batch) -> None:
+        pass
+
+    def sync(self) -> None:
+        pass
+
+    def park(self, batch: Batch, due: float) -> bool:
+        return False
+
+    def load(self, now: float, limit: int) -> tuple[list[Batch], float | None]:
+        return [], None
+
+    def scan(self) -> int:
+        return 0
+
+    def after_fork(self) -> None:
+        pass
+
+    def close(self) -> int:
+        return 0
+
+
+class Spool(NoSpool):
+    """This process's spool files, the files it adopted, and which batch is in which row.
+
+    Thread-safe: hand-overs (request threads) and the sender thread share ``_lock`` (an OS
+    lock also under gevent, as the queue's) for the bookkeeping and short SQLite statements
+    (no fsync: WAL with ``synchronous=NORMAL``); creating files, checkpoints and closing
+    happen on the sender thread (or at construction) outside it.
     """
 
-    def __init__(self, directory: str, max_bytes: int) -> None:
+    enabled = True
+
+    def __init__(self, directory: str, max_bytes: int, app: str) -> None:
         self.directory = directory
         self.max_bytes = max_bytes
+        self.app = app
         #: ``on_stranded(count, lost)``: batches on disk only that this process can no longer
         #: load (their file turned out unreadable); ``lost`` when the file was set aside,
         #: else they stay in it for the process that adopts it once this one is gone.
-        self.on_stranded: Callable[[int, bool], None] | None = None
+        self.on_stranded = None
+        #: ``on_spooled(count)``: batches handed over before the file existed, now written.
+        self.on_spooled: Callable[[int], None] | None = None
         self._lock = _native.Lock()
         self._init_state()
+        self._create_active()  # here, not on a request's thread
 
     def _init_state(self) -> None:
-        self._own: SpoolFile | None = None
-        self._adopted: list[SpoolFile] = []
+        self._active: SpoolFile | None = None  # where hand-overs write
+        self._files: list[SpoolFile] = []  # every file open: the active one, older own ones, adopted ones
+        self._early: list[Batch] = []  # handed over before the active file existed (forked child)
         self._rows: dict[Batch, tuple[SpoolFile, int]] = {}
         self._done: list[tuple[SpoolFile, int]] = []  # rows of finished batches, to delete
-        self._writes = 0  # transactions on our own file since its last checkpoint
         self._bytes = 0
         self._broken = False  # cannot write: memory only from now on (logged once)
-        self._own_unreadable = False  # and cannot even read it: no more loading from it
+        self._unreadable: set[SpoolFile] = set()  # own files that failed a read: no more loading
         self._stranded: list[tuple[int, bool]] = []  # for on_stranded, outside the lock
+        self._reported: set[str] = set()  # files left alone, logged once each
         self._closed = False
         self._pid = os.getpid()
         self._foreign: set[str] = set()  # a parent's files, in a forked child
@@ -176,62 +383,26 @@ class Spool:
     def after_fork(self) -> None:
         """In a forked child: forget the parent's files without closing them, and never
         try to adopt them (SQLite's in-process lock records came along with the fork)."""
-        parents = [spool for spool in [self._own, *self._adopted] if spool is not None]
-        _inherited.extend(spool.db for spool in parents)
-        foreign = self._foreign | {spool.path for spool in parents}
+        _inherited.extend(spool.db for spool in self._files)
+        foreign = self._foreign | {spool.path for spool in self._files}
         self._lock = _native.Lock()
         self._init_state()
         self._foreign = foreign
 
-    # -- the request side ---------------------------------------------------------------
-
-    def add(self, batch: Batch) -> str:
-        """Store ``batch`` durably: "" when stored, "spool_full" past ``max_spool_bytes``,
-        or "memory" when the spool cannot be used (the batch is still deliverable)."""
-        size = _size(batch)
-        with self._lock:
-            if self._closed or self._broken:
-                return "memory"
-            if self._bytes + size > self.max_bytes:
-                return "spool_full"
-            try:
-                own = self._own or self._open_own()
-                row = own.insert(batch, None)
-            except Exception as error:  # full disk, read-only volume, vanished directory
+    def _create_active(self) -> bool:
+        try:
+            created = SpoolFile.create(self.directory, self.app)
+        except Exception as error:  # full disk, read-only volume, not a directory
+            with self._lock:
                 self._break(error)
-                return "memory"
-            self._writes += 1
-            self._rows[batch] = own, row
-            self._bytes += size
-            return ""
-
-    def _open_own(self) -> SpoolFile:
-        os.makedirs(self.directory, exist_ok=True)
-        name = f"{PREFIX}{os.getpid()}-{uuid.uuid4().hex[:12]}{SUFFIX}"
-        self._own = SpoolFile.open(os.path.join(self.directory, name))
-        return self._own
-
-    def _break(self, error: BaseException) -> None:
-        if not self._broken:
-            self._broken = True
-            logger.warning(LOG_SPOOL_UNAVAILABLE, self.directory, f"{type(error).__name__}: {error}")
-
-    # -- the sender side ----------------------------------------------------------------
-
-    def holds(self, batch: Batch) -> bool:
-        return batch in self._rows
-
-    def remove(self, batch: Batch) -> None:
-        """``batch`` is done (delivered, or given up for good): off the disk at the next
-        :meth:`sync`. Until then a crash would deliver it again; Koala deduplicates by
-        ``message_id``."""
+            return False
         with self._lock:
-            place = self._rows.pop(batch, None)
-            if place is None:
-                return
-            if place[0] is self._own:
-                self._bytes -= _size(batch)
-            self._done.append(place)
+            if self._closed:
+                created.close(remove=True)
+                return False
+            self._active = created
+            self._files.insert(0, created)
+        return True
 
     @property
     def finished(self) -> int:
@@ -240,38 +411,135 @@ class Spool:
 
     @property
     def needs_sync(self) -> bool:
-        """Finished batches to delete, or a WAL to checkpoint."""
-        return bool(self._done) or self._writes >= CHECKPOINT_EVERY
+        """Finished batches to delete, a file to start, or one to rotate."""
+        active = self._active
+        rotate = active is not None and active.writes >= ROTATE_EVERY and not self._broken
+        return bool(self._done or self._early) or rotate
+
+    # -- the request side ---------------------------------------------------------------
+
+    def add(self, batch: Batch) -> AddResult:
+        """Store ``batch`` durably; see :data:`AddResult`."""
+        size = _size(batch)
+        with self._lock:
+            if self._closed or self._broken:
+                return "memory"
+            if self._bytes + size > self.max_bytes:
+                return "spool_full"
+            active = self._active
+            if active is None:  # a forked child whose sender has not created its file yet
+                self._early.append(batch)
+                self._bytes += size
+                return "pending"
+            try:
+                row = active.insert(batch, None)
+            except Exception as error:  # full disk, read-only volume, vanished directory
+                self._break(error)
+                return "memory"
+            self._rows[batch] = active, row
+            self._bytes += size
+            return ""
+
+    def _break(self, error: BaseException) -> None:
+        if not self._broken:
+            self._broken = True
+            logger.warning(LOG_SPOOL_UNAVAILABLE, self.directory, f"{type(error).__name__}: {error}")
+
+    # -- the sender side ----------------------------------------------------------------
+
+    def prepare(self) -> None:
+        """The sender thread's start: a forked child's own file, with what came before it."""
+        if self._active is None and not self._broken and not self._closed and os.getpid() == self._pid:
+            self._create_active()
+        self._write_early()
+
+    def _write_early(self) -> None:
+        written = 0
+        with self._lock:
+            early, self._early = self._early, []
+            active = self._active
+            for batch in early:
+                if active is None:
+                    self._bytes -= _size(batch)
+                    continue
+                try:
+                    self._rows[batch] = active, active.insert(batch, None)
+                    written += 1
+                except Exception as error:
+                    self._bytes -= _size(batch)
+                    self._break(error)
+        if written and self.on_spooled is not None:
+            self.on_spooled(written)
+
+    def holds(self, batch: Batch) -> bool:
+        return batch in self._rows or batch in self._early
+
+    def remove(self, batch: Batch) -> None:
+        """``batch`` is done (delivered, or given up for good): off the disk at the next
+        :meth:`sync`. Until then a crash would deliver it again; Koala deduplicates by
+        ``message_id``."""
+        with self._lock:
+            place = self._rows.pop(batch, None)
+            if place is None:
+                if batch in self._early:
+                    self._early.remove(batch)
+                    self._bytes -= _size(batch)
+                return
+            if place[0].own:
+                self._bytes -= _size(batch)
+            self._done.append(place)
 
     def sync(self) -> None:
         """Delete the rows of finished batches, one transaction per file (the sender calls
         this when it has a moment: a delete per batch cost it a third of its throughput),
-        delete adopted files that are now empty, and checkpoint our own file now and then."""
+        close and delete files now empty, and give hand-overs a new file now and then."""
+        if self._early:
+            self._write_early()
+        emptied: list[SpoolFile] = []
         with self._lock:
             done, self._done = self._done, []
             files: dict[SpoolFile, list[int]] = {}
             for spool, row in done:
                 files.setdefault(spool, []).append(row)
             for spool, rows in files.items():
-                if spool is not self._own and spool not in self._adopted:
-                    continue  # set aside meanwhile
+                if spool not in self._files:
+                    continue  # set aside or recreated meanwhile
                 try:
                     spool.delete(rows)
                 except Exception as error:
+                    # Kept for the next sync (a full disk may free up); close() removes a
+                    # file whose every row is finished, so delivered batches are not sent again.
+                    self._done.extend((spool, row) for row in rows)
                     self._set_aside_or_break(spool, error)
                     continue
-                if spool is self._own:
-                    self._writes += 1
-                elif not spool.rows:
-                    self._adopted.remove(spool)
-                    spool.close(remove=True)
-            if self._own is not None and self._writes >= CHECKPOINT_EVERY:
-                self._writes = 0
-                try:
-                    self._own.db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
-                except Exception as error:
-                    self._break(error)
+                if not spool.rows and spool is not self._active:
+                    self._files.remove(spool)
+                    emptied.append(spool)
+            active = self._active
+            rotate = active is not None and active.writes >= ROTATE_EVERY and not self._broken
+        for spool in emptied:
+            spool.close(remove=True)
+        if rotate and active is not None:
+            self._rotate(active)
         self._report_stranded()
+
+    def _rotate(self, old: SpoolFile) -> None:
+        """A new file for hand-overs; then the old one's WAL checkpointed (its fsyncs)
+        holding only its own lock, or the file deleted if nothing is left in it."""
+        if not self._create_active():
+            return
+        with self._lock:
+            empty = not old.rows
+            if empty and old in self._files:
+                self._files.remove(old)
+        if empty:
+            old.close(remove=True)
+            return
+        try:
+            old.checkpoint()
+        except Exception as error:
+            with self._lock:
+                self._set_aside_or_break(old, error)
 
     def park(self, batch: Batch, due: float) -> bool:
         """Keep ``batch`` on disk only, to load again at ``due`` (monotonic); False if it is
@@ -282,8 +550,7 @@ class Spool:
                 return False
             spool, row = place
             try:
-                spool.db.execute("UPDATE batches SET due = ? WHERE id = ?", (due, row))
-                self._writes += spool is self._own
+                spool.park(row, due)
             except Exception as error:
                 self._rows[batch] = place
                 self._set_aside_or_break(spool, error)
@@ -298,8 +565,8 @@ class Spool:
         loaded: list[Batch] = []
         next_due: float | None = None
         with self._lock:
-            for spool in self._files():
-                if spool is self._own and self._own_unreadable:
+            for spool in list(self._files):
+                if spool in self._unreadable:
                     continue
                 try:
                     if len(loaded) < limit:
@@ -308,8 +575,8 @@ class Spool:
                             loaded.append(batch)
                     due = spool.next_due()
                 except Exception as error:
-                    if spool is self._own:  # its parked batches are out of reach now
-                        self._own_unreadable = True
+                    if spool.own:  # its parked batches are out of reach now
+                        self._unreadable.add(spool)
                         self._stranded.append((self._disk_only(spool), False))
                     self._set_aside_or_break(spool, error)
                     continue
@@ -332,74 +599,113 @@ class Spool:
                 if count:
                     self.on_stranded(count, lost)
 
-    def adopt(self) -> int:
-        """Take over the files of processes that are gone; the batches they hold (all due now)."""
+    def scan(self) -> int:
+        """The periodic look at the directory (sender thread): recreate our files if they
+        were removed or replaced, and adopt the files of this app's processes that are
+        gone. Returns how many batches were adopted (all due now)."""
         if self._closed or os.getpid() != self._pid:
             return 0
+        self._recreate_replaced()
         try:
             names = sorted(os.listdir(self.directory))
         except OSError:
             return 0
         with self._lock:
-            mine = {spool.path for spool in self._files()} | self._foreign
+            mine = {spool.path for spool in self._files} | self._foreign
+        ours = f"{PREFIX}{app_tag(self.app)}-"
         recovered = 0
         for name in names:
             path = os.path.join(self.directory, name)
             if not (name.startswith(PREFIX) and name.endswith(SUFFIX)) or path in mine:
                 continue
-            spool = self._take_over(path)
-            if spool is None:
-                continue
-            if not spool.rows:
-                spool.close(remove=True)
+            if not name.startswith(ours):
+                self._leave(path, "another app's spool file (another public key or API URL), or an older version's")
                 continue
             try:
-                spool.db.execute("UPDATE batches SET due = 0")
+                taken = SpoolFile.take_over(path, self.app)
+            except Exception as error:  # provably not a database
+                _set_aside_path(path, error)
+                continue
+            if isinstance(taken, str):
+                if not taken.startswith("later: "):
+                    self._leave(path, taken)
+                continue
+            if not taken.rows:
+                taken.close(remove=True)
+                continue
+            try:
+                with taken.io:
+                    taken.db.execute("UPDATE batches SET due = 0")
             except Exception as error:
-                self._set_aside(spool, error)
+                taken.close(remove=False)  # left for a later scan (full disk...)
+                logger.debug("cannot adopt %s now: %s", path, error)
                 continue
             with self._lock:
                 if self._closed:
-                    spool.close(remove=False)
+                    taken.close(remove=False)
                     break
-                self._adopted.append(spool)
-            logger.info(LOG_SPOOL_ADOPTED, spool.rows, path)
-            recovered += spool.rows
+                self._files.append(taken)
+            logger.info(LOG_SPOOL_ADOPTED, taken.rows, path)
+            recovered += taken.rows
         return recovered
 
-    def _take_over(self, path: str) -> SpoolFile | None:
-        import sqlite3
+    def _leave(self, path: str, why: str) -> None:
+        if path not in self._reported:
+            self._reported.add(path)
+            logger.info(LOG_SPOOL_FOREIGN, path, why)
 
-        try:
-            return SpoolFile.open(path)
-        except sqlite3.OperationalError as error:
-            text = str(error).lower()
-            if "locked" in text or "busy" in text or "unable to open" in text:
-                return None  # alive (its owner holds the lock), or not ours to read
-            _set_aside_path(path, error)
-        except Exception as error:  # "file is not a database", "malformed", ...
-            _set_aside_path(path, error)
-        return None
-
-    def _files(self) -> Iterator[SpoolFile]:
-        if self._own is not None:
-            yield self._own
-        yield from list(self._adopted)
+    def _recreate_replaced(self) -> None:
+        """Our files' paths must still name them: a removed directory (``rm -rf``, a tmp
+        cleaner, a re-mount) would otherwise have us spool into unlinked files, lost at
+        the next crash. Their rows (still readable through our connections) go into a new file."""
+        with self._lock:
+            gone = [spool for spool in self._files if spool.replaced()]
+        if not gone or self._broken:
+            return
+        if not self._create_active():
+            return
+        with self._lock:
+            active = self._active
+            assert active is not None
+            moved = 0
+            for spool in gone:
+                finished = {row for place, row in self._done if place is spool}
+                try:
+                    rows = [entry for entry in spool.all_rows() if entry[0] not in finished]
+                except Exception as error:
+                    self._set_aside_or_break(spool, error)
+                    continue
+                where = {row: batch for batch, (place, row) in self._rows.items() if place is spool}
+                try:
+                    for row, batch, due in rows:
+                        new_row = active.insert(batch, due)
+                        held = where.get(row)
+                        if held is not None:
+                            self._rows[held] = active, new_row
+                        if not spool.own:
+                            self._bytes += _size(batch)
+                except Exception as error:
+                    self._break(error)
+                    return
+                moved += len(rows)
+                self._done = [place for place in self._done if place[0] is not spool]
+                self._files.remove(spool)
+                self._unreadable.discard(spool)
+                spool.close(remove=False)
+        logger.warning(LOG_SPOOL_REPLACED, gone[0].path, active.path, moved)
 
     def _set_aside_or_break(self, spool: SpoolFile, error: BaseException) -> None:
-        """A statement failed: an adopted file turned out corrupt, or our own disk fails."""
-        if spool is self._own:
+        """A statement failed (with ``_lock`` held): our own disk fails, or an adopted file
+        turned out corrupt (set aside, its batches counted lost) or unusable for now."""
+        if spool.own:
             self._break(error)
-        else:
+        elif _is_corruption(error) or isinstance(error, ValueError):
             self._stranded.append((self._disk_only(spool), True))
-            self._adopted.remove(spool)
+            self._files.remove(spool)
             self._rows = {batch: place for batch, place in self._rows.items() if place[0] is not spool}
-            self._set_aside(spool, error)
-
-    def _set_aside(self, spool: SpoolFile, error: BaseException) -> None:
-        with contextlib.suppress(Exception):
-            spool.db.close()
-        _set_aside_path(spool.path, error)
+            self._done = [place for place in self._done if place[0] is not spool]
+            spool.close(remove=False)
+            _set_aside_path(spool.path, error)
 
     def close(self) -> int:
         """At shutdown: release every file; the batches still in them stay for the next
@@ -411,11 +717,14 @@ class Spool:
             if os.getpid() != self._pid:
                 return 0
             left = 0
-            for spool in self._files():
-                left += spool.rows
-                with contextlib.suppress(Exception):
-                    spool.close(remove=not spool.rows)
-            self._own, self._adopted, self._rows = None, [], {}
+            finished: dict[SpoolFile, int] = {}
+            for spool, _ in self._done:
+                finished[spool] = finished.get(spool, 0) + 1
+            files, self._files, self._active, self._rows, self._done = self._files, [], None, {}, []
+        for spool in files:
+            remaining = spool.rows - finished.get(spool, 0)  # finished but not deleted: full disk
+            left += max(remaining, 0)
+            spool.close(remove=remaining <= 0)
         if left:
             logger.info(LOG_SPOOL_LEFT, left, self.directory)
         return left

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import selectors
 import time
@@ -37,7 +38,7 @@ from ._queue import BatchQueue, Waiting
 from ._request import DETAIL_UNBUILDABLE, Request, build
 from ._sender import Sender
 from ._settings import DeliverySettings
-from ._spool import Spool
+from ._spool import NoSpool, Spool
 from ._stats import DeliveryError, ErrorHook
 
 if TYPE_CHECKING:
@@ -72,11 +73,14 @@ class BackgroundSender(Sender):
     def __init__(self, settings: DeliverySettings, on_error: ErrorHook | None) -> None:
         super().__init__(settings, on_error)
         spool_dir = settings.spool_dir
-        self._spool = Spool(spool_dir, settings.max_spool_bytes) if spool_dir is not None else None
-        if self._spool is not None:
+        self._spool: NoSpool = (
+            NoSpool() if spool_dir is None else Spool(spool_dir, settings.max_spool_bytes, settings.base_url)
+        )
+        if self._spool.enabled:  # (NoSpool calls neither: no reference cycle through it)
             self._spool.on_stranded = self._stranded
+            self._spool.on_spooled = functools.partial(self.counters.add, "spooled")
         self._init_state()
-        if self._spool is not None and self._recover():
+        if self._recover():
             self._ensure_thread()
 
     def _init_state(self) -> None:
@@ -96,20 +100,20 @@ class BackgroundSender(Sender):
 
     def after_fork(self) -> None:
         super().after_fork()
-        if self._spool is not None:
-            self._spool.after_fork()
+        self._spool.after_fork()
+        if self._spool.enabled:
+            self._spool.on_spooled = functools.partial(self.counters.add, "spooled")  # the child's counters
         self._init_state()
 
     # -- the request side (any thread): cheap, never blocks on the network ----------------
 
     def submit(self, batch: Batch) -> bool:
-        if self._spool is not None:
-            spooled = self._spool.add(batch)
-            if spooled == "spool_full":
-                self._give_up(batch, DeliveryError("spool_full", "not queued: the spool is at max_spool_bytes"))
-                return False
-            if not spooled:
-                self.counters.add("spooled")
+        spooled = self._spool.add(batch)
+        if spooled == "spool_full":
+            self._give_up(batch, DeliveryError("spool_full", "not queued: the spool is at max_spool_bytes"))
+            return False
+        if not spooled:
+            self.counters.add("spooled")
         queue = self._queue
         start = wake = None
         with queue.lock:
@@ -144,13 +148,18 @@ class BackgroundSender(Sender):
     def pending(self) -> int:
         return self._queue.pending + self._queue.backlog
 
+    @property
+    def spooling(self) -> bool:
+        """Whether it has a spool (whose files shutdown releases)."""
+        return self._spool.enabled
+
     def flush(self, timeout: float) -> bool:
         """Wait until all batches handed over so far are delivered or given up."""
         thread = self._thread
         if thread is not None and thread.is_current():  # an on_error hook: never wait on ourselves
             return not self._queue.pending
         flushed = self._queue.wait_idle(timeout)
-        if flushed and self._spool is not None:
+        if flushed:
             self._spool.sync()  # and off the disk, even if the process ends right after
         return flushed
 
@@ -167,7 +176,7 @@ class BackgroundSender(Sender):
         undelivered, leftover = self._queue.close()
         with self._queue.lock:
             thread, loop = self._thread, self._loop
-        if undelivered and self._spool is None:
+        if undelivered and not self._spool.enabled:
             logger.warning(LOG_SHUTDOWN_LOST, undelivered)
         for batch in leftover:
             self._give_up(batch, DeliveryError("shutdown", "still queued at shutdown"))
@@ -177,8 +186,7 @@ class BackgroundSender(Sender):
                 loop.call_soon_threadsafe(self._wake)  # it sees the queue closed and stops
             if not thread.is_current():
                 thread.join(max(deadline - time.monotonic(), 0.05))
-        if self._spool is not None:
-            self._spool.close()  # what is left stays on disk, for the next process
+        self._spool.close()  # what is left stays on disk, for the next process
         self.counters.report()
         return flushed
 
@@ -187,7 +195,7 @@ class BackgroundSender(Sender):
         waits there for the slow retry (retries exhausted), for room (queue full), or for
         the next process (shutdown). Otherwise it leaves the disk and is counted."""
         spool = self._spool
-        if spool is not None and spool.holds(batch):
+        if spool.holds(batch):
             if self._keep_on_disk(batch, error.reason):
                 return
             spool.remove(batch)
@@ -195,7 +203,7 @@ class BackgroundSender(Sender):
 
     def _keep_on_disk(self, batch: Batch, reason: str) -> bool:
         spool = self._spool
-        if spool is None or not spool.holds(batch):
+        if not spool.holds(batch):
             return False
         if reason == "shutdown":
             return True
@@ -218,8 +226,7 @@ class BackgroundSender(Sender):
 
     def _recover(self) -> int:
         """Adopt the spool files of processes that are gone; how many batches they hold."""
-        assert self._spool is not None
-        recovered = self._spool.adopt()
+        recovered = self._spool.scan()
         if recovered:
             self.counters.add("recovered", recovered)
             self._queue.add_backlog(recovered)
@@ -228,7 +235,6 @@ class BackgroundSender(Sender):
     def _sync_spool(self, idle: bool, wait: float | None) -> float | None:
         """Delete finished batches from disk if idle or due; the loop's wait, capped so that
         the rest are deleted soon."""
-        assert self._spool is not None
         now = time.monotonic()
         if idle or self._spool.finished >= SPOOL_SYNC_AFTER or now - self._synced >= SPOOL_SYNC_EVERY:
             self._spool.sync()
@@ -248,7 +254,8 @@ class BackgroundSender(Sender):
         now and then); the seconds until the spool next needs a look, None if only a
         finishing batch can change that."""
         spool, queue = self._spool, self._queue
-        assert spool is not None
+        if not spool.enabled:
+            return None
         now = time.monotonic()
         if now >= self._next_adoption:
             self._next_adoption = now + ADOPT_EVERY
@@ -335,6 +342,7 @@ class BackgroundSender(Sender):
     async def _main(self) -> None:
         loop = asyncio.get_running_loop()
         wakeup = asyncio.Event()
+        self._spool.prepare()
         with self._queue.lock:
             self._loop, self._wakeup = loop, wakeup
         post = poster(self.settings)
@@ -347,9 +355,9 @@ class BackgroundSender(Sender):
         try:
             while not self._queue.closed:
                 wakeup.clear()
-                spool_wait = self._refill() if self._spool is not None else None
+                spool_wait = self._refill()
                 item, wait, probe = self._take(len(tasks))
-                if self._spool is not None and self._spool.needs_sync:
+                if self._spool.needs_sync:
                     spool_wait = self._sync_spool(item is None and not tasks, spool_wait)
                 if item is None:
                     if spool_wait is not None:
@@ -403,8 +411,7 @@ class BackgroundSender(Sender):
             self._give_up(batch, DeliveryError("error", f"{type(error).__name__}: {error}"))
             delay = None
         if delay is None:
-            if self._spool is not None:  # delivered (a batch given up has left the spool already)
-                self._spool.remove(batch)
+            self._spool.remove(batch)  # delivered (a batch given up has left the spool already)
             self._queue.finish(batch)
         else:
             self.counters.add("retried")

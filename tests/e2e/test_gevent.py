@@ -14,6 +14,11 @@ name from its own thread as in production.
 from __future__ import annotations
 
 import http.client
+import json
+import os
+import signal
+import subprocess
+import sys
 import threading
 import time
 import uuid
@@ -21,7 +26,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from e2e.servers import NO_CONTROL_SOCKET, Server, batches_from, collector_env, free_port, serve, wait_until
+from e2e.servers import NO_CONTROL_SOCKET, ROOT, Server, batches_from, collector_env, free_port, serve, wait_until
 from koala_middleware.testing import Collector
 
 pytest.importorskip("gevent")
@@ -143,3 +148,78 @@ def test_the_senders_event_loop_is_not_the_workers(server: Server, koala: Collec
     finally:
         connection.close()
     assert (status, body) == (200, b"asyncio ok")
+
+
+# -- plain patch_all() processes (no gunicorn): 20 runs each, in parallel, none may hang ----
+
+RUNS = 20
+GEVENT_SCRIPT = "tests.e2e.apps.gevent_script"
+
+
+def gevent_script(mode: str, koala: Collector) -> subprocess.Popen[str]:
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "KOALA_API_URL": koala.url}
+    return subprocess.Popen(
+        [sys.executable, "-m", GEVENT_SCRIPT, mode],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def outcome(proc: subprocess.Popen[str], timeout: float) -> tuple[int | None, str, str]:
+    """(exit status, stdout, stderr), or (None, ...) for a process that hung (then killed)."""
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        out, err = proc.communicate()
+        return None, out, err
+    return proc.returncode, out, err
+
+
+def test_an_event_before_the_main_threads_hub_exists_never_hangs_the_process() -> None:
+    """Issue 20.1: the sender's native thread made a gevent hub through the patched
+    ``socketpair`` and deadlocked with the main thread on import locks (9 runs in 10)."""
+    with Collector() as koala:
+        procs = [gevent_script("start", koala) for _ in range(RUNS)]
+        results = [outcome(proc, 20) for proc in procs]
+        hung = [err[-300:] for code, _, err in results if code is None]
+        assert not hung, f"{len(hung)} of {RUNS} hung"
+        assert all(code == 0 and '"flushed": true' in out for code, out, _ in results), results
+        assert len(set(koala.message_ids())) == RUNS
+
+
+def test_sigterm_ends_a_gevent_pywsgi_server_after_delivering() -> None:
+    """Issue 20.2: the SIGTERM handler passed a greenlet's id to ``pthread_kill`` (hangs in
+    11 runs of 20); now it is the OS thread's, and every server dies of SIGTERM."""
+    with Collector() as koala:
+        procs = [gevent_script("pywsgi", koala) for _ in range(RUNS)]
+        for proc in procs:
+            assert proc.stdout is not None
+            line = proc.stdout.readline()
+            assert line, outcome(proc, 5)
+            port = json.loads(line)["port"]
+            connection = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+            try:
+                assert get(connection, "/", "gevent pywsgi sigterm")[0] == 200
+            finally:
+                connection.close()
+        for proc in procs:
+            proc.send_signal(signal.SIGTERM)
+        results = [outcome(proc, 15) for proc in procs]
+        hung = [err[-300:] for code, _, err in results if code is None]
+        assert not hung, f"{len(hung)} of {RUNS} hung"
+        assert all(code == -signal.SIGTERM for code, _, _ in results), [(c, e[-300:]) for c, _, e in results]
+        assert len(set(koala.message_ids())) == RUNS
+
+
+def test_the_senders_loop_connects_without_making_a_gevent_hub_in_its_thread() -> None:
+    """asyncio's ``create_connection`` makes its socket with the patched ``socket.socket``,
+    whose constructor creates a gevent hub in the sender's thread (the start-up deadlock of
+    issue 20.1 again, for the pure-Python engine's connections): the sender's loop uses the
+    original class."""
+    with Collector() as koala:
+        code, out, err = outcome(gevent_script("connect", koala), 20)
+    assert code == 0 and json.loads(out)["hub"] is False, (out, err[-500:])

@@ -100,3 +100,15 @@ def test_no_handler_off_the_main_thread_when_turned_off_or_with_nothing_to_flush
         proc.send_signal(signal.SIGTERM)
         code, _, err = finish(proc)
     assert code == -signal.SIGTERM, err
+
+
+def test_an_app_handler_chaining_to_ours_runs_once() -> None:
+    """Issue 20.9: the flush re-signalled the main thread, so a chaining handler ran twice."""
+    with Collector() as koala:
+        proc, first = start("chained", koala, shutdown_timeout=5)
+        assert first["handler"] == "__main__.chaining"
+        proc.send_signal(signal.SIGTERM)
+        code, out, err = finish(proc)
+        assert code == 128 + signal.SIGTERM, err
+        assert out.count('"chaining"') == 1, out
+        assert len(set(koala.message_ids())) == 5, err

@@ -19,7 +19,7 @@ import pytest
 
 from e2e.servers import BIN, ROOT, free_port, wait_for_port, wait_until
 from koala_middleware import KoalaClient
-from koala_middleware._delivery._spool import LOG_SPOOL_CORRUPT, PREFIX, SUFFIX, SpoolFile
+from koala_middleware._delivery._spool import LOG_SPOOL_CORRUPT, PREFIX, SUFFIX, SpoolFile, app_tag
 from koala_middleware.testing import Collector
 
 FAST = {"backoff_base": 0.05, "max_backoff": 0.2, "handle_sigterm": False}
@@ -59,6 +59,11 @@ def holding(count: int, koala: Collector, **options: Any) -> subprocess.Popen[st
     assert line, proc.communicate(timeout=10)
     assert json.loads(line)["stats"]["spooled"] == count
     return proc
+
+
+def app_of(koala: Collector, key: str = "pk_test") -> str:
+    """What the spool keys its files to: the URL batches are posted under."""
+    return f"{koala.url}/web/projects/{key}"
 
 
 def numbers(koala: Collector) -> list[int]:
@@ -110,7 +115,7 @@ def test_kill_9_of_gunicorn_preload_then_a_new_process_delivers_all_200_once(tmp
         assert stats["flushed"] and stats["recovered"] == 200 and stats["delivered"] == 200, stats
         assert numbers(koala) == list(range(200))
         assert len(ids) == len(set(ids)) == 200
-    assert not [name for name in os.listdir(spool) if name.startswith(PREFIX)], "empty spool files are removed"
+    assert not [name for name in os.listdir(spool) if name.startswith(PREFIX)], ("empty spool files are removed", stats)
 
 
 def test_an_outage_longer_than_the_retry_budget_loses_nothing(tmp_path: Path) -> None:
@@ -155,23 +160,21 @@ def test_two_processes_sharing_a_spool_dir_never_deliver_the_same_batch_twice(tm
 def test_a_garbage_or_truncated_spool_file_is_set_aside_with_one_warning(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    garbage = tmp_path / f"{PREFIX}1-garbage{SUFFIX}"
-    garbage.write_bytes(b"not a database, " * 1000)
-    truncated = tmp_path / f"{PREFIX}2-truncated{SUFFIX}"
-    spool = SpoolFile.open(str(truncated))
-    for _ in range(200):
-        spool.db.execute(
-            "INSERT INTO batches (path, user_agent, message_ids, body) VALUES ('/batch', 'ua', 'id', ?)", (b"x" * 500,)
-        )
-    spool.close(remove=False)
-    truncated.write_bytes(truncated.read_bytes()[:6000])
-    with Collector() as koala, caplog.at_level(logging.WARNING, logger="koala_middleware"):
-        client = KoalaClient("pk_test", api_url=koala.url, spool_dir=str(tmp_path), **FAST)
-        with client.tracker(profile_id="still-works") as tracker:
-            tracker.track("After")
-        assert client.flush(10)
-        client.shutdown()
-        assert len(koala.events()) == 1
+    with Collector() as koala:
+        garbage = tmp_path / f"{PREFIX}{app_tag(app_of(koala))}-1-garbage{SUFFIX}"
+        garbage.write_bytes(b"not a database, " * 1000)
+        spool = SpoolFile.create(str(tmp_path), app_of(koala))
+        for _ in range(200):
+            spool.db.execute(
+                "INSERT INTO batches (path, user_agent, message_ids, body) VALUES ('/batch', 'ua', '[\"id\"]', ?)",
+                (b"x" * 500,),
+            )
+        spool.db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        spool.close(remove=False)
+        truncated = Path(spool.path)
+        truncated.write_bytes(truncated.read_bytes()[:6000])
+        with caplog.at_level(logging.WARNING, logger="koala_middleware"):
+            run_one_client(koala, tmp_path)
     warnings = [r for r in caplog.records if r.msg == LOG_SPOOL_CORRUPT]
     assert len(warnings) == 2, caplog.text
     names = sorted(os.listdir(tmp_path))
@@ -179,16 +182,27 @@ def test_a_garbage_or_truncated_spool_file_is_set_aside_with_one_warning(
     assert sum(name.endswith(".corrupt") for name in names) == 2, names
 
 
+def run_one_client(koala: Collector, tmp_path: Path) -> None:
+    """A client on that directory still records and delivers."""
+    client = KoalaClient("pk_test", api_url=koala.url, spool_dir=str(tmp_path), **FAST)
+    with client.tracker(profile_id="still-works") as tracker:
+        tracker.track("After")
+    assert client.flush(10)
+    client.shutdown()
+    assert len(koala.events()) == 1
+
+
 def test_a_spool_file_with_rows_it_cannot_read_is_set_aside_and_its_batches_counted(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    odd = SpoolFile.open(str(tmp_path / f"{PREFIX}3-odd{SUFFIX}"))
-    for body in (b'{"profile_id":"a","events":[]}', "a text body, not bytes"):
-        odd.db.execute(
-            "INSERT INTO batches (path, user_agent, message_ids, body) VALUES ('/batch', 'ua', 'id', ?)", (body,)
-        )
-    odd.close(remove=False)
     with Collector() as koala, caplog.at_level(logging.WARNING, logger="koala_middleware"):
+        odd = SpoolFile.create(str(tmp_path), app_of(koala))
+        for body in (b'{"profile_id":"a","events":[]}', "a text body, not bytes"):
+            odd.db.execute(
+                "INSERT INTO batches (path, user_agent, message_ids, body) VALUES ('/batch', 'ua', '[\"id\"]', ?)",
+                (body,),
+            )
+        odd.close(remove=False)
         client = KoalaClient("pk_test", api_url=koala.url, spool_dir=str(tmp_path), **FAST)
         assert client.flush(10), "never waits for batches it can no longer load"
         stats = client.stats
@@ -196,3 +210,64 @@ def test_a_spool_file_with_rows_it_cannot_read_is_set_aside_and_its_batches_coun
     assert stats.recovered == 2 and stats.dropped == {"error": 2} and stats.queued == 0, stats
     assert [r.msg for r in caplog.records].count(LOG_SPOOL_CORRUPT) == 1
     assert sum(name.endswith(".corrupt") for name in os.listdir(tmp_path)) == 1
+
+
+def chaos(key: str, mode: str, koala: Collector, spool: str) -> subprocess.Popen[str]:
+    env = {**env_for(koala), "SPOOL_DIR": spool}
+    return subprocess.Popen(
+        [sys.executable, "-m", "tests.e2e.apps.spool_chaos", key, mode],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def test_chaos_two_apps_many_processes_kill_9_nothing_missing_nothing_twice(tmp_path: Path) -> None:
+    """Issue 20, must show: 16 writers of two apps sharing one directory, kill -9 mid-write,
+    adopters killed mid-adoption, Koala down then up: every batch whose hand-over returned
+    arrives once, under its own app's key."""
+    spool = str(tmp_path)
+    keys = ("pk_chaos_a", "pk_chaos_b")
+    written: dict[tuple[str, int], list[str]] = {}  # (key, pid) -> the numbers it printed
+    errors: list[str] = []
+    with Collector() as koala:
+        koala.down()
+        for _wave in range(2):
+            writers = [(key, chaos(key, "churn", koala, spool)) for key in keys for _ in range(4)]
+            started = {proc.pid: proc.stdout.readline() if proc.stdout else "" for _, proc in writers}
+            time.sleep(1.0)
+            adopters = [chaos(key, "deliver", koala, spool) for key in keys]  # adopting while Koala is down
+            time.sleep(0.5)
+            for proc in [proc for _, proc in writers] + adopters:
+                proc.kill()  # kill -9, mid-write and mid-adoption
+            for key, proc in writers:
+                out, err = proc.communicate()
+                written[(key, proc.pid)] = (started[proc.pid] + out).split()
+                errors.append(err)
+            for proc in adopters:
+                proc.communicate()
+        koala.up()
+        finals = [chaos(key, "deliver", koala, spool) for key in keys]
+        results = []
+        for proc in finals:
+            out, err = proc.communicate(timeout=60)
+            assert proc.returncode == 0, err
+            results.append(json.loads(out.splitlines()[-1]))
+        assert all(r["flushed"] for r in results), results
+        received: dict[tuple[str, int, int], int] = {}
+        for request in koala.requests():
+            key = request.path.split("/")[3]
+            for event in json.loads(request.body)["events"]:
+                props = event["properties"]
+                assert props["key"] == key, "posted under another app's key"
+                ident = (key, props["pid"], props["n"])
+                received[ident] = received.get(ident, 0) + 1
+        ids = koala.message_ids()
+    expected = {(key, pid, int(n)) for (key, pid), numbers_ in written.items() for n in numbers_}
+    missing = expected - set(received)
+    assert len(expected) > 16 * 20, ("precondition: the writers wrote", errors[-1][-2000:])
+    assert not missing, f"{len(missing)} of {len(expected)} missing"
+    assert len(ids) == len(set(ids)), f"{len(ids) - len(set(ids))} duplicated"
+    assert not [name for name in os.listdir(spool) if name.endswith(".corrupt")]

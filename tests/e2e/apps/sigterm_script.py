@@ -12,7 +12,9 @@ installed once the client exists) after handing over 5 batches, then, by MODE:
   while the handler's thread flushes too; neither may cut the other short;
 - ``local-exit`` / ``local-sigterm``: the client lives in a function that returns (so it is
   garbage-collected with its batches pending), then the script ends, or signals itself;
-- ``thread``: makes the client in a thread other than the main one (no handler possible).
+- ``thread``: makes the client in a thread other than the main one (no handler possible);
+- ``chained``: installs, after the client, a handler that prints ``"chaining"`` and calls
+  the previous one (the client's), as apps and frameworks do.
 """
 
 from __future__ import annotations
@@ -74,6 +76,15 @@ def main(mode: str) -> None:
     else:
         client = client_from_env()
     hand_over(client, 5)
+    if mode == "chained":
+        previous = signal.getsignal(signal.SIGTERM)
+
+        def chaining(signum: int, frame: Any) -> None:
+            print(json.dumps({"chaining": True}), flush=True)
+            if callable(previous):
+                previous(signum, frame)
+
+        signal.signal(signal.SIGTERM, chaining)
     print(json.dumps({"handler": describe(signal.getsignal(signal.SIGTERM))}), flush=True)
     if mode == "locked":
         with client._sender._queue.lock:  # the lock every hand-over and the flush take
