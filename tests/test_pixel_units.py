@@ -222,3 +222,10 @@ def test_an_odd_environ_or_scope_gets_a_502_not_an_exception(caplog: pytest.LogC
     scope = {"type": "http", "path": "/_k/web/x", "headers": [("host", "odd.test")]}  # str, not bytes
     asyncio.run(asgi(scope, receive, send))  # type: ignore[arg-type]
     assert sent[0]["status"] == 502
+
+
+def test_the_proxy_uses_the_koala_clients_egress_proxy() -> None:
+    from koala_middleware._pixel import egress_proxy
+
+    assert egress_proxy(KoalaClient(dry_run=True, proxy="http://proxy.test:3128")) == "http://proxy.test:3128"
+    assert egress_proxy(KoalaClient(dry_run=True)) is None  # then the environment's, as httpx reads it
