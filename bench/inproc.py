@@ -19,6 +19,7 @@ import asyncio
 import dataclasses
 import gc
 import logging
+import socket
 import threading
 import time
 import uuid
@@ -26,7 +27,6 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import flask
-import httpx
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
 from starlette.middleware.sessions import SessionMiddleware
@@ -49,34 +49,49 @@ UNSEEN_VISITORS = 10_000  # more than the Cookie headers a middleware remembers 
 Runner = Callable[[int], int]  # run n requests, return the nanoseconds they took
 
 
-class ParkedTransport(httpx.AsyncBaseTransport):
-    """Never answers: the sender takes a batch and waits, so none of its work is timed."""
+class ParkedKoala:
+    """A loopback Koala that reads a request and never answers: the sender takes a batch and
+    waits, so none of its work is timed."""
 
     def __init__(self) -> None:
         self.reached = threading.Event()
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self._listener.getsockname()[1]}"
+        self._held: list[socket.socket] = []
+        threading.Thread(target=self._serve, daemon=True).start()
 
-    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
-        self.reached.set()
-        await asyncio.Event().wait()
-        raise AssertionError("unreachable")
+    def _serve(self) -> None:
+        while True:
+            connection, _ = self._listener.accept()
+            self._held.append(connection)
+            connection.recv(65536)
+            self.reached.set()
+
+
+_parked_koalas: dict[int, ParkedKoala] = {}
 
 
 def settle(client: KoalaClient) -> None:
     """Wait until the sender thread (started by the first batch) has parked on its batch:
     starting it costs milliseconds of CPU, which must not land in a timed loop."""
-    transport = client._sender.settings.transport
-    assert isinstance(transport, ParkedTransport)
-    if not transport.reached.wait(10):
+    if not _parked_koalas[id(client)].reached.wait(10):
         raise RuntimeError("the sender never took its first batch")
 
 
 def parked_client() -> KoalaClient:
     # One batch in flight: the sender takes it and parks. With the default 100, its work on
     # the first 100 batches (building their requests) ran during the timed loop, on the GIL.
+    koala = ParkedKoala()
+    client = _parked_client(koala.url)
+    _parked_koalas[id(client)] = koala
+    return client
+
+
+def _parked_client(url: str) -> KoalaClient:
     return KoalaClient(
         "pk_bench",
-        api_url="http://127.0.0.1:9",
-        transport=ParkedTransport(),
+        api_url=url,
+        timeout=3600.0,
         max_in_flight=1,
         max_queue_batches=10_000_000,
         max_queue_bytes=1 << 40,

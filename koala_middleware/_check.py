@@ -2,20 +2,22 @@
 
 It resolves the key, URL and proxy exactly as ``KoalaClient`` and its sender do (by
 building one, and with the sender's ``proxy_for``), asks Koala's key check
-(``GET {api_url}/web/projects/{key}/auth``, as Koala's own Segment destination does) through
-that proxy with httpx, and says what it found in plain words. The exit status is 0 only when
+(``GET {api_url}/web/projects/{key}/auth``, as Koala's own Segment destination does)
+through the sender's own delivery engine (same proxy, CONNECT tunnel, TLS trust store,
+deadline and answer cap), and says what it found in plain words. The exit status is 0 only when
 the key works, so a deploy script can stop on it.
 """
 
 from __future__ import annotations
 
 import os
+import time
 from typing import TextIO
-
-import httpx
+from urllib.parse import SplitResult, urlsplit
 
 from ._client import KoalaClient
-from ._delivery._http import proxy_for
+from ._delivery._engine import Route, proxy_for
+from ._delivery._h11 import SocketEngine
 
 __all__ = ["EXIT_ACCEPTED", "EXIT_CANNOT_CHECK", "EXIT_KEY_PROBLEM", "check"]
 
@@ -45,7 +47,7 @@ def check(key: str | None, api_url: str | None, proxy: str | None, timeout: floa
     client.shutdown(timeout=0)  # only its resolved settings are used; it never sends
     say(f"Koala API: {client.api_url} ({_origin(api_url, 'KOALA_API_URL', 'the default')})")
     used = proxy_for(client.api_url, proxy)  # what the sender posts through
-    say(f"Proxy: {_proxy_report(httpx.URL(client.api_url), proxy, used)}")
+    say(f"Proxy: {_proxy_report(urlsplit(client.api_url), proxy, used)}")
     if client.public_key is None:
         say(
             "Public key: none. Set KOALA_PUBLIC_KEY or pass --key; without a key the middleware runs in "
@@ -54,16 +56,13 @@ def check(key: str | None, api_url: str | None, proxy: str | None, timeout: floa
         return EXIT_KEY_PROBLEM
     say(f"Public key: {client.public_key} ({_origin(key, 'KOALA_PUBLIC_KEY', None)})")
     auth_url = f"{client.api_url}/web/projects/{client.public_key}/auth"
+    engine = SocketEngine(Route(client.api_url, used))  # the engine sync=True posts with
     try:
-        with httpx.Client(
-            proxy=used,
-            trust_env=False,  # the proxy is resolved above, as the sender does
-            verify=httpx.create_ssl_context(),  # the sender's trust store (certifi, SSL_CERT_FILE)
-            timeout=timeout,
-            headers={"User-Agent": client.user_agent},
-        ) as http:
-            response = http.get(auth_url)
-    except httpx.HTTPError as exc:
+        answer = engine.send(
+            "GET", auth_url, [(b"User-Agent", client.user_agent.encode())], b"", time.monotonic() + timeout
+        )
+    except Exception as exc:  # network, TLS, proxy, timeout: said in words below
+        engine.close()
         if used is not None:
             say(
                 f"Result: Koala unreachable through the proxy {_hide_password(used)} ({_describe(exc)}). "
@@ -75,7 +74,8 @@ def check(key: str | None, api_url: str | None, proxy: str | None, timeout: floa
                 "the firewall, or whether this machine needs a proxy (HTTPS_PROXY)."
             )
         return EXIT_CANNOT_CHECK
-    status = response.status_code
+    engine.close()
+    status = answer.status
     if 200 <= status < 300:
         say(f"Result: key accepted (Koala answered {status} to GET {auth_url}). Events will be delivered.")
         return EXIT_ACCEPTED
@@ -101,7 +101,7 @@ def _origin(given: str | None, variable: str, default: str | None) -> str:
     return default or "none"
 
 
-def _proxy_report(url: httpx.URL, given: str | None, used: str | None) -> str:
+def _proxy_report(url: SplitResult, given: str | None, used: str | None) -> str:
     """Which proxy the requests to ``url`` take (``used``), and why, in words; any password
     in a proxy URL hidden."""
     if given is not None:
@@ -111,18 +111,20 @@ def _proxy_report(url: httpx.URL, given: str | None, used: str | None) -> str:
     if used is not None:
         return f"{_hide_password(used)} (from {variable or 'the environment'})"
     if variable is not None:
-        return (
-            f"none for {url.host}: NO_PROXY excludes it (else {_hide_password(os.environ[variable])} from {variable})"
-        )
+        return f"none for {url.hostname}: NO_PROXY excludes it (else {_hide_password(os.environ[variable])} from {variable})"
     return "none (no HTTP_PROXY, HTTPS_PROXY or ALL_PROXY in the environment)"
 
 
 def _hide_password(proxy: str) -> str:
     try:
-        parsed = httpx.URL(proxy)
-    except httpx.InvalidURL:
+        parsed = urlsplit(proxy)
+        password = parsed.password
+    except ValueError:
         return "(an invalid proxy URL)"
-    return str(parsed.copy_with(username=parsed.username, password="***")) if parsed.password else proxy
+    if not password:
+        return proxy
+    user, _, host = parsed.netloc.rpartition("@")
+    return parsed._replace(netloc=f"{user.partition(':')[0]}:***@{host}").geturl()
 
 
 def _describe(exc: Exception) -> str:

@@ -17,8 +17,6 @@ import threading
 import weakref
 from typing import TypedDict
 
-import httpx
-
 from ._delivery import BackgroundSender, DeliverySettings, DropReason, ErrorHook, Stats, SyncSender
 from ._exit import orphaned, register, shutdown_at_multiprocessing_exit, shutdown_at_sigterm, unregister
 from ._protocol import Batch
@@ -37,6 +35,13 @@ LOG_NO_KEY = (
     "Set KOALA_PUBLIC_KEY or pass public_key=; pass dry_run=True to silence this warning.%s"
 )
 
+#: ``transport=`` took an httpx transport that replaced the sender's HTTP layer, skipping
+#: its deadline, proxy, TLS and answer cap; every path now posts through the one engine.
+TRANSPORT_REMOVED = (
+    "KoalaClient(transport=...) is no longer supported: every batch goes through the delivery "
+    "engine. In tests, start koala_middleware.testing.Collector (a local Koala; the pytest "
+    "fixture koala_collector) and pass api_url=collector.url"
+)
 _KEY = re.compile(r"^[A-Za-z0-9_\-]{1,200}$")
 
 
@@ -63,7 +68,7 @@ class ClientOptions(TypedDict, total=False):
     sync: bool
     dry_run: bool | None
     user_agent: str | None
-    transport: httpx.AsyncBaseTransport | httpx.BaseTransport | None
+    transport: None
     handle_sigterm: bool
     spool_dir: str | os.PathLike[str] | None
     max_spool_bytes: int
@@ -96,7 +101,8 @@ class KoalaClient:
     :param dry_run: force dry-run mode on or off; by default on exactly when there is no key.
     :param user_agent: the User-Agent of batches recorded outside a web request (default
         ``koala-middleware/<version>``).
-    :param transport: an httpx transport, for tests (``httpx.MockTransport``).
+    :param transport: removed; passing anything raises ``TypeError``. Tests point ``api_url``
+        at :class:`koala_middleware.testing.Collector`, a real local Koala.
     :param handle_sigterm: where SIGTERM is still at Python's default action (waitress,
         ``flask run``, scripts) and the client is made in the main thread, flush on SIGTERM
         within ``shutdown_timeout``, then exit as SIGTERM would. A handler installed by
@@ -128,7 +134,7 @@ class KoalaClient:
         sync: bool = False,
         dry_run: bool | None = None,
         user_agent: str | None = None,
-        transport: httpx.AsyncBaseTransport | httpx.BaseTransport | None = None,
+        transport: None = None,
         handle_sigterm: bool = True,
         spool_dir: str | os.PathLike[str] | None = None,
         max_spool_bytes: int = 64 * 1024 * 1024,
@@ -145,6 +151,8 @@ class KoalaClient:
             raise ValueError(f"api_url must start with http:// or https://, got {api_url!r}")
         if on_error is not None and not callable(on_error):
             raise TypeError("on_error must be a callable on_error(batch, error)")
+        if transport is not None:
+            raise TypeError(TRANSPORT_REMOVED)
         spool_dir = spool_dir or os.environ.get("KOALA_SPOOL_DIR") or None
         if spool_dir is not None and not isinstance(spool_dir, (str, os.PathLike)):
             raise TypeError(f"spool_dir must be a directory path (str or os.PathLike), got {type(spool_dir).__name__}")
@@ -170,7 +178,6 @@ class KoalaClient:
             max_retries=max_retries,
             backoff_base=backoff_base,
             max_backoff=max_backoff,
-            transport=transport,
             spool_dir=os.fspath(spool_dir) if spool_dir is not None else None,
             max_spool_bytes=max_spool_bytes,
         )

@@ -21,11 +21,10 @@ handling (``uvicorn --proxy-headers --forwarded-allow-ips=<proxy>``); a raw
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Awaitable, Callable, Iterable, MutableMapping
 from typing import TYPE_CHECKING, Any
-
-import anyio.to_thread
 
 from ._client import KoalaClient
 from ._pixel import asgi_proxy
@@ -37,6 +36,21 @@ if TYPE_CHECKING:
     from typing_extensions import Unpack
 
 __all__ = ["SCOPE_KEY", "VISITOR_ID_KEY", "KoalaASGIMiddleware", "request_info"]
+
+
+async def _in_thread(function: Callable[[], object]) -> None:
+    """Run blocking ``function`` (a flush, a sync-mode post) off the event loop: asyncio's
+    default executor; under trio, anyio's threads (anyio comes with every trio-capable
+    framework), imported only then."""
+    try:
+        loop = asyncio.get_running_loop()
+    except RuntimeError:  # not asyncio
+        import anyio.to_thread
+
+        await anyio.to_thread.run_sync(function)
+        return
+    await loop.run_in_executor(None, function)
+
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -208,7 +222,7 @@ class KoalaASGIMiddleware:
             # Events recorded before an exception are still sent; the exception goes on as it is.
             unbind(token)
             if self.client.sync and tracker.has_records:  # sync mode posts: not on the event loop
-                await anyio.to_thread.run_sync(tracker.finish)
+                await _in_thread(tracker.finish)
             else:
                 tracker.finish()  # an append to the sender's queue
 
@@ -253,7 +267,7 @@ async def lifespan_with_flush(
         nonlocal used
         used = True
         if message["type"] in _SHUTDOWN_MESSAGES:
-            await anyio.to_thread.run_sync(flush)
+            await _in_thread(flush)
         await send(message)
 
     try:
@@ -275,7 +289,7 @@ async def _answer_lifespan(flush: Callable[[], None], receive: Receive, send: Se
         if message["type"] == "lifespan.startup":
             await send({"type": "lifespan.startup.complete"})
         elif message["type"] == "lifespan.shutdown":
-            await anyio.to_thread.run_sync(flush)
+            await _in_thread(flush)
             await send({"type": "lifespan.shutdown.complete"})
             return
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 
 import pytest
@@ -9,6 +10,22 @@ import pytest
 from helpers import FAST_RETRIES
 from koala_middleware import KoalaClient
 from koala_middleware.testing import Collector
+
+#: The suite (and the servers it starts) runs the default install's engine, pure Python,
+#: even where pycurl is installed; ``KOALA_ENGINE=curl pytest`` runs it all on libcurl.
+os.environ.setdefault("KOALA_ENGINE", "python")
+ENGINES = ["python", "curl"]
+
+
+@pytest.fixture(params=ENGINES)
+def engine(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Each delivery engine in turn (the background sender reads ``KOALA_ENGINE`` when it
+    starts; ``sync=True`` and ``check`` always use the pure-Python one)."""
+    name: str = request.param
+    if name == "curl":
+        pytest.importorskip("pycurl", reason="the [curl] extra is not installed")
+    monkeypatch.setenv("KOALA_ENGINE", name)
+    return name
 
 
 @pytest.fixture

@@ -105,7 +105,7 @@ def test_an_unreachable_koala_exits_2_and_says_so(check: Callable[..., Done]) ->
     url = f"http://127.0.0.1:{free_port()}"  # nothing listens there
     done = check("check", "--key", "pk_test", "--api-url", url, "--timeout", "2")
     assert done.returncode == 2
-    assert f"Result: Koala unreachable at {url} (ConnectError" in done.stdout
+    assert f"Result: Koala unreachable at {url} (ConnectionRefusedError" in done.stdout
 
 
 def test_an_error_answer_is_not_a_verdict_on_the_key(collector: Collector, check: Callable[..., Done]) -> None:

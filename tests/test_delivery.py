@@ -6,7 +6,6 @@ Fault scenarios end to end (outages, hangs, shutdown) are in ``test_faults.py``.
 from __future__ import annotations
 
 import email.utils
-import json
 import logging
 import threading
 import time
@@ -258,34 +257,12 @@ def test_submits_from_many_threads_are_all_accounted(client: KoalaClient, collec
     assert sorted(e["properties"]["n"] for e in collector.events()) == list(range(400))
 
 
-def test_background_batches_go_through_a_user_transport() -> None:
-    """``transport=`` (e.g. httpx.MockTransport) takes the sender's real posting path."""
-    seen: list[httpx.Request] = []
-
-    def handler(request: httpx.Request) -> httpx.Response:
-        seen.append(request)
-        if b"Refused" in request.content:
-            return httpx.Response(400, text="bad event name")
-        return httpx.Response(200, json={"ok": True})
-
-    client = KoalaClient("pk_mock", api_url="https://koala.test", transport=httpx.MockTransport(handler))
-    with client.tracker(email="ada@example.com", user_agent="UA/mock") as tracker:
-        tracker.track("Accepted")
-    assert client.flush(5)
-    with client.tracker(email="ada@example.com") as tracker:
-        tracker.track("Refused")
-    assert client.flush(5)
-    client.shutdown(1)
-
-    first = seen[0]
-    assert first.method == "POST"
-    assert str(first.url) == "https://koala.test/web/projects/pk_mock/batch"
-    assert first.headers["content-type"] == "application/json"
-    assert first.headers["user-agent"] == "UA/mock"
-    assert int(first.headers["content-length"]) == len(first.content)
-    assert json.loads(first.content)["events"][0]["event"] == "Accepted"
-    stats = client.stats
-    assert stats.delivered == 1 and stats.dropped == {"rejected": 1}
+@pytest.mark.parametrize("sync", [False, True], ids=["background", "sync"])
+def test_transport_is_refused_saying_what_to_use_instead(sync: bool) -> None:
+    """An httpx transport used to replace the engine (and silently did nothing in the other
+    mode); tests use a real local Koala instead."""
+    with pytest.raises(TypeError, match=r"transport=.*Collector.*api_url=collector\.url"):
+        KoalaClient("pk_mock", sync=sync, transport=httpx.MockTransport(lambda request: httpx.Response(200)))  # type: ignore[arg-type]
 
 
 def test_default_max_in_flight_is_100_since_50_caps_at_1000_per_second_at_50_ms() -> None:

@@ -24,6 +24,9 @@ from koala_middleware import Batch, KoalaClient, Tracker
 from koala_middleware._delivery._stats import EXCERPT_CHARS, LOG_DROPPED
 from koala_middleware.testing import Collector, Received
 
+#: Every engine passes the same tests (conftest.py's ``engine``).
+pytestmark = pytest.mark.usefixtures("engine")
+
 
 @pytest.mark.parametrize("status", [429, 503])
 def test_retry_after_holds_every_request_even_while_others_succeed(collector: Collector, status: int) -> None:

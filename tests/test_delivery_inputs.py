@@ -21,6 +21,9 @@ from koala_middleware._delivery._sender import LOG_UNAVAILABLE
 from koala_middleware._delivery._stats import LOG_DROPPED
 from koala_middleware.testing import Collector
 
+#: Every engine passes the same tests (conftest.py's ``engine``).
+pytestmark = pytest.mark.usefixtures("engine")
+
 # "café" as UTF-8 bytes, as a WSGI/ASGI server hands it over (one character per byte).
 UTF8_UA = "Mozilla/5.0 (caf\xc3\xa9)"
 # A lone 0xE9 (latin-1 "é"): not UTF-8, so sent escaped.

@@ -25,6 +25,9 @@ from koala_middleware._delivery._sender import LOG_HOOK_FAILED, LOG_UNAVAILABLE
 from koala_middleware._delivery._worker import LOG_SHUTDOWN_LOST
 from koala_middleware.testing import Collector, Received
 
+#: Every engine passes the same tests (conftest.py's ``engine``).
+pytestmark = pytest.mark.usefixtures("engine")
+
 
 class Errors(list[tuple[Batch, DeliveryError]]):
     """An ``on_error`` hook that remembers what it was given."""

@@ -7,6 +7,7 @@ collector whose CA is made here (trustme) and trusted through ``SSL_CERT_FILE``.
 
 from __future__ import annotations
 
+import io
 import ssl
 import sys
 import uuid
@@ -19,8 +20,12 @@ import trustme
 
 from e2e.servers import Server, free_port, serve
 from koala_middleware import KoalaClient
-from koala_middleware._delivery._http import proxy_for
+from koala_middleware._check import check
+from koala_middleware._delivery._engine import proxy_for
 from koala_middleware.testing import Collector
+
+#: Every engine passes the same tests (conftest.py's ``engine``).
+pytestmark = pytest.mark.usefixtures("engine")
 
 OPTIONS = {"backoff_base": 0.05, "max_backoff": 0.2, "timeout": 3.0}
 PROXY_VARIABLES = ["http_proxy", "https_proxy", "all_proxy", "no_proxy"]
@@ -204,3 +209,20 @@ def test_tls_is_verified(tls_collector: tuple[Collector, Path], sync: bool) -> N
     client = deliver_one(koala.url, sync, max_retries=0)
     assert client.stats.delivered == 0 and client.stats.dropped == {"retries_exhausted": 1}
     assert koala.requests(accepted_only=False) == []
+
+
+def test_check_goes_through_the_same_tunnel_credentials_and_trust_store(
+    authenticating_proxy: Server, tls_collector: tuple[Collector, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``koala-middleware check`` posts with the engine ``sync=True`` uses: CONNECT with the
+    proxy's credentials, TLS trusting SSL_CERT_FILE, the client's User-Agent."""
+    koala, ca_file = tls_collector
+    koala.clear()
+    monkeypatch.setenv("SSL_CERT_FILE", str(ca_file))
+    monkeypatch.setenv("HTTPS_PROXY", f"http://koala:s3cr%25t@127.0.0.1:{authenticating_proxy.port}")
+    out = io.StringIO()
+    assert check("pk_test", f"https://koala.invalid:{koala.port}", None, 5.0, out) == 0, out.getvalue()
+    assert "Proxy: http://koala:***@127.0.0.1" in out.getvalue()
+    [received] = koala.requests()
+    assert received.headers["user-agent"].startswith("koala-middleware/")
+    assert "proxy-authorization" not in received.headers

@@ -221,9 +221,8 @@ class SenderThread:
         """Start the thread; raises RuntimeError if the OS refuses one, as ``threading`` does."""
         originals = _originals()
         if originals is None:
-            self._thread = threading.Thread(target=self._target, name=self.name, daemon=True)
+            self._thread = threading.Thread(target=self._run_threading, name=self.name, daemon=True)
             self._thread.start()
-            self.ident = self._thread.ident
             return
         self._get_ident = originals.get_ident
         self._done = done = originals.allocate_lock()
@@ -233,6 +232,12 @@ class SenderThread:
         except BaseException:
             self._done = None
             raise
+
+    def _run_threading(self) -> None:
+        # Set here, not after start() returns: the thread may post a batch and call an
+        # on_error hook (which asks is_current()) before the starting thread runs again.
+        self.ident = self._get_ident()
+        self._target()
 
     def _run_native(self, done: LockType) -> None:
         self.ident = self._get_ident()  # before start() returns it: is_current() works at once

@@ -5,9 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
-import httpx
-
-#: The proxies the sender can talk to (and that sync mode's httpx reaches without extras).
+#: The proxies the delivery engines can talk to.
 PROXY_SCHEMES = ("http://", "https://")
 
 
@@ -24,7 +22,6 @@ class DeliverySettings:
     max_retries: int
     backoff_base: float
     max_backoff: float
-    transport: httpx.AsyncBaseTransport | httpx.BaseTransport | None
     proxy: str | None
     spool_dir: str | None
     max_spool_bytes: int

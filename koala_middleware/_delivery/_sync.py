@@ -5,11 +5,8 @@ from __future__ import annotations
 import threading
 import time
 
-import httpx
-
 from .._protocol import Batch
-from ._http import BODY_CAP, answer
-from ._policy import Answer
+from ._engine import BlockingEngine, blocking_engine, encode_headers
 from ._request import DETAIL_UNBUILDABLE, Request, build
 from ._sender import Sender
 from ._settings import DeliverySettings
@@ -29,21 +26,10 @@ class SyncSender(Sender):
 
     def __init__(self, settings: DeliverySettings, on_error: ErrorHook | None) -> None:
         super().__init__(settings, on_error)
-        self._client: httpx.Client | None = None
+        self._engine: BlockingEngine | None = None
+        # One exchange at a time on the engine's kept-alive connection: threads that send
+        # at once take turns (each within its own deadline).
         self._lock = threading.Lock()
-
-    def _http(self) -> httpx.Client:
-        with self._lock:
-            if self._client is None:
-                transport = self.settings.transport
-                # trust_env (the default): the same proxy environment and trust store as the
-                # background sender; proxy= overrides the environment there too.
-                self._client = httpx.Client(
-                    timeout=self.settings.timeout,
-                    transport=transport if isinstance(transport, httpx.BaseTransport) else None,
-                    proxy=self.settings.proxy,
-                )
-            return self._client
 
     def submit(self, batch: Batch) -> bool:
         self.counters.add("enqueued")
@@ -61,12 +47,15 @@ class SyncSender(Sender):
     def _send(self, request: Request) -> None:
         batch = request.batch
         deadline = time.monotonic() + self.settings.timeout
-        headers = [(name.encode(), value.encode()) for name, value in request.headers.items()]
+        headers = encode_headers(request)
         while True:
             answer = exc = None
             try:
-                answer = self._post(request.url, request.body, headers, deadline)
-            except (httpx.HTTPError, TimeoutError) as error:
+                with self._lock:
+                    if self._engine is None:
+                        self._engine = blocking_engine(self.settings)
+                    answer = self._engine.send("POST", request.url, headers, request.body, deadline)
+            except Exception as error:  # network, TLS, proxy, protocol, timeout: as the background sender
                 exc = error
             delay = self._outcome(batch, answer, exc, probe=True)
             if delay is None:
@@ -85,21 +74,6 @@ class SyncSender(Sender):
             self.counters.add("retried")
             time.sleep(delay)
 
-    def _post(self, url: str, body: bytes, headers: list[tuple[bytes, bytes]], deadline: float) -> Answer:
-        """One attempt, within ``deadline``: httpx's timeouts are per read, so a body that
-        trickles in is cut off here, between reads; at most ``BODY_CAP`` bytes are read."""
-        timeout = max(deadline - time.monotonic(), 0.01)
-        with self._http().stream("POST", url, content=body, headers=headers, timeout=timeout) as response:
-            received = b""
-            assert isinstance(response.stream, httpx.SyncByteStream)
-            for chunk in response.stream:  # the stream itself: a MockTransport's answer counts as read
-                received += chunk
-                if len(received) >= BODY_CAP:
-                    break
-                if time.monotonic() > deadline:
-                    raise TimeoutError(f"no whole answer within {self.settings.timeout:g}s")
-            return answer(response, received)
-
     def pending(self) -> int:
         return 0
 
@@ -108,13 +82,13 @@ class SyncSender(Sender):
 
     def shutdown(self, timeout: float) -> bool:
         with self._lock:
-            client, self._client = self._client, None
-        if client is not None:
-            client.close()
+            engine, self._engine = self._engine, None
+        if engine is not None:
+            engine.close()
         self.counters.report()
         return True
 
     def after_fork(self) -> None:
         super().after_fork()
-        self._client = None  # the parent's connections: dropped, not closed (a TLS close would write)
+        self._engine = None  # the parent's connection: dropped, not closed (a TLS close would write)
         self._lock = threading.Lock()

@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING, Any
 
 from .._protocol import Batch
 from . import _native
-from ._http import Poster, poster
+from ._engine import Engine, background_engine
 from ._queue import BatchQueue, Waiting
 from ._request import DETAIL_UNBUILDABLE, Request, build
 from ._sender import Sender
@@ -345,7 +345,7 @@ class BackgroundSender(Sender):
         self._spool.prepare()
         with self._queue.lock:
             self._loop, self._wakeup = loop, wakeup
-        post = poster(self.settings)
+        post = background_engine(self.settings)
         tasks: set[asyncio.Task[None]] = set()
 
         def done(task: asyncio.Task[None]) -> None:
@@ -384,7 +384,7 @@ class BackgroundSender(Sender):
             self._queue.finish(batch)
             return None
 
-    async def _deliver(self, post: Poster, item: Waiting, probe: bool) -> None:
+    async def _deliver(self, post: Engine, item: Waiting, probe: bool) -> None:
         try:
             request = self._build(item) if isinstance(item, Batch) else item
             if request is not None:
@@ -393,7 +393,7 @@ class BackgroundSender(Sender):
             if probe:
                 self._probing = False
 
-    async def _attempt(self, post: Poster, request: Request, probe: bool) -> None:
+    async def _attempt(self, post: Engine, request: Request, probe: bool) -> None:
         batch = request.batch
         answer = exc = None
         try:
@@ -402,7 +402,7 @@ class BackgroundSender(Sender):
             self._give_up(batch, DeliveryError("shutdown", "in flight at shutdown"))
             self._queue.finish(batch)
             raise
-        except Exception as error:  # network errors, timeouts, anything a custom transport raises
+        except Exception as error:  # network errors, timeouts, anything an engine raises
             exc = error
         try:
             delay = self._outcome(batch, answer, exc, probe)

@@ -1,98 +1,37 @@
-"""Posting one batch to Koala and reading the answer: the sender's HTTP layer.
+"""The optional delivery engine: libcurl (pycurl) on the background sender's asyncio loop.
 
-The background sender posts with libcurl (pycurl), chosen by measurement (``bench/delivery.py``):
-per batch its sender thread needs about half the CPU it needed with aiohttp and a tenth
-of what the sharded httpx transports needed, with the same guarantees. libcurl does all of
-HTTP; the sender's asyncio loop only watches the sockets curl asks it to (curl's multi
-socket API). One multi handle keeps up to ``max_in_flight`` connections alive;
-``timeout`` is a deadline for the whole attempt (connect, send, and the answer to its last
-byte); at most ``BODY_CAP`` bytes of an answer are read and the connection is dropped past
-them. Proxies come from ``proxy=`` or else from the environment, resolved as curl and
-``httpx.Client(trust_env=True)`` do, and TLS is verified with httpx's trust store
-(certifi, or ``SSL_CERT_FILE`` / ``SSL_CERT_DIR``).
+Installed with ``pip install 'koala-middleware[curl]'`` and used by the background sender
+whenever pycurl imports (``KOALA_ENGINE=python`` turns it off). It keeps the engine's rules
+(``_engine``): the same route (proxy resolved by ``proxy_for``, curl's own reading of the
+environment turned off), trust store, whole-attempt deadline (``TIMEOUT_MS``), answer cap
+(the write callback refuses more, curl drops the connection) and headers.
 
-httpx stays where it keeps things simple: ``sync=True`` (``httpx.Client``, which honours
-the same environment) and the ``transport=`` hook for tests (``httpx.MockTransport``).
+libcurl's multi socket API: curl does all of HTTP, the loop only watches the sockets curl
+asks it to. The measured reasons it stays optional, and not the default, are in
+``docs/delivery-engine.md``: pycurl has no wheels for musllinux, manylinux2014 or
+free-threaded CPython, and its wheel is most of an install.
 """
 
 from __future__ import annotations
 
 import asyncio
-import logging
-import os
-import urllib.request
-from typing import Protocol
-from urllib.parse import urlsplit
 
-import certifi
-import httpx
 import pycurl
 
+from ._engine import BODY_CAP, KEEPALIVE, proxy_for, trust_store
 from ._policy import Answer
 from ._request import Request
-from ._settings import PROXY_SCHEMES, DeliverySettings
-
-logger = logging.getLogger("koala_middleware")
-
-LOG_PROXY_UNSUPPORTED = "ignoring the proxy %r from the environment: only http:// and https:// proxies are supported"
-
-#: How much of an answer's body is read: Koala's answers are a few bytes of JSON, and an
-#: excerpt for the logs needs no more. Past it the connection is dropped, not drained, so a
-#: huge answer costs neither memory nor time.
-BODY_CAP = 4096
-
-#: Seconds an idle kept-alive connection is kept: httpx's default, well under the idle
-#: timeouts of load balancers, so a connection is rarely closed under a request.
-KEEPALIVE = 5.0
+from ._settings import DeliverySettings
 
 
-class Poster(Protocol):
-    """Posts one request, returns Koala's answer (or raises: network errors, timeouts)."""
-
-    async def __call__(self, request: Request) -> Answer: ...
-
-    async def close(self) -> None: ...
-
-
-def poster(settings: DeliverySettings) -> Poster:
-    """The background sender's poster; call it on the sender's loop."""
-    if isinstance(settings.transport, httpx.AsyncBaseTransport):
-        return TransportPoster(settings, settings.transport)
-    return CurlPoster(settings)
-
-
-def proxy_for(url: str, proxy: str | None = None) -> str | None:
-    """The proxy to reach ``url`` through: ``proxy`` if given, else the environment's.
-
-    As curl and ``httpx.Client(trust_env=True)``: ``<scheme>_proxy`` then ``all_proxy``
-    (lower case first, then upper case; a value without a scheme is ``http://``), unless
-    ``no_proxy`` matches the host (``*``, a host, a domain suffix, optionally ``:port``).
-    """
-    if proxy is not None:
-        return proxy
-    proxies = urllib.request.getproxies()
-    parts = urlsplit(url)
-    # Undocumented but long-standing (requests uses it too); typeshed leaves it out.
-    if proxies.get("no") and urllib.request.proxy_bypass_environment(parts.netloc, proxies):  # type: ignore[attr-defined]
-        return None
-    found = proxies.get(parts.scheme) or proxies.get("all")
-    if not found:
-        return None
-    found = found if "://" in found else "http://" + found
-    if not found.startswith(PROXY_SCHEMES):
-        logger.warning(LOG_PROXY_UNSUPPORTED, found)
-        return None
-    return found
-
-
-class CurlPoster:
+class CurlEngine:
     """libcurl (pycurl) driven by the sender's asyncio loop through curl's multi socket API.
 
     libcurl does all of HTTP (connections kept alive in the multi's cache, CONNECT tunnels,
-    TLS); the loop only watches the sockets curl asks it to. Chosen by measurement (bench
-    part 4, the candidate rows): 0.115 ms of CPU per request against aiohttp's 0.195 ms and
-    h11's 0.164 ms, same run.
+    TLS); the loop only watches the sockets curl asks it to.
     """
+
+    name = "curl (pycurl on asyncio)"
 
     def __init__(self, settings: DeliverySettings) -> None:
         self._loop = asyncio.get_running_loop()
@@ -280,56 +219,3 @@ class CurlError(Exception):
     def __init__(self, code: int, message: str) -> None:
         super().__init__(f"curl error {code}: {message}" if message else f"curl error {code}")
         self.code = code
-
-
-def trust_store() -> tuple[str | None, str | None]:
-    """(CA file, CA directory) as httpx picks them: ``SSL_CERT_FILE``, ``SSL_CERT_DIR``, else certifi."""
-    if os.environ.get("SSL_CERT_FILE"):
-        return os.environ["SSL_CERT_FILE"], None
-    if os.environ.get("SSL_CERT_DIR"):
-        return None, os.environ["SSL_CERT_DIR"]
-    return certifi.where(), None
-
-
-class TransportPoster:
-    """Posts straight through an httpx transport (``transport=``, e.g. a ``MockTransport``).
-
-    The request carries what Koala reads (``Host``, ``Content-Type``, ``Content-Length``,
-    ``User-Agent``), with httpx's per-request timeouts.
-    """
-
-    __slots__ = ("_extensions", "_host", "_transport")
-
-    def __init__(self, settings: DeliverySettings, transport: httpx.AsyncBaseTransport) -> None:
-        self._transport = transport
-        self._host = httpx.URL(settings.base_url).netloc
-        self._extensions = {"timeout": httpx.Timeout(settings.timeout).as_dict()}
-
-    async def __call__(self, request: Request) -> Answer:
-        headers = [(b"Host", self._host), (b"Content-Length", b"%d" % len(request.body))]
-        headers += [(name.encode(), value.encode()) for name, value in request.headers.items()]
-        outgoing = httpx.Request(
-            "POST", request.url, headers=headers, stream=httpx.ByteStream(request.body), extensions=self._extensions
-        )
-        response = await self._transport.handle_async_request(outgoing)
-        body = b""
-        # The stream itself: a MockTransport's answer counts as read already. Read to its
-        # end, keeping the first BODY_CAP bytes: leaving httpcore's nested async generators
-        # early leaves them to be finalized on a loop that may be gone. (A transport given
-        # for tests has its answer in memory anyway.)
-        assert isinstance(response.stream, httpx.AsyncByteStream)
-        try:
-            async for chunk in response.stream:
-                if len(body) < BODY_CAP:
-                    body += chunk[: BODY_CAP - len(body)]
-        finally:
-            await response.aclose()
-        return answer(response, body)
-
-    async def close(self) -> None:
-        await self._transport.aclose()
-
-
-def answer(response: httpx.Response, body: bytes) -> Answer:
-    """An httpx response as an :class:`Answer`."""
-    return Answer(response.status_code, response.headers.get("retry-after"), body[:BODY_CAP].decode("utf-8", "replace"))

@@ -1,0 +1,113 @@
+"""The delivery engine's own promises: which engine runs (said once at DEBUG), nothing
+imported before a path needs it, and ``check`` posting through the same engine as
+``sync=True`` (its proxy, tunnel and TLS are tested in test_proxy.py)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import socket
+import subprocess
+import sys
+import threading
+import uuid
+
+import pytest
+
+from koala_middleware import KoalaClient
+from koala_middleware.testing import Collector
+
+HEAVY = ["httpx", "pycurl", "anyio", "certifi", "h11", "sniffio", "httpcore"]
+
+
+def test_import_loads_no_http_library() -> None:
+    """``import koala_middleware`` (and its WSGI/ASGI/Django glue) loads no HTTP stack: dry-run
+    and WSGI-only processes never pay for one."""
+    code = (
+        "import sys, json, koala_middleware, koala_middleware.wsgi, koala_middleware.asgi;"
+        f"print(json.dumps([m for m in {HEAVY!r} if m in sys.modules]))"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert json.loads(done.stdout) == []
+
+
+@pytest.mark.parametrize("sync", [False, True], ids=["background", "sync"])
+def test_the_engine_that_runs_is_said_once_at_debug(
+    engine: str, sync: bool, collector: Collector, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG, logger="koala_middleware")
+    client = KoalaClient("pk_test", api_url=collector.url, sync=sync)
+    for _ in range(3):
+        with client.tracker(profile_id=str(uuid.uuid4()), user_agent="UA/engine") as tracker:
+            tracker.track("Engine")
+    assert client.flush(10)
+    client.shutdown(2)
+    said = [r.getMessage() for r in caplog.records if r.getMessage().startswith("delivery engine:")]
+    expected = "curl" if engine == "curl" and not sync else "python"
+    assert len(said) == 1 and said[0].startswith(f"delivery engine: {expected}")
+    assert client.stats.delivered == 3
+
+
+def test_answers_past_the_cap_drop_their_connection_and_delivery_goes_on(engine: str, collector: Collector) -> None:
+    collector.answer_bytes(100_000)
+    client = KoalaClient("pk_test", api_url=collector.url, max_retries=0)
+    for _ in range(3):
+        with client.tracker(profile_id=str(uuid.uuid4())) as tracker:
+            tracker.track("Big answer")
+        assert client.flush(10)
+    client.shutdown(2)
+    assert client.stats.delivered == 3 and not client.stats.dropped
+
+
+class ClosingKoala:
+    """A raw HTTP/1.1 server that answers the first request of each connection (keeping it
+    open) and closes the connection at the second without answering: what a server whose
+    idle timeout fires as a kept-alive connection is reused looks like."""
+
+    def __init__(self) -> None:
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self.listener.getsockname()[1]}"
+        self.answered = 0
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        while True:
+            connection, _ = self.listener.accept()
+            threading.Thread(target=self._handle, args=(connection,), daemon=True).start()
+
+    def _handle(self, connection: socket.socket) -> None:
+        with connection:
+            if not _read_request(connection):
+                return
+            self.answered += 1
+            connection.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+            _read_request(connection)  # the reuse: closed unanswered
+
+
+def _read_request(connection: socket.socket) -> bool:
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = connection.recv(65536)
+        if not chunk:
+            return False
+        data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    length = int(
+        next(line.split(b":")[1] for line in head.split(b"\r\n") if line.lower().startswith(b"content-length"))
+    )
+    while len(body) < length:
+        body += connection.recv(65536)
+    return True
+
+
+@pytest.mark.parametrize("sync", [False, True], ids=["background", "sync"])
+def test_a_kept_alive_connection_closed_under_a_request_is_retried_once_on_a_new_one(engine: str, sync: bool) -> None:
+    koala = ClosingKoala()
+    client = KoalaClient("pk_test", api_url=koala.url, sync=sync, max_retries=0)
+    for _ in range(3):
+        with client.tracker(profile_id=str(uuid.uuid4())) as tracker:
+            tracker.track("Reused")
+        assert client.flush(10)
+    client.shutdown(2)
+    assert client.stats.delivered == 3 and not client.stats.dropped
+    assert koala.answered == 3
