@@ -40,6 +40,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
     if args.pixel_url:
+        from ._pixel import require_extra
+
+        require_extra("httpx")
         from ._pixel._check import check_pixel
 
         return check_pixel(args.pixel_url, args.key or os.environ.get("KOALA_PUBLIC_KEY"), args.timeout, sys.stdout)

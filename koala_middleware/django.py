@@ -198,8 +198,10 @@ class KoalaMiddleware:
 def _pixel_proxy(middleware_settings: MiddlewareSettings, client: KoalaClient) -> Any:
     if middleware_settings.pixel is None:
         return None
-    from ._pixel import egress_proxy
+    from ._pixel import egress_proxy, require_extra
     from ._pixel._django import DjangoPixelProxy
+
+    require_extra("httpx", "anyio")
 
     return DjangoPixelProxy(middleware_settings.pixel, egress_proxy(client))
 

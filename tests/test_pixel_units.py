@@ -229,3 +229,15 @@ def test_the_proxy_uses_the_koala_clients_egress_proxy() -> None:
 
     assert egress_proxy(KoalaClient(dry_run=True, proxy="http://proxy.test:3128")) == "http://proxy.test:3128"
     assert egress_proxy(KoalaClient(dry_run=True)) is None  # then the environment's, as httpx reads it
+
+
+def test_without_the_pixel_extra_the_error_says_what_to_install(monkeypatch: pytest.MonkeyPatch) -> None:
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "httpx" else real(name, *a))
+    with pytest.raises(ImportError, match=r"koala-middleware\[pixel\]"):
+        KoalaWSGIMiddleware(noop_app, KoalaClient(dry_run=True), pixel_path="/_k")
+    with pytest.raises(ImportError, match="httpx"):
+        KoalaASGIMiddleware(noop_app, KoalaClient(dry_run=True), pixel_path="/_k")  # type: ignore[arg-type]
+    KoalaWSGIMiddleware(noop_app, KoalaClient(dry_run=True))  # without pixel_path nothing is needed

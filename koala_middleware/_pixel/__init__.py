@@ -6,6 +6,7 @@ are imported when a middleware turns the proxy on.
 
 from __future__ import annotations
 
+import importlib.util
 from typing import TYPE_CHECKING, Any
 
 from ._settings import DEFAULT_API_URL, DEFAULT_CDN_URL, PixelSettings
@@ -22,6 +23,7 @@ __all__ = [
     "asgi_proxy",
     "egress_proxy",
     "pixel_snippet",
+    "require_extra",
     "wsgi_proxy",
 ]
 
@@ -32,9 +34,20 @@ def egress_proxy(client: Any) -> str | None:
     return getattr(settings, "proxy", None)
 
 
+def require_extra(*modules: str) -> None:
+    """Say at the call site, when ``pixel_path`` is set, what the proxy needs installed."""
+    missing = [name for name in modules if importlib.util.find_spec(name) is None]
+    if missing:
+        raise ImportError(
+            f"pixel_path needs {' and '.join(missing)}, which the default install does not carry: "
+            "pip install 'koala-middleware[pixel]'"
+        )
+
+
 def wsgi_proxy(settings: PixelSettings | None, client: Any) -> WSGIPixelProxy | None:
     if settings is None:
         return None
+    require_extra("httpx")
     from ._wsgi import WSGIPixelProxy
 
     return WSGIPixelProxy(settings, egress_proxy(client))
@@ -43,6 +56,7 @@ def wsgi_proxy(settings: PixelSettings | None, client: Any) -> WSGIPixelProxy | 
 def asgi_proxy(settings: PixelSettings | None, client: Any) -> ASGIPixelProxy | None:
     if settings is None:
         return None
+    require_extra("httpx", "anyio")  # websockets is looked for on the first WebSocket
     from ._asgi import ASGIPixelProxy
 
     return ASGIPixelProxy(settings, egress_proxy(client))
