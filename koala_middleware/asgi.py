@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any
 from ._client import KoalaClient
 from ._pixel import asgi_proxy
 from ._request import RequestInfo, RequestReader, client_ip, header_text, path_text, sec_gpc
-from ._tracker import RequestTracker, bind, unbind
+from ._tracker import STARTED, RequestTracker, bind, unbind
 from ._visit import TRACKER_KEY, VisitorOptions, Visits, configure
 
 if TYPE_CHECKING:
@@ -318,6 +318,13 @@ def _with_cookies(send: Send, tracker: RequestTracker) -> Send:
 
     def send_with_cookies(message: Message) -> Awaitable[None]:
         if message["type"] == "http.response.start":
+            if tracker._set_cookies is None:
+                # No cookie pending (a returning visitor, no reset()): the response starts as
+                # it is. The tracker's fields are read here, not through start_response():
+                # no lambda, no headers read, no call (bench part 1, one run: Starlette
+                # returning visitor 1.31x -> 1.27x of the bare app).
+                tracker._stage = STARTED
+                return send(message)
             headers = message.get("headers") or []
             if not isinstance(headers, list):
                 headers = list(headers)  # any iterable: read once

@@ -53,7 +53,7 @@ except ImportError as exc:  # pragma: no cover - exercised in a subprocess test
 
 from ._client import KoalaClient
 from ._request import RequestInfo, RequestReader, client_ip, header_text, sec_gpc
-from ._tracker import RequestTracker, Tracker, bind, unbind
+from ._tracker import STARTED, RequestTracker, Tracker, bind, unbind
 from ._visit import TRACKER_KEY, MiddlewareSettings, Visits, configure, outer_tracker
 from .asgi import ASGIApp, Receive, Scope, Send, flush_at_shutdown, lifespan_with_flush
 
@@ -181,7 +181,12 @@ class KoalaMiddleware:
 
     def _respond(self, response: Any, tracker: RequestTracker) -> Any:
         # The view has run: its response is this request's response start (reset() included).
-        for set_cookie in tracker.start_response(response.status_code, lambda: response.get("Cache-Control")) or ():
+        if tracker._set_cookies is None:  # no cookie pending: see asgi._with_cookies
+            tracker._stage = STARTED
+            cookies = None
+        else:
+            cookies = tracker.start_response(response.status_code, lambda: response.get("Cache-Control"))
+        for set_cookie in cookies or ():
             name = set_cookie.partition("=")[0]
             if name not in response.cookies:  # the view set its own: it wins
                 response.cookies[name] = _morsel(set_cookie)

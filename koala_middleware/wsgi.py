@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 from ._client import KoalaClient
 from ._pixel import wsgi_proxy
 from ._request import RequestInfo, RequestReader, client_ip, header_text, path_text, sec_gpc
-from ._tracker import RequestTracker, bind
+from ._tracker import STARTED, RequestTracker, bind
 from ._visit import TRACKER_KEY, VisitorOptions, Visits, configure
 
 if TYPE_CHECKING:
@@ -190,6 +190,9 @@ def _start_with_cookies(start_response: StartResponse, tracker: RequestTracker) 
     """
 
     def start_with_cookies(status: str, headers: list[tuple[str, str]], exc_info: Any = None) -> Any:
+        if tracker._set_cookies is None:  # no cookie pending: see asgi._with_cookies
+            tracker._stage = STARTED
+            return start_response(status, headers, exc_info)
         cookies = tracker.start_response(_status_code(status), lambda: _cache_control(headers))
         if cookies is not None:
             headers = [*headers, *[("Set-Cookie", cookie) for cookie in cookies]]

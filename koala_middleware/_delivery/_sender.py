@@ -39,7 +39,7 @@ class Sender:
         _live_senders.add(self)
 
     def _give_up(self, batch: Batch, error: DeliveryError) -> None:
-        self.counters.dropped(error.reason, 1, len(batch.message_ids), error.detail)
+        self.counters.dropped(error.reason, 1, batch.event_count, error.detail)
         if self.on_error is not None:
             try:
                 self.on_error(batch, error)
