@@ -96,30 +96,32 @@ def wsgi_proxying_app() -> Any:
 
 
 def _overhead_rows(quick: bool) -> list[Row]:
+    from koala_middleware import KoalaClient, current_tracker
     from koala_middleware.asgi import KoalaASGIMiddleware
     from koala_middleware.wsgi import KoalaWSGIMiddleware
 
     from .inproc import (
         VISITOR_ID,
+        ParkedKoala,
         asgi_runner,
         asgi_scope,
         flask_app,
-        parked_client,
         starlette_app,
         wsgi_environ,
         wsgi_runner,
     )
 
     cookie = f"ko_id={VISITOR_ID}; ko_id_server={VISITOR_ID}"
-    client = parked_client()
+    koala = ParkedKoala()  # part 1's: a Koala that never answers (nothing is recorded here anyway)
+    client = KoalaClient("pk_bench", api_url=koala.url, timeout=3600.0, max_in_flight=1)
     loop = asyncio.new_event_loop()
     rows: list[Row] = []
     chunk = 300 if quick else 1000
     rounds = 9 if quick else 31
     # One app per framework, shared by the variants: separate app objects differ by a percent
     # or two on their own (measured), which would swamp a prefix check.
-    flask_wsgi = flask_app().wsgi_app
-    starlette = starlette_app()
+    flask_wsgi = flask_app(current_tracker).wsgi_app
+    starlette = starlette_app(current_tracker)
 
     def flask_variant(**options: Any) -> Any:
         return wsgi_runner(KoalaWSGIMiddleware(flask_wsgi, client, **options), wsgi_environ("/", cookie))
@@ -169,6 +171,7 @@ def _overhead_rows(quick: bool) -> list[Row]:
         say(f"part 7 {name}: set {set_ratio:.3f}x, control {noise:.3f}x")
     loop.close()
     client.shutdown(timeout=0)
+    koala.close()
     return rows
 
 
