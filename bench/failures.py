@@ -1,4 +1,4 @@
-"""Part 7: failure scenarios, the long versions of tests/test_failure_policy.py (issue 19).
+"""Part 8: failure scenarios, the long versions of tests/test_failure_policy.py (issue 19).
 
 The real ``KoalaClient`` (default options unless a row says otherwise) sends to the local
 collector (``koala_middleware.testing.Collector``, in this process: what matters here is
@@ -126,7 +126,7 @@ def refused_ahead(koala: Collector) -> Row:
         seen = arrivals(koala)
         took = max((seen.get(i, float("inf")) for i in ids), default=0.0) - start
         return Row(
-            "7",
+            "8",
             "8 refused batches ahead of 1,000 healthy ones",
             f"all healthy delivered in {took:.2f} s; {dropped(client)}",
             None,
@@ -151,7 +151,7 @@ def refused_share(koala: Collector, seconds: float) -> Row:
         # A refused batch is only ever given up (retries_exhausted); healthy ones never are.
         healthy_dropped = sum(drops.values()) - drops.get("retries_exhausted", 0)
         return Row(
-            "7",
+            "8",
             f"5% of batches refused, 200 batches/s for {seconds:.0f} s",
             f"{during:.1%} of {len(run.healthy):,} healthy delivered during the run; {dropped(client)} "
             "(the refused ones)",
@@ -185,7 +185,7 @@ def brownout(koala: Collector, seconds: float) -> Row:
         lost = sum(i not in seen for i in run.healthy)
         attempts = len(koala.requests(accepted_only=False))
         return Row(
-            "7",
+            "8",
             f"503 to a random 50% of requests, 200 batches/s for {seconds:.0f} s",
             f"{during:.1%} of {len(run.healthy):,} delivered during it, all within {after:.1f} s of its end; "
             f"{dropped(client)}, {lost} missing; {attempts / len(run.healthy):.2f} requests/batch",
@@ -227,7 +227,7 @@ def flapping(koala: Collector, seconds: float, period: float = 5.0) -> Row:
         seen = arrivals(koala)
         lost = sum(i not in seen for i in run.healthy)
         return Row(
-            "7",
+            "8",
             f"Koala up {period:g} s / down {period:g} s, 200 batches/s for {seconds:.0f} s",
             f"longest gap in deliveries {gap:.1f} s; all within {after:.1f} s of the end; "
             f"{dropped(client)}, {lost} missing of {len(run.healthy):,}",
@@ -255,7 +255,7 @@ def long_outage(koala: Collector, seconds: float) -> Row:
         rate = len(times) / max(times[-1] - times[0], 1e-3) if len(times) > 1 else float("nan")
         drops = client.stats.dropped
         return Row(
-            "7",
+            "8",
             f"Koala down {seconds:.0f} s then up, 100 batches/s (10 minutes scaled by 1/10, max_queue_batches=1,000)",
             f"{queued:,} queued at the return: first delivered {first:.2f} s after it, all in {after:.1f} s "
             f"({rate:,.0f} batches/s); {dropped(client)}",

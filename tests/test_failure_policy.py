@@ -2,7 +2,7 @@
 
 Each scenario runs the real client against the real local collector with the DEFAULT retry
 options (``backoff_base=0.5``, ``max_backoff=30``): tiny backoffs would hide a sender-wide
-pause. The long versions (minutes, at 100-200 batches/s) are bench part 7 ("failures").
+pause. The long versions (minutes, at 100-200 batches/s) are bench part 8 ("failures").
 The flapping tests (about 10 s each) are marked ``e2e``.
 """
 
