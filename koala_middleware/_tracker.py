@@ -481,8 +481,10 @@ class RequestTracker(Tracker):
     """
 
     # The visit's own state, apart from what the base class records: the request (until
-    # the hand-over), the middleware's rules, and the Set-Cookie values its response needs.
-    __slots__ = ("_request", "_set_cookies", "_visits")
+    # the hand-over), the middleware's rules, and the Set-Cookie values its response needs;
+    # ``_respond`` is the server's ``send`` or ``start_response`` that a glue's subclass
+    # wraps (set by the glue, never read here; let go of at the hand-over).
+    __slots__ = ("_request", "_respond", "_set_cookies", "_visits")
 
     def __init__(
         self,
@@ -511,6 +513,7 @@ class RequestTracker(Tracker):
         self._request: Any = request
         self._visits = visits
         self._set_cookies = set_cookies
+        self._respond: Any = None
 
     # The glue reads ``_set_cookies`` (None: no cookie pending) and sets ``_stage = STARTED``
     # itself for the usual response, instead of calling start_response() (see
@@ -582,6 +585,7 @@ class RequestTracker(Tracker):
             except Exception:  # the response is out: never raise into the server's close()
                 logger.exception(LOG_HANDOVER_FAILED)
         self._request = None
+        self._respond = None  # the server's send: it may hold the request, which holds us
 
     @property
     def has_records(self) -> bool:
