@@ -27,6 +27,7 @@ from collections.abc import Awaitable, Callable, Iterable, MutableMapping
 from typing import TYPE_CHECKING, Any
 
 from ._client import KoalaClient
+from ._pixel import asgi_proxy
 from ._request import RequestInfo, RequestReader, client_ip, header_text, path_text, sec_gpc
 from ._tracker import STARTED, RequestTracker, bind, unbind
 from ._visit import TRACKER_KEY, VisitorOptions, Visits, configure
@@ -182,8 +183,16 @@ class KoalaASGIMiddleware:
         self.app = app
         self.client, settings = configure(client, **options)
         self.visits = Visits(self.client, settings, SCOPE_READER, _ASGIVisit)
+        self.pixel = asgi_proxy(settings.pixel, self.client)  # None unless pixel_path is set
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        pixel = self.pixel
+        if pixel is not None:
+            # A substring test first (lifespan has no path): every request passes here.
+            path = scope.get("path")
+            if isinstance(path, str) and pixel.prefix in path and pixel.claims(scope):
+                await pixel(scope, receive, send)  # the first-party pixel: never the app
+                return
         if scope["type"] != "http":
             await self._not_http(scope, receive, send)
             return

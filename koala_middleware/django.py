@@ -125,10 +125,13 @@ class KoalaMiddleware:
             markcoroutinefunction(self)  # Django then calls it without a thread hop
         self.client, middleware_settings = _from_settings()
         self.visits = Visits(self.client, middleware_settings, REQUEST_READER, RequestTracker)
+        self.pixel = _pixel_proxy(middleware_settings, self.client)  # None unless pixel_path is set
 
     def __call__(self, request: Any) -> Any:
         if self.async_mode:
             return self.__acall__(request)
+        if self.pixel is not None and request.path_info.startswith(self.pixel.prefix):
+            return self.pixel.respond(request)  # the first-party pixel: never the views
         tracker = self._start(request)
         if tracker is None:
             return self.get_response(request)
@@ -145,6 +148,8 @@ class KoalaMiddleware:
         return self._respond(response, tracker)
 
     async def __acall__(self, request: Any) -> Any:
+        if self.pixel is not None and request.path_info.startswith(self.pixel.prefix):
+            return await self.pixel.respond_async(request)
         tracker = self._start(request)
         if tracker is None:
             return await self.get_response(request)
@@ -193,6 +198,17 @@ class KoalaMiddleware:
             # ASGI handler after the last chunk, its test clients once the content is read.
             closers.append(tracker.finish)
         return response
+
+
+def _pixel_proxy(middleware_settings: MiddlewareSettings, client: KoalaClient) -> Any:
+    if middleware_settings.pixel is None:
+        return None
+    from ._pixel import egress_proxy, require_extra
+    from ._pixel._django import DjangoPixelProxy
+
+    require_extra("httpx", "anyio")
+
+    return DjangoPixelProxy(middleware_settings.pixel, egress_proxy(client))
 
 
 def _morsel(set_cookie: str) -> Morsel[str]:

@@ -22,6 +22,7 @@ from collections.abc import Iterable, Iterator
 from typing import TYPE_CHECKING, Any
 
 from ._client import KoalaClient
+from ._pixel import wsgi_proxy
 from ._request import RequestInfo, RequestReader, client_ip, header_text, path_text, sec_gpc
 from ._tracker import STARTED, RequestTracker, bind
 from ._visit import TRACKER_KEY, VisitorOptions, Visits, configure
@@ -106,8 +107,14 @@ class KoalaWSGIMiddleware:
         self.app = app
         self.client, settings = configure(client, **options)
         self.visits = Visits(self.client, settings, ENVIRON_READER, _WSGIVisit)
+        self.pixel = wsgi_proxy(settings.pixel, self.client)  # None unless pixel_path is set
 
     def __call__(self, environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
+        pixel = self.pixel
+        if pixel is not None:
+            path = environ.get("PATH_INFO")
+            if isinstance(path, str) and path.startswith(pixel.prefix):
+                return pixel(environ, start_response)  # the first-party pixel: never the app
         gpc = environ.get("HTTP_SEC_GPC")
         tracker = self.visits.enter(
             environ, environ, environ.get("HTTP_COOKIE"), gpc is not None and (gpc == "1" or sec_gpc(gpc))
