@@ -222,7 +222,9 @@ class KoalaASGIMiddleware:
         finally:
             # Events recorded before an exception are still sent; the exception goes on as it is.
             unbind(token)
-            if self.client.sync and tracker.has_records:  # sync mode posts: not on the event loop
+            if (
+                tracker._count and self.client.sync
+            ):  # sync mode posts (not on the event loop); _count, not has_records: no call
                 await _in_thread(tracker.finish)
             else:
                 tracker.finish()  # an append to the sender's queue
