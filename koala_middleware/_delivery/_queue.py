@@ -7,11 +7,16 @@ past them is refused at once (the caller counts it), never blocking a request.
 With a spool, ``backlog`` counts the batches that are on disk only (adopted from a process
 that is gone, or waiting for the spool's slow retry): outside the bounds, since they cost no
 memory, but unfinished, so a flush waits for them too. They come in through :meth:`reload`.
+
+A batch whose attempt failed waits in ``scheduled`` until its own due time (see
+``_policy``), then goes to the back of ``waiting``: it never holds the queue or the sender.
 """
 
 from __future__ import annotations
 
 import collections
+import heapq
+import itertools
 import sys
 import threading
 import time
@@ -67,6 +72,9 @@ class BatchQueue:
         self.lock = _native.Lock()
         self._idle = threading.Condition(self.lock)
         self.waiting: collections.deque[Waiting] = collections.deque()
+        #: Requests between attempts: (due time, order of scheduling, request), a heap.
+        self.scheduled: list[tuple[float, int, Request]] = []
+        self._order = itertools.count()
         self.pending = 0
         self.pending_bytes = 0
         self.backlog = 0
@@ -88,13 +96,29 @@ class BatchQueue:
         self.pending_bytes += size
         return ""
 
-    def requeue(self, request: Request) -> bool:
-        """Back of the queue, for another attempt; False once closed (the caller gives up)."""
+    def schedule(self, request: Request, due: float) -> bool:
+        """Another attempt at ``due`` (``time.monotonic()``); False once closed (the caller
+        gives up)."""
         with self.lock:
             if self.closed:
                 return False
-            self.waiting.append(request)
+            heapq.heappush(self.scheduled, (due, next(self._order), request))
             return True
+
+    def release_due_locked(self, now: float) -> float | None:
+        """Move the requests due by ``now`` to the back of ``waiting`` (the caller holds
+        ``lock``); seconds until the next one is due, None when none is scheduled."""
+        scheduled = self.scheduled
+        while scheduled and scheduled[0][0] <= now:
+            self.waiting.append(heapq.heappop(scheduled)[2])
+        return scheduled[0][0] - now if scheduled else None
+
+    def release_all(self) -> None:
+        """Every scheduled request is due now (Koala answers again after an outage)."""
+        with self.lock:
+            for _, _, request in sorted(self.scheduled):
+                self.waiting.append(request)
+            self.scheduled.clear()
 
     def finish(self, batch: Batch) -> None:
         """A batch is done (counted first, so that a returning flush sees its stats)."""
@@ -137,7 +161,9 @@ class BatchQueue:
 
     def _take_all(self) -> list[Batch]:
         waiting = [item if isinstance(item, Batch) else item.batch for item in self.waiting]
+        waiting += [request.batch for _, _, request in sorted(self.scheduled)]
         self.waiting.clear()
+        self.scheduled.clear()
         return waiting
 
     def wait_idle(self, timeout: float) -> bool:
