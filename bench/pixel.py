@@ -19,7 +19,6 @@ import asyncio
 import contextlib
 import os
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -183,6 +182,7 @@ def serve(target: list[str], port: int, env: dict[str, str], server: str = "uvic
     """``uvicorn <target>`` (or gunicorn: 1 worker, gthread, 4 threads, as part 2) on ``port``
     in its own process, until the block ends."""
     from .collector import ROOT
+    from .servers import wait_for_port
 
     if server == "uvicorn":
         command = [sys.executable, "-m", "uvicorn", *target, "--host", "127.0.0.1", "--port", str(port)]
@@ -192,15 +192,7 @@ def serve(target: list[str], port: int, env: dict[str, str], server: str = "uvic
         command += ["--threads", "4", "--bind", f"127.0.0.1:{port}", "--log-level", "warning", *target]
     proc = subprocess.Popen(command, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT), **env})
     try:
-        deadline = time.monotonic() + 30
-        while True:
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"uvicorn {target} did not start")
-            try:
-                with socket.create_connection(("127.0.0.1", port), timeout=0.2):
-                    break
-            except OSError:
-                time.sleep(0.05)
+        wait_for_port(port, proc, f"{server} {target}")
         yield
     finally:
         proc.send_signal(signal.SIGTERM)

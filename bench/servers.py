@@ -105,7 +105,7 @@ def servers(specs: dict[str, tuple[str, bool, str]]) -> Iterator[dict[str, Serve
                 )
             started[name] = Server(name, port, proc, log)
         for server in started.values():
-            wait_for_port(server)
+            wait_for_port(server.port, server.proc, server.name, log=server.log)
         yield started
     finally:
         for server in started.values():
@@ -119,17 +119,22 @@ def servers(specs: dict[str, tuple[str, bool, str]]) -> Iterator[dict[str, Serve
                 server.proc.wait()
 
 
-def wait_for_port(server: Server, timeout: float = 30.0) -> None:
+def wait_for_port(
+    port: int, proc: subprocess.Popen[bytes], name: str, timeout: float = 30.0, log: Path | None = None
+) -> None:
+    """Return once ``proc`` listens on ``port``; raise if it exits first (with its ``log``) or
+    does not listen within ``timeout``."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if server.proc.poll() is not None:
-            raise RuntimeError(f"{server.name} exited before listening:\n{server.log.read_text(errors='replace')}")
+        if proc.poll() is not None:
+            output = f":\n{log.read_text(errors='replace')}" if log is not None else ""
+            raise RuntimeError(f"{name} exited before listening{output}")
         try:
-            with socket.create_connection(("127.0.0.1", server.port), timeout=0.2):
+            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
                 return
         except OSError:
             time.sleep(0.05)
-    raise RuntimeError(f"{server.name} did not listen within {timeout} s")
+    raise RuntimeError(f"{name} did not listen within {timeout} s")
 
 
 def load(server: Server, path: str, seconds: float, cookie: str = RETURNING_COOKIE) -> dict[str, float]:

@@ -48,14 +48,20 @@ def test_the_engine_that_runs_is_said_once_at_debug(
     assert client.stats.delivered == 3
 
 
+def deliver_one_by_one(client: KoalaClient, event: str, count: int) -> None:
+    """``count`` visitors' events, each flushed before the next is recorded (so each batch may
+    reuse the connection the one before it used); then the client is shut down."""
+    for _ in range(count):
+        with client.tracker(profile_id=str(uuid.uuid4())) as tracker:
+            tracker.track(event)
+        assert client.flush(10)
+    client.shutdown(2)
+
+
 def test_answers_past_the_cap_drop_their_connection_and_delivery_goes_on(engine: str, collector: Collector) -> None:
     collector.answer_bytes(100_000)
     client = KoalaClient("pk_test", api_url=collector.url, max_retries=0)
-    for _ in range(3):
-        with client.tracker(profile_id=str(uuid.uuid4())) as tracker:
-            tracker.track("Big answer")
-        assert client.flush(10)
-    client.shutdown(2)
+    deliver_one_by_one(client, "Big answer", 3)
     assert client.stats.delivered == 3 and not client.stats.dropped
 
 
@@ -104,10 +110,6 @@ def _read_request(connection: socket.socket) -> bool:
 def test_a_kept_alive_connection_closed_under_a_request_is_retried_once_on_a_new_one(engine: str, sync: bool) -> None:
     koala = ClosingKoala()
     client = KoalaClient("pk_test", api_url=koala.url, sync=sync, max_retries=0)
-    for _ in range(3):
-        with client.tracker(profile_id=str(uuid.uuid4())) as tracker:
-            tracker.track("Reused")
-        assert client.flush(10)
-    client.shutdown(2)
+    deliver_one_by_one(client, "Reused", 3)
     assert client.stats.delivered == 3 and not client.stats.dropped
     assert koala.answered == 3

@@ -22,6 +22,7 @@ from werkzeug.middleware.proxy_fix import ProxyFix
 from werkzeug.serving import make_server
 
 from koala_middleware import KoalaASGIMiddleware, KoalaClient, KoalaWSGIMiddleware
+from koala_middleware._pixel._upstream import UpstreamCut
 from koala_middleware.flask import Koala
 
 PIXEL = {"pixel_path": "/_k", "pixel_timeout": 1.5, "pixel_connect_timeout": 0.5}
@@ -319,6 +320,15 @@ def test_a_dripping_upstream_is_cut_at_the_deadline(front: str) -> None:
             received += chunk
     assert time.monotonic() - started < 3.5
     assert 0 < len(received) < 100
+
+
+def test_a_cut_at_the_deadline_is_counted_once(stand_ins: tuple[Upstream, Upstream]) -> None:
+    """The sync stream's whole-answer deadline: one cut, one count (as on the async path)."""
+    api, cdn = stand_ins
+    app = flask_app(api.url, cdn.url)
+    with pytest.raises(UpstreamCut):
+        app.test_client().get("/_k/drip").get_data()
+    assert app.extensions["koala"].pixel.stats.counts["upstream_cut"] == 1
 
 
 def test_a_huge_answer_streams_through(front: str) -> None:

@@ -4,22 +4,18 @@
 
 from __future__ import annotations
 
-import ssl
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
-import trustme
+from egress import clear_egress_environment, proxy_process, tls_collector_with_ca
 from starlette.applications import Starlette
-from test_proxy import proxy_process
 
 from e2e.servers import Server
 from koala_middleware import KoalaASGIMiddleware, KoalaClient, KoalaWSGIMiddleware
 from koala_middleware.testing import Collector
-
-PROXY_VARIABLES = ["http_proxy", "https_proxy", "all_proxy", "no_proxy"]
 
 
 @pytest.fixture(scope="module")
@@ -30,23 +26,13 @@ def forward_proxy() -> Iterator[Server]:
 
 @pytest.fixture(autouse=True)
 def clean_environment(monkeypatch: pytest.MonkeyPatch) -> None:
-    for name in PROXY_VARIABLES:
-        monkeypatch.delenv(name, raising=False)
-        monkeypatch.delenv(name.upper(), raising=False)
-    monkeypatch.delenv("REQUEST_METHOD", raising=False)
-    monkeypatch.delenv("SSL_CERT_FILE", raising=False)
-    monkeypatch.delenv("SSL_CERT_DIR", raising=False)
+    clear_egress_environment(monkeypatch)
 
 
 @pytest.fixture(scope="module")
 def tls_upstream(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Collector, Path]]:
-    ca = trustme.CA()
-    server_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    ca.issue_cert("koala.invalid", "127.0.0.1").configure_cert(server_context)
-    ca_file = tmp_path_factory.mktemp("ca") / "ca.pem"
-    ca.cert_pem.write_to_path(str(ca_file))
-    with Collector(tls=server_context) as upstream:
-        yield upstream, ca_file
+    with tls_collector_with_ca(tmp_path_factory.mktemp("ca")) as running:
+        yield running
 
 
 def noop_app(environ: Any, start_response: Any) -> list[bytes]:

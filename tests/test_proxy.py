@@ -8,17 +8,14 @@ collector whose CA is made here (trustme) and trusted through ``SSL_CERT_FILE``.
 from __future__ import annotations
 
 import io
-import ssl
-import sys
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
-import trustme
+from egress import clear_egress_environment, proxy_process, tls_collector_with_ca
 
-from e2e.servers import Server, free_port, serve
+from e2e.servers import Server, free_port
 from koala_middleware import KoalaClient
 from koala_middleware._check import check
 from koala_middleware._delivery._engine import proxy_for
@@ -28,28 +25,6 @@ from koala_middleware.testing import Collector
 pytestmark = pytest.mark.usefixtures("engine")
 
 OPTIONS = {"backoff_base": 0.05, "max_backoff": 0.2, "timeout": 3.0}
-PROXY_VARIABLES = ["http_proxy", "https_proxy", "all_proxy", "no_proxy"]
-
-
-def proxy_process(*options: str) -> Any:
-    port = free_port()
-    args = [
-        sys.executable,
-        "-m",
-        "proxy",
-        "--hostname",
-        "127.0.0.1",
-        "--port",
-        str(port),
-        "--num-workers",
-        "1",
-        "--num-acceptors",
-        "1",
-        "--plugins",
-        "e2e.proxy_hosts.LoopbackHosts",
-        *options,
-    ]
-    return serve(args, port)
 
 
 @pytest.fixture(scope="module")
@@ -66,12 +41,7 @@ def authenticating_proxy() -> Iterator[Server]:
 
 @pytest.fixture(autouse=True)
 def clean_environment(monkeypatch: pytest.MonkeyPatch) -> None:
-    for name in PROXY_VARIABLES:
-        monkeypatch.delenv(name, raising=False)
-        monkeypatch.delenv(name.upper(), raising=False)
-    monkeypatch.delenv("REQUEST_METHOD", raising=False)  # CGI: urllib ignores HTTP_PROXY there
-    monkeypatch.delenv("SSL_CERT_FILE", raising=False)
-    monkeypatch.delenv("SSL_CERT_DIR", raising=False)
+    clear_egress_environment(monkeypatch)
 
 
 def dead_proxy() -> str:
@@ -178,13 +148,8 @@ def test_proxy_resolution_follows_curl(monkeypatch: pytest.MonkeyPatch) -> None:
 
 @pytest.fixture(scope="module")
 def tls_collector(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Collector, Path]]:
-    ca = trustme.CA()
-    server_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    ca.issue_cert("koala.invalid", "127.0.0.1").configure_cert(server_context)
-    ca_file = tmp_path_factory.mktemp("ca") / "ca.pem"
-    ca.cert_pem.write_to_path(str(ca_file))
-    with Collector(tls=server_context) as koala:
-        yield koala, ca_file
+    with tls_collector_with_ca(tmp_path_factory.mktemp("ca")) as running:
+        yield running
 
 
 @modes

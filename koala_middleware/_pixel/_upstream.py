@@ -85,10 +85,15 @@ def _client_options(settings: PixelSettings, proxy: str | None) -> dict[str, Any
     }
 
 
+def _detail(exc: Exception) -> str:
+    """What the log line says of ``exc``: its type, and its message when it has one."""
+    return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+
+
 def _failure(stats: PixelStats, exc: Exception) -> int:
     import httpx
 
-    detail = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+    detail = _detail(exc)
     if isinstance(exc, (httpx.TimeoutException, TimeoutError)):
         stats.failed("upstream_timeout", detail)
         return 504
@@ -132,9 +137,42 @@ class _Base:
             return 0.0
         return self.cache.seconds_for(status, headers)
 
+    def _cut(self, exc: Exception) -> UpstreamCut:
+        """Count and log an answer that broke off after it had started; what the body raises."""
+        self.stats.failed("upstream_cut", _detail(exc))
+        return UpstreamCut(type(exc).__name__)
+
 
 def _accept_encoding(out: Outgoing) -> str:
     return next((value for name, value in out.headers if name == "accept-encoding"), "")
+
+
+class _CacheCopy:
+    """The copy of a streamed answer's body that goes into the cache once the body ends: every
+    chunk while the body stays within ``MAX_ENTRY_BYTES``; a larger body streams on uncopied.
+    Shared by the sync and async body streams so both keep the same."""
+
+    __slots__ = ("_cache", "_chunks", "_headers", "_keep", "_out", "_size", "_status")
+
+    def __init__(
+        self, cache: ScriptCache, out: Outgoing, status: int, headers: list[tuple[str, str]], keep: float
+    ) -> None:
+        self._cache, self._out, self._status, self._headers, self._keep = cache, out, status, headers, keep
+        self._chunks: list[bytes] | None = [] if keep else None
+        self._size = 0
+
+    def add(self, chunk: bytes) -> None:
+        if self._chunks is not None:
+            self._size += len(chunk)
+            self._chunks = self._chunks if self._size <= MAX_ENTRY_BYTES else None
+            if self._chunks is not None:
+                self._chunks.append(chunk)
+
+    def store(self) -> None:
+        """Called once the whole body has arrived (never after a cut)."""
+        if self._chunks is not None:
+            answer = CachedAnswer(self._status, self._headers, b"".join(self._chunks), time.monotonic() + self._keep)
+            self._cache.put(self._out.url, _accept_encoding(self._out), answer)
 
 
 class SyncUpstream(_Base):
@@ -182,30 +220,18 @@ class SyncUpstream(_Base):
         self, response: httpx.Response, out: Outgoing, deadline: float, keep: float, headers: list[tuple[str, str]]
     ) -> Iterator[bytes]:
 
-        kept: list[bytes] | None = [] if keep else None
-        size = 0
+        copy = _CacheCopy(self.cache, out, response.status_code, headers, keep)
         try:
             for chunk in response.iter_raw():
-                if time.monotonic() > deadline:
-                    self.stats.failed("upstream_cut", "the whole-answer deadline passed")
-                    raise UpstreamCut("the whole-answer deadline passed")
-                if kept is not None:
-                    size += len(chunk)
-                    kept = kept if size <= MAX_ENTRY_BYTES else None
-                    if kept is not None:
-                        kept.append(chunk)
+                if time.monotonic() > deadline:  # counted once, by _cut() below, as on the async path
+                    raise TimeoutError("the whole-answer deadline passed")
+                copy.add(chunk)
                 yield chunk
         except Exception as exc:
-            self.stats.failed("upstream_cut", f"{type(exc).__name__}: {exc}")
-            raise UpstreamCut(type(exc).__name__) from None
+            raise self._cut(exc) from None
         finally:
             response.close()
-        if kept is not None:
-            self.cache.put(
-                out.url,
-                _accept_encoding(out),
-                CachedAnswer(response.status_code, headers, b"".join(kept), time.monotonic() + keep),
-            )
+        copy.store()
 
     def close(self) -> None:
         if self._client is not None:
@@ -256,8 +282,7 @@ class AsyncUpstream(_Base):
     ) -> AsyncIterator[bytes]:
         import anyio
 
-        kept: list[bytes] | None = [] if keep else None
-        size = 0
+        copy = _CacheCopy(self.cache, out, response.status_code, headers, keep)
         chunks = response.aiter_raw()
         try:
             while True:
@@ -266,24 +291,14 @@ class AsyncUpstream(_Base):
                         chunk = await chunks.__anext__()
                 except StopAsyncIteration:
                     break
-                if kept is not None:
-                    size += len(chunk)
-                    kept = kept if size <= MAX_ENTRY_BYTES else None
-                    if kept is not None:
-                        kept.append(chunk)
+                copy.add(chunk)
                 yield chunk
         except Exception as exc:
-            self.stats.failed("upstream_cut", f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__)
-            raise UpstreamCut(type(exc).__name__) from None
+            raise self._cut(exc) from None
         finally:
             with anyio.CancelScope(shield=True):
                 await response.aclose()
-        if kept is not None:
-            self.cache.put(
-                out.url,
-                _accept_encoding(out),
-                CachedAnswer(response.status_code, headers, b"".join(kept), time.monotonic() + keep),
-            )
+        copy.store()
 
     async def aclose(self) -> None:
         if self._client is not None:

@@ -44,6 +44,19 @@ def wait_for_port(port: int, proc: subprocess.Popen[bytes], timeout: float = 20.
     raise RuntimeError(f"server did not listen on {port} within {timeout}s")
 
 
+def script_process(module: str, *args: str, env: Mapping[str, str]) -> subprocess.Popen[str]:
+    """``python -m module args`` from the repository root, the package importable, ``env``
+    added to this process's environment; stdout and stderr piped, as text."""
+    return subprocess.Popen(
+        [sys.executable, "-m", module, *args],
+        cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": str(ROOT), **env},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
 class Server:
     def __init__(self, proc: subprocess.Popen[bytes], port: int) -> None:
         self.proc = proc

@@ -10,53 +10,25 @@ visitor. ``scripts/dev.py`` installs the ``chromium`` package; without it the te
 from __future__ import annotations
 
 import re
-import shutil
-import tempfile
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
 
+from e2e.chromium import chromium_context
 from e2e.servers import Server, free_port, serve
 from koala_middleware.testing import Collector
 
-CHROMIUM = "/usr/bin/chromium"
 APP = "tests.e2e.apps.browser_app:app"
 HOSTS = ("app.example.test", "www.example.test", "other.test")
-CHROMIUM_ARGS = [
-    "--no-sandbox",  # the tests may run as root
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-    "--host-resolver-rules=" + ",".join(f"MAP {host} 127.0.0.1" for host in HOSTS),
-]
 UUID4 = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}")
 
 
 @pytest.fixture
 def browser_context() -> Iterator[Any]:
     """A fresh Chromium profile (no cookies yet), or a skip saying why there is none."""
-    try:
-        from playwright.sync_api import Error, sync_playwright
-    except ImportError as exc:
-        pytest.skip(f"playwright is not installed: {exc}")
-    if not shutil.which(CHROMIUM):
-        pytest.skip(f"{CHROMIUM} is missing: install Debian's chromium package (scripts/dev.py does)")
-    with tempfile.TemporaryDirectory(prefix="koala-chromium-") as profile, sync_playwright() as playwright:
-        try:
-            context = playwright.chromium.launch_persistent_context(
-                profile, executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS, timeout=30_000
-            )
-        except Error as exc:
-            pytest.skip(f"playwright could not launch {CHROMIUM}: {exc.message.splitlines()[0]}")
-        context.set_default_timeout(15_000)
-        try:
-            yield context
-        finally:
-            context.close()
+    with chromium_context(",".join(f"MAP {host} 127.0.0.1" for host in HOSTS)) as context:
+        yield context
 
 
 @pytest.fixture

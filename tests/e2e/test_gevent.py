@@ -15,10 +15,8 @@ from __future__ import annotations
 
 import http.client
 import json
-import os
 import signal
 import subprocess
-import sys
 import threading
 import time
 import uuid
@@ -26,7 +24,16 @@ from collections.abc import Iterator
 
 import pytest
 
-from e2e.servers import NO_CONTROL_SOCKET, ROOT, Server, batches_from, collector_env, free_port, serve, wait_until
+from e2e.servers import (
+    NO_CONTROL_SOCKET,
+    Server,
+    batches_from,
+    collector_env,
+    free_port,
+    script_process,
+    serve,
+    wait_until,
+)
 from koala_middleware.testing import Collector
 
 pytest.importorskip("gevent")
@@ -157,15 +164,7 @@ GEVENT_SCRIPT = "tests.e2e.apps.gevent_script"
 
 
 def gevent_script(mode: str, koala: Collector) -> subprocess.Popen[str]:
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "KOALA_API_URL": koala.url}
-    return subprocess.Popen(
-        [sys.executable, "-m", GEVENT_SCRIPT, mode],
-        cwd=ROOT,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    return script_process(GEVENT_SCRIPT, mode, env={"KOALA_API_URL": koala.url})
 
 
 def outcome(proc: subprocess.Popen[str], timeout: float) -> tuple[int | None, str, str]:

@@ -11,28 +11,17 @@ which must fail. Nothing leaves loopback (``--host-resolver-rules``).
 from __future__ import annotations
 
 import json
-import shutil
-import tempfile
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
 from pixel_upstreams import Upstream, upstreams
 
+from e2e.chromium import chromium_context
 from e2e.servers import NO_CONTROL_SOCKET, Server, collector_env, free_port, serve
 from koala_middleware.testing import Collector
 
-CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_ARGS = [
-    "--no-sandbox",  # the tests may run as root
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-    "--host-resolver-rules=MAP app.example.test 127.0.0.1, MAP *.getkoala.com ~NOTFOUND",
-]
+HOST_RESOLVER_RULES = "MAP app.example.test 127.0.0.1, MAP *.getkoala.com ~NOTFOUND"
 
 PIXEL_JS = b"""(function () {
   var host = window.koalaSettings && window.koalaSettings.host;
@@ -54,24 +43,8 @@ PIXEL_JS = b"""(function () {
 
 @pytest.fixture
 def browser_context() -> Iterator[Any]:
-    try:
-        from playwright.sync_api import Error, sync_playwright
-    except ImportError as exc:
-        pytest.skip(f"playwright is not installed: {exc}")
-    if not shutil.which(CHROMIUM):
-        pytest.skip(f"{CHROMIUM} is missing: install Debian's chromium package (scripts/dev.py does)")
-    with tempfile.TemporaryDirectory(prefix="koala-pixel-chromium-") as profile, sync_playwright() as playwright:
-        try:
-            context = playwright.chromium.launch_persistent_context(
-                profile, executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS, timeout=30_000
-            )
-        except Error as exc:
-            pytest.skip(f"playwright could not launch {CHROMIUM}: {exc.message.splitlines()[0]}")
-        context.set_default_timeout(15_000)
-        try:
-            yield context
-        finally:
-            context.close()
+    with chromium_context(HOST_RESOLVER_RULES, profile_prefix="koala-pixel-chromium-") as context:
+        yield context
 
 
 @pytest.fixture

@@ -7,15 +7,13 @@ the sender's lock."""
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
-import sys
 from typing import Any
 
 import pytest
 
-from e2e.servers import ROOT
+from e2e.servers import script_process
 from koala_middleware.testing import Collector
 
 SCRIPT = "tests.e2e.apps.sigterm_script"
@@ -23,15 +21,7 @@ OURS = "koala_middleware._signals._on_sigterm"
 
 
 def start(mode: str, koala: Collector, **options: Any) -> tuple[subprocess.Popen[str], dict[str, Any]]:
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "KOALA_API_URL": koala.url, "FAULTS_CLIENT": json.dumps(options)}
-    proc = subprocess.Popen(
-        [sys.executable, "-m", SCRIPT, mode],
-        cwd=ROOT,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    proc = script_process(SCRIPT, mode, env={"KOALA_API_URL": koala.url, "FAULTS_CLIENT": json.dumps(options)})
     assert proc.stdout is not None
     line = proc.stdout.readline()
     assert line, proc.communicate(timeout=10)
