@@ -9,7 +9,8 @@ minutes on 2 cores, over CI's 20-minute budget once set-up is counted. ``nox -s 
 -m e2e`` runs them anywhere. ``nox -s docs`` builds the documentation site with warnings
 as errors (``mkdocs build --strict``: broken links and anchors fail it, checked offline);
 ``nox -s package`` builds the sdist and the wheel and checks them as PyPI will
-(``twine check --strict``, the LICENSE inside both, the version).
+(``twine check --strict``, the LICENSE inside both, the version), then resolves the wheel
+binary-only for every platform of scripts/platforms.py's matrix (needs PyPI).
 """
 
 from __future__ import annotations
@@ -54,7 +55,8 @@ def docs(session: nox.Session) -> None:
 @nox.session
 def package(session: nox.Session) -> None:
     """``python -m build`` and ``twine check --strict``, as the release workflow does."""
-    session.install("build>=1.2", "twine>=6.1")
+    # pip too: the free-threaded rows go through pip (uv cannot target that ABI).
+    session.install("build>=1.2", "twine>=6.1", "uv>=0.4", "pip")
     with tempfile.TemporaryDirectory() as out:
         session.run("python", "-m", "build", "--outdir", out, str(ROOT))
         built = sorted(Path(out).iterdir())
@@ -67,6 +69,10 @@ def package(session: nox.Session) -> None:
             if f"-{version}" not in path.name:
                 session.error(f"{path.name} is not version {version} (koala_middleware/_version.py)")
         session.log(f"built and checked: {', '.join(p.name for p in built)}")
+        # Installs everywhere (issue 18): the wheel and its extras resolve binary-only for
+        # every platform and CPython of the matrix (needs PyPI; about a minute).
+        wheel = next(path for path in built if path.suffix == ".whl")
+        session.run("python", str(ROOT / "scripts" / "platforms.py"), "--wheel", str(wheel))
 
 
 @nox.session(python=PYTHONS)

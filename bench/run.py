@@ -3,13 +3,15 @@
 
     python3 scripts/dev.py bench                  # everything, a few minutes on 2 cores
     python3 scripts/dev.py bench --quick          # fewer, shorter rounds (about a minute)
-    python3 scripts/dev.py bench --only inproc    # one part: inproc, servers, isolation, delivery, sdks, spool
+    python3 scripts/dev.py bench --only inproc    # one part: inproc, servers, isolation, delivery, sdks, spool, pixel
 
 Parts: (1) in-process cost per request, Starlette and Flask, bare vs middleware, with
 Starlette's SessionMiddleware as a yardstick; (2) requests/s and latency through uvicorn and
 gunicorn; (3) isolation from a slow Koala; (4) the sender's batches/s to a 50 ms Koala;
 (5) whole-process CPU per visitor against PostHog's and Segment's SDKs;
-(6) the on-disk spool's cost per hand-over and its batches/s to a 50 ms Koala.
+(6) the on-disk spool's cost per hand-over and its batches/s to a 50 ms Koala;
+(7) the first-party pixel: pixel_path's cost on other requests, proxied latency vs direct;
+(8) failure scenarios: a Koala that refuses some batches, half-fails, flaps, or is down.
 Every figure is a ratio within one run (interleaved rounds, medians), printed with the
 machine it ran on. Progress goes to stderr, the table to stdout.
 """
@@ -27,7 +29,7 @@ if str(ROOT) not in sys.path:
 
 from bench import common  # noqa: E402
 
-PARTS = ("inproc", "servers", "isolation", "delivery", "sdks", "spool")
+PARTS = ("inproc", "servers", "isolation", "delivery", "sdks", "spool", "pixel", "failures")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -35,7 +37,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--only", choices=PARTS, action="append", help="run only this part (repeatable)")
     parser.add_argument("--quick", action="store_true", help="fewer, shorter rounds: a smoke run")
     args = parser.parse_args(argv)
-    parts = args.only or list(PARTS)
+    parts = args.only or [part for part in PARTS if part != "failures"]  # 9 minutes: on request only
 
     rows: list[common.Row] = []
     started = time.monotonic()
@@ -64,6 +66,14 @@ def main(argv: list[str] | None = None) -> int:
         from bench import spool
 
         rows += spool.run(args.quick)
+    if "pixel" in parts:
+        from bench import pixel
+
+        rows += pixel.run(args.quick)
+    if "failures" in parts:
+        from bench import failures
+
+        rows += failures.run(args.quick)
     took = time.monotonic() - started
 
     print(f"Machine: {common.machine_line()}.")

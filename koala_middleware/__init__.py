@@ -7,6 +7,7 @@ is the visitor's :class:`Tracker`. What it records is sent to Koala after the re
 
 from ._client import KoalaClient
 from ._delivery import DeliveryError, DropReason, ErrorHook, Stats
+from ._pixel import pixel_snippet
 from ._protocol import Batch
 from ._request import RequestInfo
 from ._tracker import AccountRecorder, Tracker, current_tracker
@@ -30,4 +31,5 @@ __all__ = [
     "Tracker",
     "__version__",
     "current_tracker",
+    "pixel_snippet",
 ]

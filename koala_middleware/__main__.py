@@ -4,6 +4,7 @@
 
     $ koala-middleware check                 # KOALA_PUBLIC_KEY / KOALA_API_URL, as the client reads them
     $ koala-middleware check --key pk_... --api-url https://api2.getkoala.com [--proxy http://proxy:3128]
+    $ koala-middleware check --pixel-url https://app.example.com/_k   # the first-party pixel (docs/pixel.md)
 
 Exit status: 0 the key works, 1 no key or Koala rejected it, 2 Koala could not be asked.
 """
@@ -11,6 +12,7 @@ Exit status: 0 the key works, 1 no key or Koala rejected it, 2 Koala could not b
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from ._check import check
@@ -31,7 +33,19 @@ def main(argv: list[str] | None = None) -> int:
         "--proxy", help="an http:// or https:// proxy (default: HTTPS_PROXY and the like, as the client)"
     )
     checker.add_argument("--timeout", type=float, default=10.0, help="seconds to wait for Koala (default: 10)")
+    checker.add_argument(
+        "--pixel-url",
+        help="instead: check the first-party pixel at this URL (your app's URL and pixel_path, "
+        "e.g. https://app.example.com/_k): sdk.js answers JavaScript, the API answers JSON",
+    )
     args = parser.parse_args(argv)
+    if args.pixel_url:
+        from ._pixel import require_extra
+
+        require_extra("httpx")
+        from ._pixel._check import check_pixel
+
+        return check_pixel(args.pixel_url, args.key or os.environ.get("KOALA_PUBLIC_KEY"), args.timeout, sys.stdout)
     return check(args.key, args.api_url, args.proxy, args.timeout, sys.stdout)
 
 

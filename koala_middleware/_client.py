@@ -62,6 +62,7 @@ class ClientOptions(TypedDict, total=False):
     max_retries: int
     backoff_base: float
     max_backoff: float
+    retry_for: float
     shutdown_timeout: float
     on_error: ErrorHook | None
     send_ip: bool
@@ -94,6 +95,10 @@ class KoalaClient:
         408, 429 and 5xx are retried; other 4xx are final).
     :param backoff_base: seconds of the first retry's backoff (doubling, with jitter).
     :param max_backoff: the cap on one backoff, ``Retry-After`` included.
+    :param retry_for: seconds a batch is retried at least while Koala fails for every batch
+        (down or degraded), even past ``max_retries``, so an outage of a few minutes drops
+        nothing while the queue has room. A batch failing alone while Koala accepts the
+        others is given up after ``max_retries``. ``0``: ``max_retries`` only.
     :param shutdown_timeout: seconds :meth:`shutdown` (and interpreter exit) may wait.
     :param on_error: ``on_error(batch, error)``, called for every batch given up.
     :param send_ip: send the visitor's IP (how Koala matches visitors to companies).
@@ -128,6 +133,7 @@ class KoalaClient:
         max_retries: int = 8,
         backoff_base: float = 0.5,
         max_backoff: float = 30.0,
+        retry_for: float = 600.0,
         shutdown_timeout: float = 5.0,
         on_error: ErrorHook | None = None,
         send_ip: bool = True,
@@ -178,6 +184,7 @@ class KoalaClient:
             max_retries=max_retries,
             backoff_base=backoff_base,
             max_backoff=max_backoff,
+            retry_for=retry_for,
             spool_dir=os.fspath(spool_dir) if spool_dir is not None else None,
             max_spool_bytes=max_spool_bytes,
         )
@@ -289,7 +296,7 @@ def _check_options(options: dict[str, object]) -> None:
     """Type and range of every numeric and switch option, with the keyword in the message:
     a wrong value fails here, at the call that gave it, not as a failing post later."""
     check_seconds("timeout", options["timeout"], positive=True)
-    for seconds in ("backoff_base", "max_backoff", "shutdown_timeout"):
+    for seconds in ("backoff_base", "max_backoff", "retry_for", "shutdown_timeout"):
         check_seconds(seconds, options[seconds])
     for count in ("max_queue_batches", "max_queue_bytes", "max_in_flight", "max_spool_bytes"):
         check_count(count, options[count], 1)

@@ -13,7 +13,7 @@ from json.encoder import c_make_encoder as _c_make_encoder  # type: ignore[attr-
 from json.encoder import encode_basestring_ascii
 from typing import Any
 
-__all__ = ["dumps", "format_sent_at", "quote"]
+__all__ = ["dumps", "format_sent_at", "now_sent_at", "quote"]
 
 
 def _default(value: Any) -> Any:
@@ -57,26 +57,40 @@ _c_encoder = _c_make_encoder(None, _default, quote, None, ":", ",", False, False
 
 # (second, "YYYY-MM-DDTHH:MM:SS") of the last ``now`` formatted; replaced whole, so thread-safe.
 _last_second: tuple[int, str] = (-1, "")
+# (millisecond, its full text) of the last ``now`` formatted: a request's identify() and
+# track() usually fall in the same millisecond. Replaced whole, so thread-safe.
+_last_millisecond: tuple[int, str] = (-1, "")
 # ".000Z" to ".999Z": the milliseconds part, looked up instead of formatted.
 _MILLISECONDS = tuple(f".{ms:03d}Z" for ms in range(1000))
 
 
-def _now_sent_at() -> str:
+def now_sent_at() -> str:
     """Now, as ``format_sent_at`` writes it: every track() and identify() pays for this,
-    and formatting a datetime costs ~2 us, so the seconds part is formatted once a second
-    and the milliseconds part is a table lookup (0.25 us in all)."""
-    global _last_second
-    second, millisecond = divmod(int(time.time() * 1000), 1000)
+    and formatting a datetime costs ~2 us, so the seconds part is formatted once a second,
+    the milliseconds part is a table lookup (0.22 us in all), and a second call within the
+    same millisecond returns the same text (0.14 us)."""
+    now = int(time.time() * 1000)
+    last = _last_millisecond
+    if last[0] == now:
+        return last[1]
+    return _format_millisecond(now)
+
+
+def _format_millisecond(now: int) -> str:
+    global _last_second, _last_millisecond
+    second, millisecond = divmod(now, 1000)
     cached = _last_second
     if cached[0] != second:
         cached = _last_second = (second, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second)))
-    return cached[1] + _MILLISECONDS[millisecond]
+    text = cached[1] + _MILLISECONDS[millisecond]
+    _last_millisecond = (now, text)
+    return text
 
 
 def format_sent_at(when: datetime.datetime | None) -> str:
     """ISO 8601 in UTC with milliseconds and ``Z``, the form Koala documents."""
     if when is None:
-        return _now_sent_at()
+        return now_sent_at()
     if not isinstance(when, datetime.datetime):
         raise TypeError(f"sent_at must be a datetime, got {type(when).__name__}")
     if when.tzinfo is None:

@@ -8,17 +8,14 @@ from collections.abc import Iterator
 __all__ = ["random_uuid4"]
 
 
-# The UUID variant nibble (10xx) for each random hex digit: keeps its two low bits.
-_VARIANT = {digit: "89ab"[int(digit, 16) & 3] for digit in "0123456789abcdef"}
-
-
 def random_uuid4() -> str:
-    """A random UUID v4 in canonical form, as ``str(uuid.uuid4())`` but 4x cheaper.
+    """A random UUID v4 in canonical form, as ``str(uuid.uuid4())`` but 10x cheaper.
 
     Every event's ``message_id`` and every new visitor's ``ko_id`` is one. Same randomness,
-    ``os.urandom``, read for 64 ids at a time (one system call instead of 64) and formatted
-    without ``uuid.UUID``'s checks. Handing out the next id is one C-level ``next()``, which
-    no two threads can both get; a forked child drops what its parent had read (see below).
+    ``os.urandom``, read for 128 ids at a time (one system call instead of 128) and formatted
+    without ``uuid.UUID``'s checks (see ``_read_ids``). Handing out the next id is one
+    C-level ``next()``, which no two threads can both get; a forked child drops what its
+    parent had read (see below).
     """
     try:
         return next(_ids)
@@ -26,17 +23,35 @@ def random_uuid4() -> str:
         return _read_ids()
 
 
-_ID_BATCH = 64
+_ID_BATCH = 128
 _ids: Iterator[str] = iter(())
+
+#: Where each of an id's 32 random hex digits goes in its 37-character slot (36 and a space).
+_PLACES = tuple(enumerate(digit + sum(digit >= dash for dash in (8, 12, 16, 20)) for digit in range(32)))
+#: The variant digit (10xx): keeps the two low bits of a random hex digit.
+_VARIANT = bytes.maketrans(b"0123456789abcdef", b"89ab89ab89ab89ab")
+_SLOT = 37
 
 
 def _read_ids() -> str:
+    """Refill the pool; returns its first id.
+
+    Formatted column by column: each of the 37 positions of every id in the batch is one
+    strided slice assignment, in C, instead of an f-string of six slices per id (0.16 us an
+    id against 0.46, measured for 128 at a time).
+    """
     global _ids
-    h = os.urandom(16 * _ID_BATCH).hex()
-    batch = [
-        f"{h[i : i + 8]}-{h[i + 8 : i + 12]}-4{h[i + 13 : i + 16]}-{_VARIANT[h[i + 16]]}{h[i + 17 : i + 20]}-{h[i + 20 : i + 32]}"
-        for i in range(0, 32 * _ID_BATCH, 32)
-    ]
+    count = _ID_BATCH
+    digits = os.urandom(16 * count).hex().encode()
+    text = bytearray(_SLOT * count)
+    for digit, place in _PLACES:
+        text[place::_SLOT] = digits[digit::32]
+    text[14::_SLOT] = b"4" * count  # version 4
+    text[19::_SLOT] = digits[16::32].translate(_VARIANT)
+    for dash in (8, 13, 18, 23):
+        text[dash::_SLOT] = b"-" * count
+    text[36::_SLOT] = b" " * count
+    batch = text.decode("ascii").split()
     _ids = iter(batch[1:])  # two threads refilling at once: each uses its own batch
     return batch[0]
 

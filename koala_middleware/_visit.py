@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from ._client import ClientOptions, KoalaClient, client_from_options
 from ._cookie import WRITE_BOTH, CookieSettings, VisitorCookie
+from ._pixel import DEFAULT_API_URL, DEFAULT_CDN_URL, PixelSettings
 from ._request import RequestInfo, RequestReader
 from ._tracker import RequestTracker
 
@@ -67,6 +68,13 @@ class VisitorOptions(ClientOptions, total=False):
     exclude_paths: Sequence[str]
     should_track: ShouldTrack | None
     respect_gpc: bool
+    pixel_path: str | None
+    pixel_api_url: str
+    pixel_cdn_url: str
+    pixel_max_body: int
+    pixel_connect_timeout: float
+    pixel_timeout: float
+    pixel_cache_seconds: float
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,6 +85,7 @@ class MiddlewareSettings:
     exclude_paths: Sequence[str] = ()  # made a tuple of normalised paths
     should_track: ShouldTrack | None = None
     respect_gpc: bool = True
+    pixel: PixelSettings | None = None  # the first-party pixel proxy (docs/pixel.md), off by default
 
     def __post_init__(self) -> None:
         if isinstance(self.exclude_paths, str):
@@ -115,6 +124,13 @@ def configure(
     exclude_paths: Sequence[str] = (),
     should_track: ShouldTrack | None = None,
     respect_gpc: bool = True,
+    pixel_path: str | None = None,
+    pixel_api_url: str = DEFAULT_API_URL,
+    pixel_cdn_url: str = DEFAULT_CDN_URL,
+    pixel_max_body: int = 1024 * 1024,
+    pixel_connect_timeout: float = 3.0,
+    pixel_timeout: float = 15.0,
+    pixel_cache_seconds: float = 300.0,
     **client_options: Unpack[ClientOptions],
 ) -> tuple[KoalaClient, MiddlewareSettings]:
     """The middlewares' options, in one place: the client to send with, and the visitor rules.
@@ -137,6 +153,15 @@ def configure(
     :param should_track: ``should_track(info) -> bool``, your consent decision; when it says
         no, no cookie is set and the tracker's calls are validated but ignored.
     :param respect_gpc: honour the ``Sec-GPC: 1`` header as an opt-out (default on).
+    :param pixel_path: serve Koala's browser pixel first-party under this path, e.g. ``"/_k"``
+        (off by default): requests under it go to Koala's upstreams, never to the app.
+    :param pixel_api_url: the pixel's API upstream (every path under ``pixel_path`` but ``/v1/``).
+    :param pixel_cdn_url: the pixel's CDN upstream (``/v1/...``: ``sdk.js`` and its chunks).
+    :param pixel_max_body: the largest request body the pixel proxy forwards, in bytes (else 413).
+    :param pixel_connect_timeout: seconds to connect to a pixel upstream (else 502/504).
+    :param pixel_timeout: seconds for a pixel upstream's whole answer (else 504, or a cut answer).
+    :param pixel_cache_seconds: the cap on keeping CDN scripts in memory (their ``max-age`` rules
+        below it); ``0`` turns the cache off.
     """
     cookie = CookieSettings(
         name=cookie_name,
@@ -148,7 +173,18 @@ def configure(
         server_copy=cookie_server_copy,
         server_copy_name=cookie_server_copy_name,
     )
-    settings = MiddlewareSettings(cookie, exclude_paths, should_track, respect_gpc)
+    pixel = None
+    if pixel_path is not None:
+        pixel = PixelSettings(
+            pixel_path,
+            pixel_api_url,
+            pixel_cdn_url,
+            pixel_max_body,
+            pixel_connect_timeout,
+            pixel_timeout,
+            pixel_cache_seconds,
+        )
+    settings = MiddlewareSettings(cookie, exclude_paths, should_track, respect_gpc, pixel)
     unknown = client_options.keys() - ClientOptions.__optional_keys__
     if unknown:  # a clearer message than KoalaClient's own TypeError
         raise TypeError(

@@ -27,8 +27,9 @@ from collections.abc import Awaitable, Callable, Iterable, MutableMapping
 from typing import TYPE_CHECKING, Any
 
 from ._client import KoalaClient
+from ._pixel import asgi_proxy
 from ._request import RequestInfo, RequestReader, client_ip, header_text, path_text, sec_gpc
-from ._tracker import RequestTracker, bind, unbind
+from ._tracker import STARTED, RequestTracker, bind, unbind
 from ._visit import TRACKER_KEY, VisitorOptions, Visits, configure
 
 if TYPE_CHECKING:
@@ -182,8 +183,16 @@ class KoalaASGIMiddleware:
         self.app = app
         self.client, settings = configure(client, **options)
         self.visits = Visits(self.client, settings, SCOPE_READER)
+        self.pixel = asgi_proxy(settings.pixel, self.client)  # None unless pixel_path is set
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        pixel = self.pixel
+        if pixel is not None:
+            # A substring test first (lifespan has no path): every request passes here.
+            path = scope.get("path")
+            if isinstance(path, str) and pixel.prefix in path and pixel.claims(scope):
+                await pixel(scope, receive, send)  # the first-party pixel: never the app
+                return
         if scope["type"] != "http":
             await self._not_http(scope, receive, send)
             return
@@ -309,6 +318,13 @@ def _with_cookies(send: Send, tracker: RequestTracker) -> Send:
 
     def send_with_cookies(message: Message) -> Awaitable[None]:
         if message["type"] == "http.response.start":
+            if tracker._set_cookies is None:
+                # No cookie pending (a returning visitor, no reset()): the response starts as
+                # it is. The tracker's fields are read here, not through start_response():
+                # no lambda, no headers read, no call (bench part 1, one run: Starlette
+                # returning visitor 1.31x -> 1.27x of the bare app).
+                tracker._stage = STARTED
+                return send(message)
             headers = message.get("headers") or []
             if not isinstance(headers, list):
                 headers = list(headers)  # any iterable: read once

@@ -53,7 +53,7 @@ except ImportError as exc:  # pragma: no cover - exercised in a subprocess test
 
 from ._client import KoalaClient
 from ._request import RequestInfo, RequestReader, client_ip, header_text, sec_gpc
-from ._tracker import RequestTracker, Tracker, bind, unbind
+from ._tracker import STARTED, RequestTracker, Tracker, bind, unbind
 from ._visit import TRACKER_KEY, MiddlewareSettings, Visits, configure, outer_tracker
 from .asgi import ASGIApp, Receive, Scope, Send, flush_at_shutdown, lifespan_with_flush
 
@@ -125,10 +125,13 @@ class KoalaMiddleware:
             markcoroutinefunction(self)  # Django then calls it without a thread hop
         self.client, middleware_settings = _from_settings()
         self.visits = Visits(self.client, middleware_settings, REQUEST_READER)
+        self.pixel = _pixel_proxy(middleware_settings, self.client)  # None unless pixel_path is set
 
     def __call__(self, request: Any) -> Any:
         if self.async_mode:
             return self.__acall__(request)
+        if self.pixel is not None and request.path_info.startswith(self.pixel.prefix):
+            return self.pixel.respond(request)  # the first-party pixel: never the views
         tracker = self._start(request)
         if tracker is None:
             return self.get_response(request)
@@ -145,6 +148,8 @@ class KoalaMiddleware:
         return self._respond(response, tracker)
 
     async def __acall__(self, request: Any) -> Any:
+        if self.pixel is not None and request.path_info.startswith(self.pixel.prefix):
+            return await self.pixel.respond_async(request)
         tracker = self._start(request)
         if tracker is None:
             return await self.get_response(request)
@@ -176,7 +181,12 @@ class KoalaMiddleware:
 
     def _respond(self, response: Any, tracker: RequestTracker) -> Any:
         # The view has run: its response is this request's response start (reset() included).
-        for set_cookie in tracker.start_response(response.status_code, lambda: response.get("Cache-Control")) or ():
+        if tracker._set_cookies is None:  # no cookie pending: see asgi._with_cookies
+            tracker._stage = STARTED
+            cookies = None
+        else:
+            cookies = tracker.start_response(response.status_code, lambda: response.get("Cache-Control"))
+        for set_cookie in cookies or ():
             name = set_cookie.partition("=")[0]
             if name not in response.cookies:  # the view set its own: it wins
                 response.cookies[name] = _morsel(set_cookie)
@@ -188,6 +198,17 @@ class KoalaMiddleware:
             # ASGI handler after the last chunk, its test clients once the content is read.
             closers.append(tracker.finish)
         return response
+
+
+def _pixel_proxy(middleware_settings: MiddlewareSettings, client: KoalaClient) -> Any:
+    if middleware_settings.pixel is None:
+        return None
+    from ._pixel import egress_proxy, require_extra
+    from ._pixel._django import DjangoPixelProxy
+
+    require_extra("httpx", "anyio")
+
+    return DjangoPixelProxy(middleware_settings.pixel, egress_proxy(client))
 
 
 def _morsel(set_cookie: str) -> Morsel[str]:

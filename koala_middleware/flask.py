@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any, cast
 try:
     import flask
     from flask import Flask, current_app
+    from markupsafe import Markup
     from werkzeug.middleware.proxy_fix import ProxyFix
 except ImportError as exc:  # pragma: no cover - exercised in a subprocess test
     raise ImportError("koala_middleware.flask needs Flask: pip install 'koala-middleware[flask]'") from exc
@@ -124,6 +125,7 @@ class Koala:
             base = app.request_class
             app.request_class = type(f"Koala{base.__name__}", (KoalaRequestMixin, base), {"__module__": __name__})
         app.extensions[EXTENSION_KEY] = middleware
+        app.jinja_env.globals.setdefault("koala_pixel", _koala_pixel)
 
     @property
     def client(self) -> KoalaClient:
@@ -145,6 +147,15 @@ def _config_options(config: Mapping[str, Any], with_client_options: bool) -> dic
 
 
 _VISITOR_ONLY = VisitorOptions.__optional_keys__ - ClientOptions.__optional_keys__
+
+
+def _koala_pixel(nonce: str | None = None) -> Markup:
+    """``{{ koala_pixel(nonce=...) }}`` in templates: the pixel tag through ``pixel_path``."""
+    from ._pixel._helpers import configured_snippet
+
+    middleware = _middleware()
+    settings = middleware.visits.settings.pixel
+    return Markup(configured_snippet(middleware.client, settings, nonce, "Koala(app, pixel_path=...)"))
 
 
 def _middleware() -> KoalaWSGIMiddleware:

@@ -22,8 +22,9 @@ from collections.abc import Iterable, Iterator
 from typing import TYPE_CHECKING, Any
 
 from ._client import KoalaClient
+from ._pixel import wsgi_proxy
 from ._request import RequestInfo, RequestReader, client_ip, header_text, path_text, sec_gpc
-from ._tracker import RequestTracker, bind
+from ._tracker import STARTED, RequestTracker, bind
 from ._visit import TRACKER_KEY, VisitorOptions, Visits, configure
 
 if TYPE_CHECKING:
@@ -106,8 +107,14 @@ class KoalaWSGIMiddleware:
         self.app = app
         self.client, settings = configure(client, **options)
         self.visits = Visits(self.client, settings, ENVIRON_READER)
+        self.pixel = wsgi_proxy(settings.pixel, self.client)  # None unless pixel_path is set
 
     def __call__(self, environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
+        pixel = self.pixel
+        if pixel is not None:
+            path = environ.get("PATH_INFO")
+            if isinstance(path, str) and path.startswith(pixel.prefix):
+                return pixel(environ, start_response)  # the first-party pixel: never the app
         gpc = environ.get("HTTP_SEC_GPC")
         tracker = self.visits.enter(
             environ, environ, environ.get("HTTP_COOKIE"), gpc is not None and (gpc == "1" or sec_gpc(gpc))
@@ -183,6 +190,9 @@ def _start_with_cookies(start_response: StartResponse, tracker: RequestTracker) 
     """
 
     def start_with_cookies(status: str, headers: list[tuple[str, str]], exc_info: Any = None) -> Any:
+        if tracker._set_cookies is None:  # no cookie pending: see asgi._with_cookies
+            tracker._stage = STARTED
+            return start_response(status, headers, exc_info)
         cookies = tracker.start_response(_status_code(status), lambda: _cache_control(headers))
         if cookies is not None:
             headers = [*headers, *[("Set-Cookie", cookie) for cookie in cookies]]

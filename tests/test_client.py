@@ -30,6 +30,7 @@ def test_public_api_is_pinned() -> None:
             "Tracker",
             "__version__",
             "current_tracker",
+            "pixel_snippet",
         ]
     )
     for name in koala_middleware.__all__:

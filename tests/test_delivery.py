@@ -17,7 +17,17 @@ import pytest
 from helpers import FAST_RETRIES, delivery_settings
 from koala_middleware import DeliveryError, KoalaClient
 from koala_middleware._delivery import BackgroundSender
-from koala_middleware._delivery._policy import Answer, backoff, classify, parse_retry_after
+from koala_middleware._delivery._policy import (
+    DEGRADED,
+    DOWN,
+    HEALTHY,
+    PROBE_EVERY_MAX,
+    Answer,
+    Health,
+    backoff,
+    classify,
+    parse_retry_after,
+)
 from koala_middleware._delivery._stats import LOG_DROPPED, LOG_DROPPED_SUMMARY, Counters
 from koala_middleware.testing import Collector
 
@@ -93,6 +103,95 @@ def test_other_4xx_are_final_and_carry_the_response_text(status: int) -> None:
 def test_network_errors_are_retried() -> None:
     verdict, detail, _ = classify(None, httpx.ConnectError("connection refused"))
     assert verdict == "retry" and "ConnectError" in detail and "refused" in detail
+
+
+# -- Koala's health: this batch is bad, Koala degraded, Koala down ---------------------------------
+
+
+def fail(
+    health: Health, key: int, attempts: int = 1, probe: bool = False, unanswered: bool = False
+) -> tuple[float, bool]:
+    verdict = health.failed(SETTINGS, key, attempts, probe, None, unanswered)
+    return verdict.delay, verdict.own
+
+
+def test_a_batch_failing_while_others_succeed_is_its_own_problem() -> None:
+    health = Health(100)
+    for _ in range(50):
+        health.answered()
+    delays = [fail(health, key=7, attempts=attempts) for attempts in range(1, 9)]
+    assert health.state == HEALTHY and all(own for _, own in delays)
+    assert 15.0 <= delays[-1][0] <= 30.0, "its own exponential backoff, up to max_backoff"
+    assert health.admit(99, 100, time.monotonic()) == (True, None), "no one else waits"
+
+
+def test_a_lone_batch_failing_with_an_answer_is_not_an_outage() -> None:
+    health = Health(100)
+    assert fail(health, key=7)[1] and fail(health, key=7, attempts=2)[1]
+    assert health.state == HEALTHY
+
+
+@pytest.mark.parametrize("unanswered", [False, True])
+def test_failures_across_batches_with_no_success_is_down_and_probes_one_at_a_time(unanswered: bool) -> None:
+    health = Health(100)
+    fail(health, 1, attempts=5, unanswered=unanswered)
+    for key in range(2, 11):  # a second batch failing, and no success: not batch 1's problem
+        delay, own = fail(health, key, attempts=5, unanswered=unanswered)
+        assert delay <= PROBE_EVERY_MAX and not own
+    assert health.state == DOWN
+    now = time.monotonic()
+    assert health.admit(1, 100, now) == (False, None), "one attempt at a time"
+    assert health.admit(0, 100, now + PROBE_EVERY_MAX) == (True, None), "a probe once the gate passed"
+    for _ in range(20):  # failed probes: the pause grows, never past PROBE_EVERY_MAX
+        fail(health, 1, probe=True)
+    assert health.gate - time.monotonic() <= PROBE_EVERY_MAX
+    assert health.answered() is True, "the first answer ends the outage"
+    assert health.state == DEGRADED and health.admit(0, 100, time.monotonic())[0]
+
+
+def test_a_connection_error_alone_is_evidence_of_an_outage() -> None:
+    health = Health(100)
+    fail(health, key=7, unanswered=True)
+    assert health.state == DOWN
+
+
+def test_a_half_failing_koala_is_degraded_and_paced_by_the_share_that_works() -> None:
+    health = Health(100)
+    for key in range(1, 51):
+        health.answered()
+        fail(health, key)
+    assert health.state == DEGRADED and abs(health.share_ok() - 0.5) < 0.02
+    now = time.monotonic()
+    assert health.admit(50, 100, now) == (False, None), "half of max_in_flight in flight"
+    started = sum(health.admit(0, 100, now + i * 0.0005)[0] for i in range(200))
+    assert 120 <= started <= 160, f"{started} starts in 100 ms: a burst of 50, then 50 per 50 ms"
+    delay, own = fail(health, 1, attempts=6)
+    assert not own and delay <= 0.5, "not its fault: the first backoff step, attempts not counted"
+
+
+def test_refused_batches_retried_are_no_evidence_of_a_brownout() -> None:
+    """5% of batches refused: their retries must not add up to a brownout (which would slow
+    everyone and keep them past max_retries)."""
+    health = Health(100)
+    suspects: dict[int, bool] = {}
+    for n in range(2000):
+        if n % 20 == 7:
+            suspects[n] = health.failed(SETTINGS, n, 1, False, None, False).own
+        else:
+            health.answered()
+        for key in list(suspects)[-30:]:  # the refused ones come back, again and again
+            if n % 5 == 0:
+                suspects[key] = health.failed(SETTINGS, key, 5, False, None, False, suspects[key]).own
+        assert health.state == HEALTHY, f"at {n}: share {health.share_ok():.2f}"
+
+
+def test_answers_after_a_brownout_make_koala_healthy_again() -> None:
+    health = Health(100)
+    for key in range(1, 51):
+        fail(health, key)
+    recovered = [health.answered() for _ in range(400)]
+    # Down -> degraded (the scheduled retries are released), then degraded -> healthy.
+    assert health.state == HEALTHY and recovered.count(True) == 2
 
 
 # -- counters and rate-limited warnings -----------------------------------------------------------

@@ -86,3 +86,16 @@ def test_sent_at_is_utc_with_milliseconds_and_z() -> None:
     assert abs((datetime.datetime.now(datetime.timezone.utc) - parsed).total_seconds()) < 5
     with pytest.raises(TypeError, match="sent_at must be a datetime"):
         format_sent_at("2026-01-02")  # type: ignore[arg-type]
+
+
+def test_sent_at_for_now_follows_the_clock_across_milliseconds_and_seconds(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The memo of the last millisecond and second never returns a stale stamp."""
+    clock = iter([1_767_225_599.9991, 1_767_225_599.9995, 1_767_225_600.0001, 1_767_225_600.0012])
+    monkeypatch.setattr(_encoding.time, "time", lambda: next(clock))
+    stamps = [format_sent_at(None) for _ in range(4)]
+    assert stamps == [
+        "2025-12-31T23:59:59.999Z",
+        "2025-12-31T23:59:59.999Z",
+        "2026-01-01T00:00:00.000Z",
+        "2026-01-01T00:00:00.001Z",
+    ]

@@ -6,7 +6,7 @@ import datetime
 import re
 import uuid
 
-from koala_middleware import KoalaClient, Tracker, __version__
+from koala_middleware import Batch, KoalaClient, Tracker, __version__
 from koala_middleware.testing import Collector
 
 SENT_AT = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$")
@@ -131,3 +131,28 @@ def test_nothing_recorded_sends_nothing(client: KoalaClient, collector: Collecto
         pass
     assert client.flush(5)
     assert collector.received == [] and client.stats.enqueued == 0
+
+
+def test_a_batch_s_message_ids_are_read_from_its_body_in_order() -> None:
+    """A built batch keeps no tuple of ids (memory per queued batch): they come from the
+    body, the caller's own ids included, split batches each with their own."""
+    client = KoalaClient("pk_test", dry_run=True)
+    tracker = client.tracker(profile_id=str(uuid.uuid4()))
+    sent = [tracker.track("Viewed", message_id=f"order-{n}") if n % 2 else tracker.track("Viewed") for n in range(45)]
+    tracker.identify("ada@example.com")
+    first, second = tracker.batches()
+    assert first.message_ids == tuple(sent[:30]) and first.event_count == 30
+    assert second.message_ids == tuple(sent[30:]) and second.event_count == 15
+    only_identify = client.tracker(email="ada@example.com")
+    only_identify.identify(traits={"message_id": "not an event"})
+    (batch,) = only_identify.batches()
+    assert batch.message_ids == () and batch.event_count == 0
+    client.shutdown(0)
+
+
+def test_a_batch_made_by_hand_counts_the_events_of_its_body_or_takes_the_ids_given() -> None:
+    body = b'{"profile_id":"p","events":[{"message_id":"a","type":"track"},{"message_id":"b","type":"track"}]}'
+    assert Batch("/batch", body, "UA").message_ids == ("a", "b")
+    assert Batch("/batch", body, "UA").event_count == 2
+    assert Batch("/batch", body, "UA", ("x",)).message_ids == ("x",)
+    assert Batch("/batch", b"not json", "UA").message_ids == ()

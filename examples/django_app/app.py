@@ -32,11 +32,24 @@ from koala_middleware import KoalaClient, current_tracker
 logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
 client = KoalaClient()  # dry run unless KOALA_PUBLIC_KEY is set
 
+# Koala's browser pixel, served by this app itself under /_k (docs/pixel.md), so ad blockers
+# that know Koala's domains do not stop it. KOALA_PIXEL_API_URL / KOALA_PIXEL_CDN_URL point it
+# at other upstreams (the browser test's stand-ins); by default, Koala's.
+PIXEL: dict[str, str] = {"pixel_path": "/_k"}
+PIXEL.update(
+    {
+        o: os.environ[f"KOALA_{o.upper()}"]
+        for o in ("pixel_api_url", "pixel_cdn_url")
+        if os.environ.get(f"KOALA_{o.upper()}")
+    }
+)
+
 settings.configure(
     DEBUG=False,
     SECRET_KEY=os.environ.get("SECRET_KEY") or secrets.token_hex(16),
     ALLOWED_HOSTS=["127.0.0.1", "localhost", "testserver"],
     ROOT_URLCONF=__name__,
+    INSTALLED_APPS=["koala_middleware"],  # for {% load koala %}
     SESSION_ENGINE="django.contrib.sessions.backends.signed_cookies",
     TEMPLATES=[{"BACKEND": "django.template.backends.django.DjangoTemplates"}],
     MIDDLEWARE=[
@@ -47,7 +60,7 @@ settings.configure(
         "django.middleware.csrf.CsrfViewMiddleware",
     ],
     # Or {"exclude_paths": [...]} alone: a client is then made from KOALA_PUBLIC_KEY.
-    KOALA={"client": client, "exclude_paths": ["/static", "/favicon.ico"]},
+    KOALA={"client": client, "exclude_paths": ["/static", "/favicon.ico"], **PIXEL},
 )
 django.setup()
 
@@ -87,6 +100,7 @@ form{display:inline-block;margin:.3rem 1rem .3rem 0}pre{background:#f4f4f4;paddi
 {% else %}
   <p>Sending to {{ client.api_url }}: {{ client.stats }}</p>
 {% endif %}
+{% load koala %}{% koala_pixel %}
 </body></html>""")
 
 users: dict[str, dict[str, str]] = {}  # email -> name, email, company domain
@@ -209,7 +223,7 @@ def tour() -> None:
     quiet.setLevel(logging.WARNING)
     tour_client = KoalaClient(dry_run=True)  # the tour never sends, even with a key set
     try:
-        with override_settings(KOALA={"client": tour_client}):
+        with override_settings(KOALA={"client": tour_client, **PIXEL}):
             _tour(
                 Client(
                     HTTP_USER_AGENT="Mozilla/5.0 (Macintosh; Intel Mac OS X 14_5) Safari/605.1.15",

@@ -25,9 +25,20 @@ from urllib.parse import parse_qsl
 from fastapi import Depends, FastAPI, HTTPException, Request, Response
 from fastapi.responses import HTMLResponse, PlainTextResponse, RedirectResponse
 
-from koala_middleware import KoalaClient, Tracker, current_tracker
+from koala_middleware import KoalaClient, Tracker, current_tracker, pixel_snippet
 from koala_middleware.fastapi import KoalaASGIMiddleware, KoalaTracker
 
+# Koala's browser pixel, served by this app itself under /_k (docs/pixel.md), so ad blockers
+# that know Koala's domains do not stop it. KOALA_PIXEL_API_URL / KOALA_PIXEL_CDN_URL point it
+# at other upstreams (the browser test's stand-ins); by default, Koala's.
+PIXEL: dict[str, str] = {"pixel_path": "/_k"}
+PIXEL.update(
+    {
+        o: os.environ[f"KOALA_{o.upper()}"]
+        for o in ("pixel_api_url", "pixel_cdn_url")
+        if os.environ.get(f"KOALA_{o.upper()}")
+    }
+)
 FREE_MAIL = {"gmail.com", "outlook.com", "yahoo.com", "hotmail.com", "icloud.com", "proton.me"}
 SESSION_COOKIE = "session"
 
@@ -101,7 +112,7 @@ SignedInUser = Annotated[User, Depends(require_user)]
 
 def create_app(client: KoalaClient) -> FastAPI:
     app = FastAPI(title="Koala FastAPI example")
-    app.add_middleware(KoalaASGIMiddleware, client=client, exclude_paths=["/healthz", "/favicon.ico"])
+    app.add_middleware(KoalaASGIMiddleware, client=client, exclude_paths=["/healthz", "/favicon.ico"], **PIXEL)
     app.state.koala_client = client
     app.state.accounts = Accounts()
 
@@ -184,6 +195,7 @@ form{{display:inline-block;margin:.3rem 1rem .3rem 0}}pre{{background:#f4f4f4;pa
 {error}{forms}
 <h2>What Koala receives</h2>
 {koala}
+{pixel}
 </body></html>"""
 
 SIGNED_IN = """<p>Signed in as <b>{name}</b> &lt;{email}&gt;, company {domain}.</p>
@@ -222,6 +234,8 @@ def render(client: KoalaClient, koala: Tracker, user: User | None, error: str) -
         error=f'<p class="error">{esc(error)}</p>' if error else "",
         forms=forms,
         koala=koala_part,
+        # Koala's pixel through this app's /_k (without a key, dry run: nothing to load).
+        pixel=pixel_snippet(client.public_key, PIXEL["pixel_path"]) if client.public_key else "",
     )
 
 

@@ -22,6 +22,17 @@ from werkzeug.wrappers import Response
 from koala_middleware import KoalaClient
 from koala_middleware.flask import Koala
 
+# Koala's browser pixel, served by this app itself under /_k (docs/pixel.md), so ad blockers
+# that know Koala's domains do not stop it. KOALA_PIXEL_API_URL / KOALA_PIXEL_CDN_URL point it
+# at other upstreams (the browser test's stand-ins); by default, Koala's.
+PIXEL: dict[str, str] = {"pixel_path": "/_k"}
+PIXEL.update(
+    {
+        o: os.environ[f"KOALA_{o.upper()}"]
+        for o in ("pixel_api_url", "pixel_cdn_url")
+        if os.environ.get(f"KOALA_{o.upper()}")
+    }
+)
 FREE_MAIL = {"gmail.com", "outlook.com", "yahoo.com", "hotmail.com", "icloud.com", "proton.me"}
 
 PAGE = """<!doctype html>
@@ -57,13 +68,14 @@ form{display:inline-block;margin:.3rem 1rem .3rem 0}pre{background:#f4f4f4;paddi
 {% else %}
   <p>Sending to {{ client.api_url }}: {{ client.stats }}</p>
 {% endif %}
+{{ koala_pixel() }}
 </body></html>"""
 
 
 def create_app(client: KoalaClient) -> Flask:
     app = Flask(__name__)
     app.secret_key = os.environ.get("SECRET_KEY") or secrets.token_hex(16)
-    Koala(app, client=client, exclude_paths=["/static", "/favicon.ico"])
+    Koala(app, client=client, exclude_paths=["/static", "/favicon.ico"], **PIXEL)
     users: dict[str, dict[str, str]] = {}  # email -> name, email, company domain
 
     def page(error: str | None = None, status: int = 200) -> tuple[str, int]:

@@ -28,13 +28,17 @@ _FORBIDDEN = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
 class Request:
     """A batch's POST: full URL, headers and body, ready for any HTTP layer."""
 
-    __slots__ = ("batch", "body", "headers", "url")
+    __slots__ = ("batch", "body", "failed_at", "headers", "suspect", "url")
 
     def __init__(self, batch: Batch, url: str, headers: dict[str, str]) -> None:
         self.batch = batch
         self.url = url
         self.headers = headers
         self.body = batch.body
+        #: When its first attempt failed (``time.monotonic()``), 0.0 before: for ``retry_for``.
+        self.failed_at = 0.0
+        #: Its last failure was its own (Koala took the others): see ``_policy.Health``.
+        self.suspect = False
 
 
 def build(base_url: str, batch: Batch) -> Request:

@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 import weakref
 
 from .._protocol import Batch
-from ._policy import Answer, Health, classify
+from ._policy import HEALTHY, Answer, Health, classify
+from ._request import Request
 from ._settings import DeliverySettings
 from ._stats import LOG_REJECTED, Counters, DeliveryError, ErrorHook, excerpt
 
@@ -21,10 +23,10 @@ logger = logging.getLogger("koala_middleware")
 
 LOG_RETRY = "delivery failed (%s), attempt %d, next try in %.2fs"
 LOG_UNAVAILABLE = (
-    "Koala is failing (%s); pausing delivery for %.2fs, then probing one batch "
-    "at a time (new batches queue up meanwhile, within the bounds)"
+    "Koala is failing for several batches (%s); sending less while it lasts, probing one "
+    "batch at a time if nothing gets through (new batches queue up meanwhile, within the bounds)"
 )
-LOG_RECOVERED = "Koala answers again after %d failed attempt(s); resuming delivery"
+LOG_RECOVERED = "Koala answers again; resuming delivery"
 LOG_HOOK_FAILED = "the on_error hook raised; ignoring it"
 
 
@@ -35,24 +37,30 @@ class Sender:
         self.settings = settings
         self.on_error = on_error
         self.counters = Counters()
-        self._health = Health()
+        self._health = Health(settings.max_in_flight)
         _live_senders.add(self)
 
     def _give_up(self, batch: Batch, error: DeliveryError) -> None:
-        self.counters.dropped(error.reason, 1, len(batch.message_ids), error.detail)
+        self.counters.dropped(error.reason, 1, batch.event_count, error.detail)
         if self.on_error is not None:
             try:
                 self.on_error(batch, error)
-            except Exception:
+            except BaseException:  # SystemExit too: the batch must still be finished, or flush waits forever
                 logger.exception(LOG_HOOK_FAILED)
 
-    def _outcome(self, batch: Batch, answer: Answer | None, exc: BaseException | None, probe: bool) -> float | None:
+    def _recovered(self) -> None:
+        """Koala answers again after an outage or a brownout (the background sender then
+        sends the retries it scheduled at once)."""
+
+    def _outcome(self, request: Request, answer: Answer | None, exc: BaseException | None, probe: bool) -> float | None:
         """Account for one attempt; the pause before retrying, or None when the batch is done."""
+        batch = request.batch
         verdict, detail, retry_after = classify(answer, exc)
         if verdict != "retry":
-            failures = self._health.answered()
-            if failures:
-                logger.info(LOG_RECOVERED, failures)
+            if self._health.answered():  # out of an outage, or a brownout
+                if self._health.state == HEALTHY:
+                    logger.info(LOG_RECOVERED)
+                self._recovered()
             if verdict == "ok":
                 self.counters.delivered(batch)
             else:
@@ -60,11 +68,18 @@ class Sender:
                 detail = LOG_REJECTED % (answer.status, excerpt(detail, batch))
                 self._give_up(batch, DeliveryError("rejected", detail, answer.status))
             return None
-        delay, first = self._health.failed(self.settings, probe, retry_after)
-        if first:
-            logger.warning(LOG_UNAVAILABLE, detail, delay)
         batch.attempts += 1
-        if batch.attempts > self.settings.max_retries:
+        now = time.monotonic()
+        request.failed_at = request.failed_at or now
+        delay, own, first = self._health.failed(
+            self.settings, id(batch), batch.attempts, probe, retry_after, answer is None, request.suspect
+        )
+        request.suspect = own
+        if first:
+            logger.warning(LOG_UNAVAILABLE, detail)
+        # Koala takes the others: the attempts budget alone; Koala fails for everyone: the
+        # time budget too, so that a brownout of a few minutes gives nothing up.
+        if batch.attempts > self.settings.max_retries and (own or now - request.failed_at >= self.settings.retry_for):
             status = answer.status if answer is not None else None
             self._give_up(
                 batch, DeliveryError("retries_exhausted", f"{batch.attempts} attempts, last: {detail}", status)
@@ -76,7 +91,7 @@ class Sender:
     def after_fork(self) -> None:
         """In a forked child: forget the parent's state (never close its sockets)."""
         self.counters = Counters()
-        self._health = Health()
+        self._health = Health(self.settings.max_in_flight)
 
     def park(self) -> bool:
         """Before a fork: hold the sender thread at a safe point; True if it is held."""

@@ -22,6 +22,7 @@ class DeliverySettings:
     max_retries: int
     backoff_base: float
     max_backoff: float
+    retry_for: float
     proxy: str | None
     spool_dir: str | None
     max_spool_bytes: int

@@ -93,7 +93,7 @@ def app_tag(app: str) -> str:
 
 
 def _size(batch: Batch) -> int:
-    return len(batch.body) + len(batch.user_agent) + 37 * len(batch.message_ids) + 64
+    return len(batch.body) + len(batch.user_agent) + 37 * batch.event_count + 64
 
 
 def _identity(result: os.stat_result) -> tuple[int, int]:

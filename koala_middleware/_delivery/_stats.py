@@ -139,7 +139,7 @@ class Counters:
     def delivered(self, batch: Batch) -> None:
         with self._lock:
             self._stats.delivered += 1
-            self._stats.events_delivered += len(batch.message_ids)
+            self._stats.events_delivered += batch.event_count
 
     def dropped(self, reason: DropReason, batches: int, events: int, detail: str = "") -> None:
         with self._lock:

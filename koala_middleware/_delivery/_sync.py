@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import math
 import threading
 import time
 
 from .._protocol import Batch
 from ._engine import BlockingEngine, blocking_engine, encode_headers
+from ._policy import DOWN
 from ._request import DETAIL_UNBUILDABLE, Request, build
 from ._sender import Sender
 from ._settings import DeliverySettings
@@ -18,8 +20,9 @@ class SyncSender(Sender):
 
     Background threads are frozen between invocations there, so a batch must be sent
     before the response finishes. Retries follow the same rules, but one batch takes at most
-    ``timeout`` seconds in all, attempts and pauses included; and while Koala keeps failing
-    the shared backoff soon exceeds that budget, so each batch gets one attempt, not many.
+    ``timeout`` seconds in all, attempts and pauses included (``retry_for`` does not apply);
+    and while Koala is down (failing for different batches, nothing getting through) each
+    batch gets one attempt, not many.
     Nothing raises into the caller: what cannot be sent is counted and passed to
     ``on_error``.
     """
@@ -47,6 +50,7 @@ class SyncSender(Sender):
     def _send(self, request: Request) -> None:
         batch = request.batch
         deadline = time.monotonic() + self.settings.timeout
+        request.failed_at = -math.inf  # its time budget is ``timeout``: no retry_for here
         headers = encode_headers(request)
         while True:
             answer = exc = None
@@ -57,16 +61,23 @@ class SyncSender(Sender):
                     answer = self._engine.send("POST", request.url, headers, request.body, deadline)
             except Exception as error:  # network, TLS, proxy, protocol, timeout: as the background sender
                 exc = error
-            delay = self._outcome(batch, answer, exc, probe=True)
+            delay = self._outcome(request, answer, exc, probe=True)
             if delay is None:
                 return
             delay = max(delay, self._health.held())
-            if time.monotonic() + delay >= deadline:
+            # While Koala is down, waiting for it would only hold the caller's request: one
+            # attempt per batch (each next batch is the probe).
+            if self._health.state == DOWN or time.monotonic() + delay >= deadline:
+                why = (
+                    "Koala is down"
+                    if self._health.state == DOWN
+                    else f"sync budget of {self.settings.timeout:g}s spent"
+                )
                 self._give_up(
                     batch,
                     DeliveryError(
                         "retries_exhausted",
-                        f"sync budget of {self.settings.timeout:g}s spent after {batch.attempts} attempt(s)",
+                        f"{why} after {batch.attempts} attempt(s)",
                         answer.status if answer is not None else None,
                     ),
                 )

@@ -2,10 +2,11 @@
 
 Handing a batch over is an append to the bounded queue. The thread starts on the first
 batch (never at import or configuration: gunicorn ``--preload`` forks after those) and
-posts batches concurrently. A failed batch goes to the back of the queue, so a batch Koala
-keeps refusing cannot stall the others; it is given up after ``max_retries`` failed
-attempts. A retry posts the batch's same bytes, hence its ``message_id``\\s, so Koala
-deduplicates.
+posts batches concurrently, as many as Koala's health allows (see ``_policy``). A failed
+batch waits on its own schedule, then goes to the back of the queue, so a batch Koala keeps
+refusing cannot stall the others; it is given up after ``max_retries`` failed attempts (and,
+while Koala fails for everyone, ``retry_for`` seconds). A retry posts the batch's same
+bytes, hence its ``message_id``\\s, so Koala deduplicates.
 
 With a spool (``spool_dir``), every batch is also on disk from its hand-over until it is
 done (see ``_spool``); the thread then starts at once if the spool directory holds batches
@@ -34,6 +35,7 @@ from typing import TYPE_CHECKING, Any
 from .._protocol import Batch
 from . import _native
 from ._engine import Engine, background_engine
+from ._policy import DOWN
 from ._queue import BatchQueue, Waiting
 from ._request import DETAIL_UNBUILDABLE, Request, build
 from ._sender import Sender
@@ -92,7 +94,6 @@ class BackgroundSender(Sender):
         self._loop: asyncio.AbstractEventLoop | None = None
         self._wakeup: asyncio.Event | None = None
         self._loop_idle = False  # the loop waits for a submit to wake it
-        self._probing = False
         self._next_adoption = time.monotonic() + ADOPT_EVERY
         self._synced = 0.0  # when the sender last deleted finished batches from the spool
         self._spool_loaded = 0.0  # when it last loaded batches from the spool
@@ -318,26 +319,25 @@ class BackgroundSender(Sender):
             self._wakeup.set()
 
     def _take(self, in_flight: int) -> tuple[Waiting | None, float | None, bool]:
-        """The next batch to send (and whether it is a probe), or how long to wait."""
+        """The next batch to send (and whether it is a probe), or how long to wait.
+
+        Retries due by now join the back of the queue first; then Koala's health (see
+        ``_policy``) says how many attempts may be in flight.
+        """
         queue = self._queue
         with queue.lock:
+            due = queue.release_due_locked(time.monotonic()) if queue.scheduled else None
             if not queue.waiting:
-                self._loop_idle = True
-                return None, None, False
-            if in_flight >= self.settings.max_in_flight:
-                return None, None, False  # a finishing task wakes us
+                self._loop_idle = True  # a submit wakes us; a scheduled retry's due time too
+                return None, due, False
             held = self._health.held()
             if held:
-                return None, held, False  # Retry-After: whatever else succeeds meanwhile
-            probe = False
-            if self._health.failures:
-                if self._probing:
-                    return None, None, False  # the probe's answer wakes us
-                wait = self._health.gate - time.monotonic()
-                if wait > 0:
-                    return None, wait, False
-                probe = self._probing = True
-            return queue.waiting.popleft(), None, probe
+                return None, _sooner(held, due), False  # Retry-After: whatever else succeeds meanwhile
+            start, wait = self._health.admit(in_flight, self.settings.max_in_flight)
+            if not start:
+                return None, _sooner(wait, due), False  # a finishing task wakes us, or the wait
+            # Down: one attempt at a time, a probe whose failure lengthens the pause.
+            return queue.waiting.popleft(), None, self._health.state == DOWN
 
     async def _main(self) -> None:
         loop = asyncio.get_running_loop()
@@ -385,13 +385,9 @@ class BackgroundSender(Sender):
             return None
 
     async def _deliver(self, post: Engine, item: Waiting, probe: bool) -> None:
-        try:
-            request = self._build(item) if isinstance(item, Batch) else item
-            if request is not None:
-                await self._attempt(post, request, probe)
-        finally:
-            if probe:
-                self._probing = False
+        request = self._build(item) if isinstance(item, Batch) else item
+        if request is not None:
+            await self._attempt(post, request, probe)
 
     async def _attempt(self, post: Engine, request: Request, probe: bool) -> None:
         batch = request.batch
@@ -405,7 +401,7 @@ class BackgroundSender(Sender):
         except Exception as error:  # network errors, timeouts, anything an engine raises
             exc = error
         try:
-            delay = self._outcome(batch, answer, exc, probe)
+            delay = self._outcome(request, answer, exc, probe)
         except Exception as error:  # a bug here must not strand the batch (flush would wait)
             logger.exception(LOG_UNEXPECTED)
             self._give_up(batch, DeliveryError("error", f"{type(error).__name__}: {error}"))
@@ -415,9 +411,13 @@ class BackgroundSender(Sender):
             self._queue.finish(batch)
         else:
             self.counters.add("retried")
-            if not self._queue.requeue(request):
+            # Its own due time: a batch Koala keeps refusing never holds the others.
+            if not self._queue.schedule(request, time.monotonic() + delay):
                 self._give_up(batch, DeliveryError("shutdown", f"failed at shutdown after {batch.attempts} attempt(s)"))
                 self._queue.finish(batch)
+
+    def _recovered(self) -> None:
+        self._queue.release_all()  # their short pauses must not outlive the outage
 
 
 class _ParkingSelector(selectors.BaseSelector):
@@ -458,3 +458,10 @@ class _ParkingSelector(selectors.BaseSelector):
 
     def close(self) -> None:
         self._selector.close()
+
+
+def _sooner(wait: float | None, other: float | None) -> float | None:
+    """The shorter of two waits, None meaning "until woken"."""
+    if wait is None:
+        return other
+    return wait if other is None else min(wait, other)
