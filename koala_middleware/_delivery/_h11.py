@@ -12,7 +12,8 @@ One exchange logic (:class:`Exchange`: write a request, read an answer up to the
   native: it works in serverless runtimes and in threads that run a loop of their own.
 
 h11 (a dependency of httpx, maintained by the python-hyper project) parses everything
-Koala or a proxy sends back, so the code here only moves bytes.
+Koala or a proxy sends back; the code here writes the requests (parts checked before they
+get here, see :meth:`Exchange.start`) and moves bytes.
 """
 
 from __future__ import annotations
