@@ -7,7 +7,8 @@ than the middleware and hide it.
 
 Versions side by side: each case times the bare app and the app with the middleware of
 several versions of the package, all in one process (see ``versions``): the first round's
-(``FIRST_ROUND``), this round's starting point (``BEFORE``), the working tree (``after``),
+(``FIRST_ROUND``), this round's starting point (``BEFORE``), the end of the round's first
+pass on main (``FIRST_PASS``), the working tree (``after``),
 and an identical copy of the working tree as the noise control (its ratio to ``after``
 should read 0.95-1.05x). Each round makes every variant afresh (a new parked client each),
 warms it up, then interleaves them in short chunks (~5 ms of the bare app's work each, the
@@ -60,6 +61,9 @@ UNSEEN_VISITORS = 10_000  # more than the Cookie headers a middleware remembers 
 FIRST_ROUND = "c3a6fab"
 #: Where this round started (main on 2026-12-03).
 BEFORE = "8e9d052"
+#: Main at the second pass's start: the first pass on the request path (issue 22), and the
+#: pixel proxy's prefix check (issue 23) merged since.
+FIRST_PASS = "c305440"
 
 Runner = Callable[[int], int]  # run n requests, return the process CPU nanoseconds they took
 Clock = time.process_time_ns
@@ -77,10 +81,11 @@ class Version:
         return versions.submodule(self.package, name)
 
 
-def load_versions(before: str = BEFORE) -> list[Version]:
+def load_versions(before: str = BEFORE, first_pass: str = FIRST_PASS) -> list[Version]:
     return [
         Version("first", "first round", versions.load("first", FIRST_ROUND)),
         Version("before", "before", versions.load("before", before)),
+        Version("pass1", "first pass", versions.load("pass1", first_pass)),
         Version("after", "after", versions.load("after")),
         Version("copy", "after, identical copy", versions.load("copy")),
     ]
@@ -635,12 +640,16 @@ def run_case(case: Case, rounds: int, chunks: int, chunk_seconds: float) -> None
             case.ratios[name].append(ns / base)
 
 
-def run_cases(quick: bool = False, before: str = BEFORE, only: str | None = None) -> list[Case]:
+def run_cases(
+    quick: bool = False, before: str = BEFORE, only: str | None = None, first_pass: str = FIRST_PASS
+) -> list[Case]:
     logging.getLogger("koala_middleware").setLevel(logging.ERROR)  # parked clients' shutdown
     rounds, chunks, chunk_seconds = (5, 4, 0.003) if quick else (11, 8, 0.005)
     loop = asyncio.new_event_loop()
     try:
-        cases = [case for case in build_cases(loop, load_versions(before)) if only is None or only in case.title]
+        cases = [
+            case for case in build_cases(loop, load_versions(before, first_pass)) if only is None or only in case.title
+        ]
         for case in cases:
             say(f"in process: {case.part} {case.title} ({rounds} rounds of {chunks} chunks)")
             run_case(case, rounds, chunks, chunk_seconds)
@@ -671,10 +680,10 @@ def case_rows(case: Case) -> Iterator[Row]:
     earlier = "; ".join(
         f"{variant.name} {median(case.ratios[variant.name]):.2f}x"
         for variant in case.variants
-        if variant.version in ("first", "before")
+        if variant.version in ("first", "before", "pass1")
     )
     for variant in case.variants:
-        if variant.is_baseline or variant.version in ("first", "before", "copy"):
+        if variant.is_baseline or variant.version in ("first", "before", "pass1", "copy"):
             continue
         ratio = median(case.ratios[variant.name])
         us = median(case.results[variant.name]) / 1000
@@ -712,8 +721,9 @@ def noise_row(cases: list[Case]) -> Row:
 def part1_table(cases: list[Case]) -> str:
     """The README's part 1 table: each case's ratio for each version, side by side."""
     lines = [
-        "| case | bare | first round | before | after | target | met | noise (copy / after) |",
-        "| --- | ---: | ---: | ---: | ---: | --- | --- | ---: |",
+        "| case | bare | first round | before | after, first pass | after, second pass | target | met "
+        "| noise (copy / after) |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | --- | --- | ---: |",
     ]
     for case in cases:
         base_name = next(v.name for v in case.variants if v.is_baseline)
@@ -734,10 +744,10 @@ def part1_table(cases: list[Case]) -> str:
         noise_cell = f"{median(noise):.2f}x ({min(noise):.2f}-{max(noise):.2f})"
         lines.append(
             f"| {case.title} | {base_us:.1f} us | {cells.get('first', 'n/a')} | {cells.get('before', 'n/a')} "
-            f"| {cells.get('after', 'n/a')} | {target} | {met} | {noise_cell} |"
+            f"| {cells.get('pass1', 'n/a')} | {cells.get('after', 'n/a')} | {target} | {met} | {noise_cell} |"
         )
     lines.extend(
-        f"| {case.title}: {variant.name} (for scale) | | | | {median(case.ratios[variant.name]):.2f}x | | | |"
+        f"| {case.title}: {variant.name} (for scale) | | | | | {median(case.ratios[variant.name]):.2f}x | | | |"
         for case in cases
         for variant in case.variants
         if variant.version is None and not variant.is_baseline
@@ -749,10 +759,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description="bench part 1: versions side by side")
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--before", default=BEFORE, help=f"the commit of the 'before' column (default {BEFORE})")
+    parser.add_argument(
+        "--first-pass", default=FIRST_PASS, help=f"the commit of the 'after, first pass' column (default {FIRST_PASS})"
+    )
     parser.add_argument("--only", help="only the cases whose title contains this, e.g. 'Flask'")
     args = parser.parse_args()
     started = time.monotonic()
-    cases = run_cases(args.quick, args.before, args.only)
+    cases = run_cases(args.quick, args.before, args.only, args.first_pass)
     print(f"Machine: {machine_line()}.")
     print(f"Run: `python -m bench.inproc{' --quick' if args.quick else ''}` ({time.monotonic() - started:.0f} s).")
     print()

@@ -295,7 +295,7 @@ class VisitorCookie:
     anchored match per cookie name (or, for unusual ones, a search).
     """
 
-    __slots__ = ("_copy", "_copy_name", "_name", "_plain_copy", "_plain_id", "_seen", "settings")
+    __slots__ = ("_copy", "_copy_name", "_name", "_plain_copy", "_plain_id", "_seen", "remembered", "settings")
 
     def __init__(self, settings: CookieSettings) -> None:
         self.settings = settings
@@ -305,6 +305,9 @@ class VisitorCookie:
         self._copy_name = settings.server_copy_name
         self._plain_copy = _plain_matcher(settings.server_copy_name)
         self._seen: dict[int, tuple[str, int]] = {}
+        #: ``remembered(hash(header))``: what :meth:`resolve` found for a str or bytes Cookie
+        #: header it read before, or None (the cache's own ``get``: see ``Visits.enter``).
+        self.remembered = self._seen.get
 
     def read(self, cookie: object) -> str | None:
         """The visitor id in a Cookie header (several joined with ``"; "``), or None."""

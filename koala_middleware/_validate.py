@@ -106,15 +106,30 @@ def check_name(event: object, what: str = "event") -> str:
     return event
 
 
+# Hashes of addresses that passed ``check_email`` (as given, before strip): a logged-in user's
+# identify() passes the same address on request after request, and the set lookup costs a
+# third of the pattern match (micro: 0.27 -> 0.09 us). Hashes only, so it keeps no address in
+# memory (a collision of the keyed 64-bit hash is out of reach, as for the Cookie headers);
+# bounded like the Cookie cache, a new generation when full.
+_checked_emails: set[int] = set()
+_CHECKED_EMAILS_SIZE = 4096
+
+
 def check_email(email: object) -> str:
+    if type(email) is str and hash(email) in _checked_emails:  # not a subclass: its own __hash__
+        return email.strip()
     if not isinstance(email, str):
         raise TypeError(f"email must be a str, got {type(email).__name__}")
+    given = email
     email = email.strip()
     if len(email) > 254 or not _EMAIL.match(email):
         raise ValueError(
             "email does not look like an email address (expected name@example.com); "
             "pass the user's address, or leave email out and identify by profile_id"
         )
+    if len(_checked_emails) >= _CHECKED_EMAILS_SIZE:
+        _checked_emails.clear()
+    _checked_emails.add(hash(given))
     return email
 
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Mapping, MutableMapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Generic, Literal, TypeVar
 
 from ._client import ClientOptions, KoalaClient, client_from_options
 from ._cookie import WRITE_BOTH, CookieSettings, VisitorCookie
@@ -195,25 +195,36 @@ def configure(
     return client_from_options(client, client_options), settings
 
 
-class Visits:
+#: The tracker class a glue makes per request: ``RequestTracker`` or its own subclass,
+#: which adds the response hook the glue hands the app (one object per request).
+TrackerT = TypeVar("TrackerT", bound=RequestTracker)
+
+
+class Visits(Generic[TrackerT]):
     """Per-middleware-instance rules: settings, and the client that receives trackers.
 
     :param reader: how the glue's protocol reads its request object, part by part.
+    :param tracker_type: the class of the trackers it makes.
     """
 
     __slots__ = (
         "_cookie",
         "_excluded",
         "_reader",
+        "_remembered",
         "_respect_gpc",
         "_should_track",
+        "_tracker_type",
         "client",
         "read_visitor",
         "settings",
     )
 
-    def __init__(self, client: KoalaClient, settings: MiddlewareSettings, reader: RequestReader) -> None:
+    def __init__(
+        self, client: KoalaClient, settings: MiddlewareSettings, reader: RequestReader, tracker_type: type[TrackerT]
+    ) -> None:
         self.client = client
+        self._tracker_type = tracker_type
         self.settings = settings
         self._reader = reader
         # Read once: ``start`` runs on every request.
@@ -223,8 +234,11 @@ class Visits:
         self.read_visitor = reader.visitor
         self._respect_gpc = settings.respect_gpc
         self._should_track = settings.should_track
+        #: The cookie cache's lookup when no rule reads the request (no ``exclude_paths``,
+        #: no ``should_track``), else None: see :meth:`enter`'s shortcut.
+        self._remembered = self._cookie.remembered if self._excluded is None and self._should_track is None else None
 
-    def enter(self, holder: MutableMapping[str, Any], request: Any, cookie: object, gpc: bool) -> RequestTracker | None:
+    def enter(self, holder: MutableMapping[str, Any], request: Any, cookie: object, gpc: bool) -> TrackerT | None:
         """The request lifecycle's start, for every stack: this request's tracker, kept in
         ``holder`` (its ``environ`` or ``scope``) under :data:`TRACKER_KEY`; or None when an
         outer Koala middleware already started it (then this one only passes it on: one
@@ -232,11 +246,21 @@ class Visits:
         """
         if TRACKER_KEY in holder:
             return None
+        # The usual request, start()'s last line without its calls: a returning visitor with
+        # both cookies, whose Cookie header was read before, no Sec-GPC, and no rule to ask.
+        # Every request passes here (micro, one returning-visitor request through the ASGI
+        # glue: enter 0.54 -> 0.40 us). Anything else, or an unseen header, goes through start().
+        remembered = self._remembered
+        if remembered is not None and not gpc and (cookie.__class__ is bytes or cookie.__class__ is str):
+            found = remembered(hash(cookie))
+            if found is not None and not found[1]:  # no cookie to (re)write
+                tracker = holder[TRACKER_KEY] = self._tracker_type(self.client, found[0], _TRACKED, request, self)
+                return tracker
         tracker = self.start(request, cookie, gpc)
         holder[TRACKER_KEY] = tracker
         return tracker
 
-    def start(self, request: Any, cookie: object, gpc: bool) -> RequestTracker:
+    def start(self, request: Any, cookie: object, gpc: bool) -> TrackerT:
         """This request's tracker, which knows the ``Set-Cookie`` values its response needs
         (the glue asks it at response start: ``tracker.start_response(...)``).
 
@@ -246,23 +270,24 @@ class Visits:
         :param gpc: the request carries ``Sec-GPC: 1``.
         """
         client = self.client
+        make = self._tracker_type  # this glue's tracker class
         if self._excluded is not None and self._excluded(self._reader.path(request)):
-            return RequestTracker(client, None, _NOT_TRACKED, request, self)
+            return make(client, None, _NOT_TRACKED, request, self)
         found = self._cookie.resolve(cookie)
         if (gpc and self._respect_gpc) or (
             self._should_track is not None and not _consents(self._should_track, self._reader.info(request))
         ):
-            return RequestTracker(client, found[0] if found is not None else None, _NOT_TRACKED, request, self)
+            return make(client, found[0] if found is not None else None, _NOT_TRACKED, request, self)
         if found is None:
             visitor_id, set_cookies = self.new_visitor(request)
-            return RequestTracker(client, visitor_id, _TRACKED, request, self, set_cookies, _NEW_ID)
+            return make(client, visitor_id, _TRACKED, request, self, set_cookies, _NEW_ID)
         visitor_id, writes = found
         if writes:  # a returning visitor with one of the two cookies missing or stale
             host, https = self._reader.site(request)
-            return RequestTracker(
+            return make(
                 client, visitor_id, _TRACKED, request, self, self._cookie.set_cookies(visitor_id, writes, host, https)
             )
-        return RequestTracker(client, visitor_id, _TRACKED, request, self)
+        return make(client, visitor_id, _TRACKED, request, self)
 
     def new_visitor(self, request: Any) -> tuple[str, list[str]]:
         """A fresh visitor id and the ``Set-Cookie`` values that give it to the browser."""

@@ -124,7 +124,7 @@ class KoalaMiddleware:
         if self.async_mode:
             markcoroutinefunction(self)  # Django then calls it without a thread hop
         self.client, middleware_settings = _from_settings()
-        self.visits = Visits(self.client, middleware_settings, REQUEST_READER)
+        self.visits = Visits(self.client, middleware_settings, REQUEST_READER, RequestTracker)
         self.pixel = _pixel_proxy(middleware_settings, self.client)  # None unless pixel_path is set
 
     def __call__(self, request: Any) -> Any:

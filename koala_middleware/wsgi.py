@@ -106,7 +106,7 @@ class KoalaWSGIMiddleware:
     ) -> None:
         self.app = app
         self.client, settings = configure(client, **options)
-        self.visits = Visits(self.client, settings, ENVIRON_READER)
+        self.visits = Visits(self.client, settings, ENVIRON_READER, _WSGIVisit)
         self.pixel = wsgi_proxy(settings.pixel, self.client)  # None unless pixel_path is set
 
     def __call__(self, environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
@@ -122,13 +122,13 @@ class KoalaWSGIMiddleware:
         if tracker is None:  # an outer Koala middleware handles this request
             return self.app(environ, start_response)
         # Always wrapped: the handler may call tracker.reset(), which needs a Set-Cookie.
-        start_response = _start_with_cookies(start_response, tracker)
+        tracker._respond = start_response
         # The app runs in its own copy of the server's context with the tracker bound: the
         # call, each chunk and close() (see _Response), and nothing leaks into the server's.
         context = contextvars.copy_context()
         context.run(bind, tracker)
         try:
-            iterable = context.run(self.app, environ, start_response)
+            iterable = context.run(self.app, environ, tracker.start_with_cookies)
         except BaseException:
             tracker.finish()  # what the handler recorded before raising is still sent
             raise
@@ -180,25 +180,25 @@ class _SizedResponse(_Response):
         return len(self._iterable)  # type: ignore[arg-type]
 
 
-def _start_with_cookies(start_response: StartResponse, tracker: RequestTracker) -> StartResponse:
-    """``start_response`` that adds the visitor's ``Set-Cookie`` values the response may carry
-    (a new visitor's, a missing copy, a ``reset()``), and tells the tracker it started.
+class _WSGIVisit(RequestTracker):
+    """The request's tracker, whose :meth:`start_with_cookies` is the ``start_response`` the
+    app gets: one object per request, not a tracker and a closure (see asgi._ASGIVisit). The
+    glue sets ``_respond`` to the server's ``start_response``; the hand-over lets go of it."""
 
-    Called again with ``exc_info`` when an error replaces the response: the new headers
-    need the cookies too, and the server decides whether to re-raise. A closure, not an
-    object with ``__call__``: every request passes here, and calling a closure is cheaper.
-    """
+    __slots__ = ()
 
-    def start_with_cookies(status: str, headers: list[tuple[str, str]], exc_info: Any = None) -> Any:
-        if tracker._set_cookies is None:  # no cookie pending: see asgi._with_cookies
-            tracker._stage = STARTED
-            return start_response(status, headers, exc_info)
-        cookies = tracker.start_response(_status_code(status), lambda: _cache_control(headers))
+    def start_with_cookies(self, status: str, headers: list[tuple[str, str]], exc_info: Any = None) -> Any:
+        """``start_response``, adding the visitor's ``Set-Cookie`` values the response may
+        carry (a new visitor's, a missing copy, a ``reset()``), and telling the tracker it
+        started. Called again with ``exc_info`` when an error replaces the response: the new
+        headers need the cookies too, and the server decides whether to re-raise."""
+        if self._set_cookies is None:  # no cookie pending: see asgi._ASGIVisit
+            self._stage = STARTED
+            return self._respond(status, headers, exc_info)
+        cookies = self.start_response(_status_code(status), lambda: _cache_control(headers))
         if cookies is not None:
             headers = [*headers, *[("Set-Cookie", cookie) for cookie in cookies]]
-        return start_response(status, headers, exc_info)
-
-    return start_with_cookies
+        return self._respond(status, headers, exc_info)
 
 
 def _status_code(status: str) -> int:

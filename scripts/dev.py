@@ -78,7 +78,7 @@ def main(argv: list[str]) -> int:
     command, rest = (argv[0], argv[1:]) if argv else ("test", [])
     if command == "demo":
         stack = rest.pop(0) if rest and rest[0] in ("flask", "fastapi", "django") else "flask"
-        setup(stack)
+        setup(f"{stack},pixel")  # the examples serve Koala's pixel first-party (docs/pixel.md)
         return run(PYTHON, f"examples/{stack}_app/app.py", *rest, check=False)
     if command == "test":
         install_chromium()

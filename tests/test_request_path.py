@@ -1,7 +1,7 @@
 """The request path's shortcut for the usual response: no cookie pending, no start_response().
 
 A returning visitor's response goes out without the tracker being asked (see
-``asgi._with_cookies``); these check that it is still a response start for every rule that
+``asgi._ASGIVisit.send_with_cookies``); these check that it is still a response start for every rule that
 depends on one: ``reset()`` works before it and refuses after it, through WSGI, ASGI and
 Django alike, and the response's own headers are passed on as they are.
 """

@@ -51,3 +51,36 @@ def test_encode_mapping_names_the_bad_part_and_bounds_the_size() -> None:
         encode_mapping(["plan"], "traits")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match=f"over the {MAX_ITEM_BYTES}-byte limit"):
         encode_mapping({"x": "y" * MAX_ITEM_BYTES}, "traits")
+
+
+def test_an_address_checked_before_is_still_checked_alike() -> None:
+    # check_email remembers the hashes of addresses that passed: the answer must not change.
+    import koala_middleware._validate as validate
+
+    for _ in range(2):  # the second round answers from the remembered hashes
+        assert check_email("  ada@example.com ") == "ada@example.com"
+        assert check_email("ada@example.com") == "ada@example.com"
+        with pytest.raises(ValueError, match="does not look like an email"):
+            check_email("ada@example")
+        with pytest.raises(TypeError, match="email must be a str"):
+            check_email(b"ada@example.com")
+    assert hash("ada@example.com") in validate._checked_emails
+    assert all(type(kept) is int for kept in validate._checked_emails)  # hashes only, no address
+
+    class Odd(str):
+        def __hash__(self) -> int:  # claims a remembered address's hash
+            return hash("ada@example.com")
+
+    with pytest.raises(ValueError, match="does not look like an email"):
+        check_email(Odd("not an address"))
+
+
+def test_the_remembered_addresses_are_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
+    import koala_middleware._validate as validate
+
+    monkeypatch.setattr(validate, "_CHECKED_EMAILS_SIZE", 3)
+    validate._checked_emails.clear()
+    for index in range(10):
+        check_email(f"user{index}@example.com")
+        assert len(validate._checked_emails) <= 3
+    assert check_email("user9@example.com") == "user9@example.com"
