@@ -113,3 +113,36 @@ def test_a_kept_alive_connection_closed_under_a_request_is_retried_once_on_a_new
     deliver_one_by_one(client, "Reused", 3)
     assert client.stats.delivered == 3 and not client.stats.dropped
     assert koala.answered == 3
+
+
+def test_the_request_written_by_hand_is_what_h11_reads_back() -> None:
+    """The default engine writes requests itself (h11 only parses answers): an h11 server
+    reads them back as sent, body and all, and the h11 client is left ready for the answer."""
+    import h11
+
+    from koala_middleware._delivery._h11 import Exchange
+
+    headers = [(b"Host", b"api.example"), (b"User-Agent", b"Mozilla/5.0 (caf\xc3\xa9)"), (b"Content-Length", b"2")]
+    client = h11.Connection(h11.CLIENT)
+    data = Exchange(client).start(b"POST", b"/web/projects/k/batch", headers, b"{}")
+    server = h11.Connection(h11.SERVER)
+    server.receive_data(data)
+    request = server.next_event()
+    assert isinstance(request, h11.Request)
+    assert (request.method, request.target) == (b"POST", b"/web/projects/k/batch")
+    assert [(name, value) for name, value in request.headers] == [(n.lower(), v) for n, v in headers]
+    assert server.next_event() == h11.Data(data=b"{}")
+    assert type(server.next_event()) is h11.EndOfMessage
+    assert client.our_state is h11.DONE and client.their_state is h11.SEND_RESPONSE
+
+
+@pytest.mark.parametrize(
+    ("target", "header"),
+    [(b"/a\r\nX-Evil: 1", b"ok"), (b"/a", b"ok\r\nX-Evil: 1"), (b"/a", b"ok\nX-Evil: 1"), (b"/a b", b"ok")],
+)
+def test_a_request_that_could_be_split_is_not_written(target: bytes, header: bytes) -> None:
+    from koala_middleware._delivery._engine import EngineError
+    from koala_middleware._delivery._h11 import serialize
+
+    with pytest.raises(EngineError):
+        serialize(b"POST", target, [(b"Host", b"h"), (b"User-Agent", header)], b"")
