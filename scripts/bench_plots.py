@@ -6,7 +6,8 @@
 
 Reads the Markdown table ``bench/run.py`` prints (one row per case, with its ratio) and
 writes SVG bar charts next to it: ``inproc.svg`` (part 1: the middleware's cost per request
-as a ratio to the same app without it, Starlette's SessionMiddleware as a yardstick) and
+as a ratio to the same app without it, beside the earlier versions the same run timed,
+Starlette's SessionMiddleware as a yardstick) and
 ``sdks.svg`` (part 5: CPU per visitor against PostHog's and Segment's SDKs). Needs
 matplotlib (the ``docs`` extra). The SVGs are committed, so building the site needs no run.
 """
@@ -42,24 +43,56 @@ def _number(measured: str) -> float:
     return float(measured.split()[0].replace(",", ""))
 
 
+_VERSIONS = ("first round", "before", "first pass")  # as bench/inproc.py names them in a row
+_VERSION_COLOURS = {"first round": "#c8e6c9", "before": "#81c784", "first pass": "#43a047", "now": "#1b5e20"}
+_VERSION_LABELS = {  # for a reader of the docs, who knows no "pass"
+    "first round": "first version (2026-11-23)",
+    "before": "this round's start",
+    "first pass": "this round, first pass",
+    "now": "this version",
+}
+
+
+def earlier_versions(measured: str) -> dict[str, float]:
+    """The earlier versions' ratios a part 1 row carries: "(first round 1.21x; before 1.30x; ...)"."""
+    return {name: float(ratio) for name, ratio in re.findall(r"(first round|before|first pass) (\d+\.\d+)x", measured)}
+
+
 def plot_inproc(rows: list[Row], machine: str, out: Path) -> None:
+    """Part 1: each case's ratio to the bare app, this tree beside the earlier versions timed in the same run."""
     import matplotlib.pyplot as plt
 
     wanted = [r for r in rows if r.part.startswith("1") and r.ratio is not None and not r.case.endswith(": bare")]
     if not wanted:
         return
-    labels = [r.case.replace(": ", "\n") for r in wanted]
-    colours = ["#9e9e9e" if "SessionMiddleware" in r.case else "#2e7d32" for r in wanted]
-    fig, ax = plt.subplots(figsize=(9, 0.42 * len(wanted) + 1.4))
-    ax.barh(range(len(wanted)), [r.ratio or 0 for r in wanted], color=colours)
+    labels = [r.case.replace(": koala", "").replace(": ", "\n") for r in wanted]
+    fig, ax = plt.subplots(figsize=(9, 0.62 * len(wanted) + 1.6))
+    height = 0.8 / (len(_VERSIONS) + 1)
+    for i, r in enumerate(wanted):
+        if "SessionMiddleware" in r.case:  # the yardstick: one grey bar, this run only
+            ax.barh(i, r.ratio or 0, height * 1.5, color="#9e9e9e")
+            ax.text((r.ratio or 0) + 0.03, i, f"{r.ratio:.2f}x", va="center", fontsize=7)
+            continue
+        versions = {**earlier_versions(r.measured), "now": r.ratio or 0}
+        for j, name in enumerate((*_VERSIONS, "now")):
+            if name not in versions:
+                continue
+            y = i + (j - len(_VERSIONS) / 2) * height
+            ax.barh(
+                y, versions[name], height, color=_VERSION_COLOURS[name], label=_VERSION_LABELS[name] if i == 0 else None
+            )
+            ax.text(versions[name] + 0.03, y, f"{versions[name]:.2f}x", va="center", fontsize=6)
     ax.set_yticks(range(len(wanted)), labels, fontsize=7)
     ax.invert_yaxis()
     ax.axvline(1.0, color="black", linewidth=0.8)
-    for i, r in enumerate(wanted):
-        ax.text((r.ratio or 0) + 0.03, i, f"{r.ratio:.2f}x  ({r.measured})", va="center", fontsize=7)
-    ax.set_xlabel("time per request, as a ratio to the same app without the middleware (1.00x)")
-    ax.set_title("In-process cost per request (part 1; grey: Starlette's SessionMiddleware)", fontsize=10)
-    ax.set_xlim(0, max(r.ratio or 0 for r in wanted) * 1.45)
+    ax.set_xlabel("CPU per request, as a ratio to the same app without the middleware (1.00x); lower is better")
+    ax.set_title(
+        "In-process cost per request (part 1): this version beside earlier ones, same run\n"
+        "(grey: Starlette's SessionMiddleware, for scale)",
+        fontsize=10,
+    )
+    ax.set_xlim(0, max(r.ratio or 0 for r in wanted) * 1.2)
+    ax.legend(fontsize=7, loc="lower right", title="version", title_fontsize=7)
     fig.text(0.01, 0.005, machine, fontsize=6, color="#555555")
     fig.tight_layout(rect=(0, 0.03, 1, 1))
     fig.savefig(out, format=out.suffix[1:], metadata={"Date": None} if out.suffix == ".svg" else None)
@@ -76,19 +109,27 @@ def plot_sdks(rows: list[Row], machine: str, out: Path) -> None:
     sdks = list(dict.fromkeys(r.case.split(": ", 1)[1] for r in wanted))
     fig, ax = plt.subplots(figsize=(9, 3.6))
     width = 0.8 / len(sdks)
-    palette = ["#2e7d32", "#1565c0", "#ef6c00", "#6a1b9a"]
+
+    def colour(sdk: str) -> str:  # ours in greens (the noise control pale), the peers apart
+        if "noise control" in sdk:
+            return "#a5d6a7"
+        if "curl" in sdk:
+            return "#1b5e20"
+        return "#43a047" if "koala" in sdk else "#1565c0" if "PostHog" in sdk else "#ef6c00"
+
     for j, sdk in enumerate(sdks):
         values = []
         for group in groups:
             match = [r for r in wanted if r.case == f"{group}: {sdk}"]
             values.append(_number(match[0].measured) if match else 0.0)
         xs = [i + (j - (len(sdks) - 1) / 2) * width for i in range(len(groups))]
-        bars = ax.bar(xs, values, width, label=sdk, color=palette[j % len(palette)])
+        bars = ax.bar(xs, values, width, label=sdk, color=colour(sdk))
         ax.bar_label(bars, [f"{v:.0f} us" for v in values], fontsize=7)
     ax.set_xticks(range(len(groups)), groups, fontsize=8)
     ax.set_ylabel("whole-process CPU per visitor (us)")
     ax.set_title("One identify + one track per visitor (part 5; lower is better)", fontsize=10)
-    ax.legend(fontsize=8)
+    ax.set_ylim(0, max(_number(r.measured) for r in wanted) * 1.15)
+    ax.legend(fontsize=7, loc="upper right")
     fig.text(0.01, 0.005, machine, fontsize=6, color="#555555")
     fig.tight_layout(rect=(0, 0.04, 1, 1))
     fig.savefig(out, format=out.suffix[1:], metadata={"Date": None} if out.suffix == ".svg" else None)
