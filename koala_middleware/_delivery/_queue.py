@@ -122,9 +122,7 @@ class BatchQueue:
 
     def finish(self, batch: Batch) -> None:
         """A batch is done (counted first, so that a returning flush sees its stats)."""
-        # The lock itself, not the Condition around it: the Condition's ``__enter__`` is a
-        # Python call per batch; notify_all() only needs the lock held.
-        with self.lock:
+        with self._idle:
             self.pending -= 1
             self.pending_bytes -= cost(batch)
             if not self.pending and not self.backlog:

@@ -347,6 +347,11 @@ class BackgroundSender(Sender):
             self._loop, self._wakeup = loop, wakeup
         post = background_engine(self.settings)
         tasks: set[asyncio.Task[None]] = set()
+
+        def done(task: asyncio.Task[None]) -> None:
+            tasks.discard(task)
+            wakeup.set()
+
         try:
             while not self._queue.closed:
                 wakeup.clear()
@@ -360,40 +365,15 @@ class BackgroundSender(Sender):
                     with contextlib.suppress(asyncio.TimeoutError):
                         await asyncio.wait_for(wakeup.wait(), wait)
                     continue
-                tasks.add(loop.create_task(self._attempts(post, item, probe, tasks, wakeup)))
+                task = loop.create_task(self._deliver(post, item, probe))
+                tasks.add(task)
+                task.add_done_callback(done)
         finally:
             for task in list(tasks):
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
             with contextlib.suppress(Exception):  # closing sockets Koala left half-open: nothing to do
                 await post.close()
-
-    async def _attempts(
-        self, post: Engine, item: Waiting, probe: bool, tasks: set[asyncio.Task[None]], wakeup: asyncio.Event
-    ) -> None:
-        """Attempts one after another: ``item``'s, then, while the queue has a batch that
-        may start now, the next one's, in the same task.
-
-        A task per batch (created by ``_main``, ended by a done callback that woke
-        ``_main`` to create the next) cost a Task, a callback's handle and a turn of
-        ``_main`` per batch; in the same run this chain measured about 5% less sender CPU
-        per batch (see ``bench/README.md``, "after the sender's diet"). ``_main`` still
-        takes every batch when nothing is in flight, and every batch with a spool (whose
-        loads and deletes it paces), and the task says it ended, so ``_main`` looks again.
-        """
-        try:
-            while True:
-                await self._attempt(post, item, probe)
-                if self._spool.enabled or self._queue.closed:
-                    return
-                # Itself no longer in flight: the same count _main would pass once it ended.
-                following, _, probe = self._take(len(tasks) - 1)
-                if following is None:
-                    return  # _main waits for what comes next (a submit, a retry's due time)
-                item = following
-        finally:
-            tasks.discard(asyncio.current_task())
-            wakeup.set()
 
     def _build(self, batch: Batch) -> Request | None:
         """The batch's request, or None when none can be built: then it is dropped alone."""
@@ -404,16 +384,12 @@ class BackgroundSender(Sender):
             self._queue.finish(batch)
             return None
 
-    async def _attempt(self, post: Engine, item: Waiting, probe: bool) -> None:
-        """One attempt at ``item`` (a batch's first: its request is built here), and its
-        outcome: finished, or scheduled for another attempt."""
-        if isinstance(item, Batch):
-            built = self._build(item)
-            if built is None:
-                return
-            request = built
-        else:
-            request = item
+    async def _deliver(self, post: Engine, item: Waiting, probe: bool) -> None:
+        request = self._build(item) if isinstance(item, Batch) else item
+        if request is not None:
+            await self._attempt(post, request, probe)
+
+    async def _attempt(self, post: Engine, request: Request, probe: bool) -> None:
         batch = request.batch
         answer = exc = None
         try:
