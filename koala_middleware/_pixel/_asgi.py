@@ -11,7 +11,7 @@ from typing import Any
 from ..asgi import _path
 from ._route import Rejected, route
 from ._settings import PixelSettings
-from ._stats import PixelStats
+from ._stats import PixelStats, describe
 from ._upstream import AsyncUpstream, UpstreamCut, error_answer
 
 __all__ = ["ASGIPixelProxy"]
@@ -56,7 +56,7 @@ class ASGIPixelProxy:
             else:
                 await self._http(scope, receive, send_noting_start)
         except Exception as exc:  # a bug of ours, or a server's odd scope: a 502, never raised
-            self.stats.failed("proxy_error", f"{type(exc).__name__}: {exc}", exc)
+            self.stats.failed("proxy_error", describe(exc), exc)
             if not started:
                 if scope["type"] == "websocket":
                     await send({"type": "websocket.close", "code": 1011})
@@ -170,7 +170,7 @@ async def relay_websocket(
     try:
         upstream = await connect(ws_url, **options)
     except Exception as exc:  # any failure to open: refuse the visitor's handshake, never raise
-        proxy.stats.failed("websocket_failed", f"{type(exc).__name__}: {exc}")
+        proxy.stats.failed("websocket_failed", describe(exc))
         await send({"type": "websocket.close", "code": 1011})
         return
     proxy.stats.count("proxied")
@@ -209,7 +209,7 @@ async def relay_websocket(
             group.start_soon(run, to_upstream)
             group.start_soon(run, to_visitor)
     except Exception as exc:  # the relay must never raise into the server
-        proxy.stats.failed("websocket_failed", f"{type(exc).__name__}: {exc}")
+        proxy.stats.failed("websocket_failed", describe(exc))
     finally:
         with anyio.CancelScope(shield=True):
             await upstream.close()

@@ -7,7 +7,7 @@ import logging
 import threading
 import time
 
-__all__ = ["PixelStats"]
+__all__ = ["PixelStats", "describe"]
 
 logger = logging.getLogger("koala_middleware")
 
@@ -53,3 +53,8 @@ class PixelStats:
 
     def __repr__(self) -> str:
         return f"<PixelStats {self.counts}>"
+
+
+def describe(exc: BaseException) -> str:
+    """What a log line says of ``exc``: its type, and its message when it has one."""
+    return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 from ._cache import MAX_ENTRY_BYTES, CachedAnswer, ScriptCache
 from ._route import Outgoing, answer_headers
 from ._settings import PixelSettings
-from ._stats import PixelStats
+from ._stats import PixelStats, describe
 
 if TYPE_CHECKING:
     import httpx
@@ -85,15 +85,10 @@ def _client_options(settings: PixelSettings, proxy: str | None) -> dict[str, Any
     }
 
 
-def _detail(exc: Exception) -> str:
-    """What the log line says of ``exc``: its type, and its message when it has one."""
-    return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
-
-
 def _failure(stats: PixelStats, exc: Exception) -> int:
     import httpx
 
-    detail = _detail(exc)
+    detail = describe(exc)
     if isinstance(exc, (httpx.TimeoutException, TimeoutError)):
         stats.failed("upstream_timeout", detail)
         return 504
@@ -139,7 +134,7 @@ class _Base:
 
     def _cut(self, exc: Exception) -> UpstreamCut:
         """Count and log an answer that broke off after it had started; what the body raises."""
-        self.stats.failed("upstream_cut", _detail(exc))
+        self.stats.failed("upstream_cut", describe(exc))
         return UpstreamCut(type(exc).__name__)
 
 

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 
 from ._route import Rejected, route
 from ._settings import PixelSettings
-from ._stats import PixelStats
+from ._stats import PixelStats, describe
 from ._upstream import SyncUpstream, error_answer
 
 if TYPE_CHECKING:
@@ -43,7 +43,7 @@ class WSGIPixelProxy:
         try:
             return self._proxy(environ, start_response)
         except Exception as exc:  # a bug of ours, or a server's odd environ: a 502, never the app's problem
-            self.stats.failed("proxy_error", f"{type(exc).__name__}: {exc}", exc)
+            self.stats.failed("proxy_error", describe(exc), exc)
             return _error(start_response, 502)
 
     def _proxy(self, environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
