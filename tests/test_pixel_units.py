@@ -55,6 +55,14 @@ def test_routing_splits_cdn_and_api_and_quotes_the_path() -> None:
     assert route(SETTINGS, "GET", "/v1/x", "", [], None, None, websocket=True).url.startswith("https://api.test")
 
 
+@pytest.mark.parametrize("address", ["testclient", "/run/app.sock", "203.0.113.7, 10.0.0.1", "203.0.113.7\r\nx: y"])
+def test_an_address_that_is_not_an_ip_is_not_forwarded(address: str) -> None:
+    """The rule the batches follow (``ip`` only when it parses): a test client's or a unix
+    socket's "address" never reaches Koala as the visitor's IP."""
+    headers = route(SETTINGS, "GET", "/web/projects/pk", "", [], address, 5000).headers
+    assert not [name for name, _ in headers if name in ("x-forwarded-for", "cloudfront-viewer-address")]
+
+
 @pytest.mark.parametrize(
     ("path", "query"),
     [

@@ -12,6 +12,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from urllib.parse import quote
 
+from .._request import client_ip
 from ._settings import PixelSettings
 
 __all__ = ["METHODS", "Outgoing", "Rejected", "answer_headers", "route"]
@@ -107,7 +108,8 @@ def route(
     starting with ``/``; ``query`` raw); raises :class:`Rejected` for what must not go.
 
     :param headers: the request's headers, names lower case.
-    :param ip: the visitor's address as the server's proxy handling corrected it.
+    :param ip: the visitor's address as the server's proxy handling corrected it; left out
+        unless it parses as an IPv4 or IPv6 address (as in the batches).
     :param port: the visitor's port, 0 or None when not known (behind a proxy).
     """
     if method not in METHODS:
@@ -132,6 +134,7 @@ def route(
             cookies.extend(koala_cookies(value))
     if cookies:
         forwarded.append(("cookie", "; ".join(cookies)))
+    ip = client_ip(ip)  # the batches' rule: an address only when it parses as one
     if ip:
         # The address the server's proxy handling settled on (never the client's own
         # X-Forwarded-For), as Koala's CloudFront set-up and other proxies would send it.
