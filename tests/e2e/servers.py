@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -24,8 +25,36 @@ ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
 
 
+def _ephemeral_start() -> int:
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768  # Linux's default; macOS and Windows start theirs at 49152
+
+
+#: Ports for the servers the tests start come from below the kernel's ephemeral range: a
+#: port that ``bind(0)`` hands out is one that any outgoing connection (a sender's, a test
+#: client's) may take as its own local port before the server binds it, and the stop
+#: matrix, which starts 20 servers while others connect, once failed so ("Address already
+#: in use"). Below that range only a listener can hold a port.
+_PORTS = range(20000, max(_ephemeral_start(), 20001))
+_handed_out: set[int] = set()
+
+
 def free_port() -> int:
-    with socket.socket() as sock:
+    """A loopback port no server of this run was given and nothing listens on now."""
+    for _ in range(200):
+        port = random.choice(_PORTS)
+        if port in _handed_out:
+            continue
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        _handed_out.add(port)
+        return port
+    with socket.socket() as sock:  # a crowded range: the kernel's pick, as before
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
 
