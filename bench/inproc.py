@@ -48,7 +48,7 @@ from starlette.requests import Request
 from starlette.responses import PlainTextResponse
 from starlette.routing import Route
 
-from . import versions
+from . import floor, versions
 from .common import Row, check, machine_line, median, say
 
 VISITOR_ID = "0f8fad5b-d9cb-4980-b0f2-4b2a1c6f5d3e"
@@ -64,6 +64,9 @@ BEFORE = "8e9d052"
 #: Main at the second pass's start: the first pass on the request path (issue 22), and the
 #: pixel proxy's prefix check (issue 23) merged since.
 FIRST_PASS = "c305440"
+
+#: The row of ``bench/floor.py``'s middlewares: koala's per-request duties and nothing else.
+FLOOR = "floor: the same duties, nothing else (bench/floor.py)"
 
 Runner = Callable[[int], int]  # run n requests, return the process CPU nanoseconds they took
 Clock = time.process_time_ns
@@ -488,6 +491,25 @@ def build_cases(loop: asyncio.AbstractEventLoop, all_versions: list[Version], dj
 
         return Variant(name, make)
 
+    def floor_asgi(cookie: str) -> Variant:
+        def make() -> tuple[Runner, Callable[[], None]]:
+            app = starlette_app(current, [Middleware(floor.FloorASGIMiddleware)])
+            scope = asgi_scope("/", cookie)
+            asgi_response_headers(app, scope, loop)
+            return asgi_runner(app, scope, loop), _nothing
+
+        return Variant(FLOOR, make)
+
+    def floor_wsgi(cookie: str) -> Variant:
+        def make() -> tuple[Runner, Callable[[], None]]:
+            app = flask_app(current)
+            app.wsgi_app = floor.FloorWSGIMiddleware(app.wsgi_app)  # type: ignore[method-assign]
+            environ = wsgi_environ("/", cookie)
+            wsgi_response_headers(app, environ)
+            return wsgi_runner(app, environ), _nothing
+
+        return Variant(FLOOR, make)
+
     def each_version(target: float | None, make: Callable[[Version], MakeRunner], needs: str) -> list[Variant]:
         return [
             Variant(v.title, make(v), version=v.label, target=target if v.label == "after" else None)
@@ -504,6 +526,7 @@ def build_cases(loop: asyncio.AbstractEventLoop, all_versions: list[Version], dj
                 *each_version(1.18, lambda v: asgi(v, "/", returning_with_session, False), "asgi"),
                 session_variant("SessionMiddleware, returning session", returning_with_session),
                 session_variant("SessionMiddleware, no session", returning),
+                floor_asgi(returning_with_session),
             ],
         ),
         Case(
@@ -536,6 +559,7 @@ def build_cases(loop: asyncio.AbstractEventLoop, all_versions: list[Version], dj
             [
                 Variant("bare", wsgi(None, "/", returning), is_baseline=True),
                 *each_version(1.07, lambda v: wsgi(v, "/", returning, False), "wsgi"),
+                floor_wsgi(returning),
             ],
         ),
         Case(
