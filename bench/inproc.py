@@ -8,7 +8,7 @@ than the middleware and hide it.
 Versions side by side: each case times the bare app and the app with the middleware of
 several versions of the package, all in one process (see ``versions``): the first round's
 (``FIRST_ROUND``), this round's starting point (``BEFORE``), the end of the round's first
-pass on main (``FIRST_PASS``), the working tree (``after``),
+two passes on main (``FIRST_PASS``), the working tree (``after``),
 and an identical copy of the working tree as the noise control (its ratio to ``after``
 should read 0.95-1.05x). Each round makes every variant afresh (a new parked client each),
 warms it up, then interleaves them in short chunks (~5 ms of the bare app's work each, the
@@ -61,12 +61,12 @@ UNSEEN_VISITORS = 10_000  # more than the Cookie headers a middleware remembers 
 FIRST_ROUND = "c3a6fab"
 #: Where this round started (main on 2026-12-03).
 BEFORE = "8e9d052"
-#: Main at the second pass's start: the first pass on the request path (issue 22), and the
-#: pixel proxy's prefix check (issue 23) merged since.
-FIRST_PASS = "c305440"
+#: Main at the third pass's start (2026-12-04): issue 22's first two passes on the request
+#: path, and the rest of the round (issues 18-24) merged.
+FIRST_PASS = "b46d6ed"
 
 #: The row of ``bench/floor.py``'s middlewares: koala's per-request duties and nothing else.
-FLOOR = "floor: the same duties, nothing else (bench/floor.py)"
+FLOOR = "floor: the same duties, nothing else"
 
 Runner = Callable[[int], int]  # run n requests, return the process CPU nanoseconds they took
 Clock = time.process_time_ns
@@ -88,7 +88,7 @@ def load_versions(before: str = BEFORE, first_pass: str = FIRST_PASS) -> list[Ve
     return [
         Version("first", "first round", versions.load("first", FIRST_ROUND)),
         Version("before", "before", versions.load("before", before)),
-        Version("pass1", "first pass", versions.load("pass1", first_pass)),
+        Version("pass1", "passes 1-2", versions.load("pass1", first_pass)),
         Version("after", "after", versions.load("after")),
         Version("copy", "after, identical copy", versions.load("copy")),
     ]
@@ -745,7 +745,7 @@ def noise_row(cases: list[Case]) -> Row:
 def part1_table(cases: list[Case]) -> str:
     """The README's part 1 table: each case's ratio for each version, side by side."""
     lines = [
-        "| case | bare | first round | before | after, first pass | after, second pass | target | met "
+        "| case | bare | first round | before | after, passes 1-2 | after, pass 3 | target | met "
         "| noise (copy / after) |",
         "| --- | ---: | ---: | ---: | ---: | ---: | --- | --- | ---: |",
     ]
@@ -784,7 +784,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--before", default=BEFORE, help=f"the commit of the 'before' column (default {BEFORE})")
     parser.add_argument(
-        "--first-pass", default=FIRST_PASS, help=f"the commit of the 'after, first pass' column (default {FIRST_PASS})"
+        "--first-pass", default=FIRST_PASS, help=f"the commit of the 'after, passes 1-2' column (default {FIRST_PASS})"
     )
     parser.add_argument("--only", help="only the cases whose title contains this, e.g. 'Flask'")
     args = parser.parse_args()
