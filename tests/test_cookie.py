@@ -651,3 +651,23 @@ def test_resolve_reads_ko_id_and_its_server_kept_copy(header, resolved):
         (VID, _cookie.WRITE_NONE) if header.startswith(f"ko_id={VID}") or f"; ko_id={VID}" in header else None
     )
     assert off.resolve(header) == expected_off
+
+
+def test_set_cookies_per_site_memo_is_bounded_and_keeps_odd_hosts_out() -> None:
+    cookie = VisitorCookie(CookieSettings())
+    both = _cookie.WRITE_BOTH
+    assert cookie.set_cookies(VID, both, "app.example.com", True) == [
+        f"ko_id={VID}; Domain=example.com{ATTRS}; Secure",
+        f"ko_id_server={VID}; Domain=example.com{ATTRS}; Secure; HttpOnly",
+    ]
+    assert cookie.set_cookies(VID, _cookie.WRITE_COPY, "app.example.com", False) == [
+        f"ko_id_server={VID}; Domain=example.com{ATTRS}; HttpOnly"  # https is part of the key
+    ]
+    for i in range(_cookie._CACHE_SIZE + 10):  # client-controlled hosts: the memo stays bounded
+        cookie.set_cookies(VID, both, f"h{i}.example.org", False)
+    assert len(cookie._by_site) <= _cookie._CACHE_SIZE
+    cookie._by_site.clear()
+    oversized = "a" * 1000 + ".example.com"
+    assert cookie.set_cookies(VID, _cookie.WRITE_ID, oversized, False) == [f"ko_id={VID}{ATTRS}"]
+    assert cookie.set_cookies(VID, _cookie.WRITE_ID, ["example.com"], False) == [f"ko_id={VID}{ATTRS}"]  # type: ignore[arg-type]
+    assert cookie._by_site == {}  # neither kept as a key
