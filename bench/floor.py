@@ -15,25 +15,46 @@ koala in the same run:
 - at the end, unbind it, check whether anything was recorded and let go of the request;
   WSGI: run the app, each chunk and ``close()`` in a copy of the server's context, as koala
   does (an unclosed response leaks nothing into the server's thread).
+
+For "identify + track", the object records as koala's tracker must: each call checked and
+encoded at the call site (the email's pattern, the name, the JSON of the traits and
+properties), a time stamp and, for an event, a message id, appended under a lock (records
+may come from threads); after the response one body is built (the visitor's id, IP and
+User-Agent read from the request) and appended to a queue under its lock. It uses koala's
+own cheapest primitives for each (its C JSON encoder, id pool, time stamp cache and email
+memo): the floor is the duties' cost, not a slower rewrite of them.
 """
 
 from __future__ import annotations
 
+import collections
 import contextvars
 import itertools
+import threading
 from collections.abc import Awaitable, Callable, Iterable, Iterator, MutableMapping
 from typing import Any
+
+from koala_middleware._encoding import dumps, now_sent_at, quote
+from koala_middleware._ids import random_uuid4
+from koala_middleware._validate import check_email
 
 _current: contextvars.ContextVar[Any] = contextvars.ContextVar("floor_visit", default=None)
 _seen: dict[int, str] = {}
 _VISITOR_ID = "0f8fad5b-d9cb-4980-b0f2-4b2a1c6f5d3e"  # what a first read of the header finds
+
+_lock = threading.Lock()
+_queue_lock = threading.Lock()
+_queue: collections.deque[tuple[bytes, str]] = collections.deque(maxlen=100_000)  # a bounded queue
 
 Message = MutableMapping[str, Any]
 Send = Callable[[Message], Awaitable[None]]
 
 
 class _Visit:
-    __slots__ = ("count", "request", "respond", "started", "visitor_id")
+    __slots__ = ("count", "events", "identifies", "request", "respond", "started", "visitor_id")
+
+    events: list[str]
+    identifies: list[str]
 
     def __init__(self, visitor_id: str, request: Any, respond: Any) -> None:
         self.visitor_id = visitor_id
@@ -41,6 +62,41 @@ class _Visit:
         self.respond = respond
         self.started = False
         self.count = 0
+
+    def identify(self, email: str, traits: dict[str, Any]) -> None:
+        email = check_email(email)
+        item = f'{{"type":"identify","sent_at":"{now_sent_at()}","traits":{dumps({**traits, "email": email})}}}'
+        with _lock:
+            if not self.count:
+                self.events, self.identifies = [], []
+            self.count += 1
+            self.identifies.append(item)
+
+    def track(self, event: str, properties: dict[str, Any]) -> str:
+        if not isinstance(event, str) or not event or len(event) > 200:
+            raise ValueError(event)
+        message_id = random_uuid4()
+        item = (
+            f'{{"message_id":"{message_id}","type":"track","event":{quote(event)},'
+            f'"properties":{dumps(properties)},"sent_at":"{now_sent_at()}"}}'
+        )
+        with _lock:
+            if not self.count:
+                self.events, self.identifies = [], []
+            self.count += 1
+            self.events.append(item)
+        return message_id
+
+    def hand_over(self, user_agent: str, ip: str) -> None:
+        with _lock:
+            events, identifies = self.events, self.identifies
+            self.count = 0
+        body = (
+            f'{{"profile_id":{quote(self.visitor_id)},"ip":{quote(ip)},"events":[{",".join(events)}],'
+            f'"identifies":[{",".join(identifies)}]}}'
+        ).encode()
+        with _queue_lock:
+            _queue.append((body, user_agent))
 
     def send(self, message: Message) -> Awaitable[None]:
         if not self.started and message["type"] == "http.response.start":
@@ -83,7 +139,11 @@ class FloorASGIMiddleware:
         finally:
             _current.reset(token)
             if visit.count:
-                pass  # a hand-over would go here
+                user_agent = ""
+                for name, value in scope["headers"]:
+                    if name == b"user-agent":
+                        user_agent = value.decode("latin-1")
+                visit.hand_over(user_agent, scope["client"][0])
             visit.request = visit.respond = None
 
 
@@ -116,5 +176,11 @@ class _Response:
             self._context.run(close)
         visit = self._visit
         if visit.count:
-            pass  # a hand-over would go here
+            environ = visit.request
+            visit.hand_over(environ.get("HTTP_USER_AGENT", ""), environ["REMOTE_ADDR"])
         visit.request = visit.respond = None
+
+
+def current() -> Any:
+    """The request's object (the bench app's ``current_tracker()``)."""
+    return _current.get()

@@ -491,20 +491,20 @@ def build_cases(loop: asyncio.AbstractEventLoop, all_versions: list[Version], dj
 
         return Variant(name, make)
 
-    def floor_asgi(cookie: str) -> Variant:
+    def floor_asgi(cookie: str, path: str = "/") -> Variant:
         def make() -> tuple[Runner, Callable[[], None]]:
-            app = starlette_app(current, [Middleware(floor.FloorASGIMiddleware)])
-            scope = asgi_scope("/", cookie)
+            app = starlette_app(floor.current, [Middleware(floor.FloorASGIMiddleware)])
+            scope = asgi_scope(path, cookie)
             asgi_response_headers(app, scope, loop)
             return asgi_runner(app, scope, loop), _nothing
 
         return Variant(FLOOR, make)
 
-    def floor_wsgi(cookie: str) -> Variant:
+    def floor_wsgi(cookie: str, path: str = "/") -> Variant:
         def make() -> tuple[Runner, Callable[[], None]]:
-            app = flask_app(current)
+            app = flask_app(floor.current)
             app.wsgi_app = floor.FloorWSGIMiddleware(app.wsgi_app)  # type: ignore[method-assign]
-            environ = wsgi_environ("/", cookie)
+            environ = wsgi_environ(path, cookie)
             wsgi_response_headers(app, environ)
             return wsgi_runner(app, environ), _nothing
 
@@ -551,6 +551,7 @@ def build_cases(loop: asyncio.AbstractEventLoop, all_versions: list[Version], dj
             [
                 Variant("bare", asgi(None, "/track", returning), is_baseline=True),
                 *each_version(2.15, lambda v: asgi(v, "/track", returning, False, 1), "asgi"),
+                floor_asgi(returning, "/track"),
             ],
         ),
         Case(
@@ -576,6 +577,7 @@ def build_cases(loop: asyncio.AbstractEventLoop, all_versions: list[Version], dj
             [
                 Variant("bare", wsgi(None, "/track", returning), is_baseline=True),
                 *each_version(1.45, lambda v: wsgi(v, "/track", returning, False, 1), "wsgi"),
+                floor_wsgi(returning, "/track"),
             ],
         ),
     ]
