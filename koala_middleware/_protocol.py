@@ -142,9 +142,10 @@ def account_batches(
     return _split('"domain":' + quote(domain), events, identifies, ACCOUNT_PATH, user_agent)
 
 
-def event_item(message_id: str, event: str, properties_json: str, sent_at: str) -> str:
+def event_item(quoted_message_id: str, event: str, properties_json: str, sent_at: str) -> str:
+    """An event; its ``message_id`` comes quoted (the ids made here need no escaping)."""
     return (
-        f'{{"message_id":{quote(message_id)},"type":"track","event":{quote(event)},'
+        f'{{"message_id":{quoted_message_id},"type":"track","event":{quote(event)},'
         f'"properties":{properties_json},"sent_at":"{sent_at}"}}'
     )
 

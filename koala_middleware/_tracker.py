@@ -17,9 +17,9 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from . import _protocol
 from ._cookie import may_set_cookie
-from ._encoding import format_sent_at, now_sent_at
+from ._encoding import format_sent_at, now_sent_at, quote
 from ._ids import random_uuid4
-from ._validate import check_domain, check_email, check_id, check_name, encode_mapping
+from ._validate import MAX_NAME_LENGTH, check_domain, check_email, check_id, check_name, encode_mapping
 
 if TYPE_CHECKING:
     from ._delivery import DropReason
@@ -107,12 +107,21 @@ def current_tracker() -> Tracker | None:
 def _event_item(
     event: str, properties: Mapping[str, Any] | None, message_id: str | None, sent_at: datetime.datetime | None
 ) -> tuple[str, str]:
-    """An event's encoded item and its ``message_id``, checked at the call site."""
-    check_name(event)
+    """An event's encoded item and its ``message_id``, checked at the call site.
+
+    The usual name is checked without calling check_name, and an id made here is quoted
+    without ``quote()`` (micro, interleaved: a track() 1.64 -> 1.56 us).
+    """
+    if event.__class__ is not str or not 0 < len(event) <= MAX_NAME_LENGTH or event.isspace():
+        check_name(event)  # says what is wrong (the test above is its fast path, one per track())
     properties_json = encode_mapping(properties, "properties")
-    message_id = random_uuid4() if message_id is None else check_id(message_id, "message_id")
+    if message_id is None:
+        message_id = random_uuid4()
+        quoted_id = f'"{message_id}"'  # hex digits and dashes: nothing to escape
+    else:
+        quoted_id = quote(check_id(message_id, "message_id"))
     stamp = now_sent_at() if sent_at is None else format_sent_at(sent_at)
-    return _protocol.event_item(message_id, event, properties_json, stamp), message_id
+    return _protocol.event_item(quoted_id, event, properties_json, stamp), message_id
 
 
 def _account_identify_item(traits: Mapping[str, Any] | None, group_id: str | None) -> str:
