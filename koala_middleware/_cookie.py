@@ -288,7 +288,7 @@ class VisitorCookie:
 
     Reading runs on every request, so what is read from a Cookie header is memoised, in a
     bounded cache (the header is client-controlled; the ``Set-Cookie`` attributes per host
-    have theirs in ``_cookie_attributes``). A visitor's page, its API calls and its assets
+    have theirs, ``_by_site`` in front of ``_cookie_attributes``). A visitor's page, its API calls and its assets
     send the same header; seen before, it costs one hash and one lookup. The reading cache is keyed by the
     header's hash, so it keeps no cookie values (sessions, tokens) in memory; a collision of
     the keyed 64-bit hash is out of reach. Unseen headers are read with one ``find`` and one
@@ -368,14 +368,14 @@ class VisitorCookie:
     def set_cookies(self, visitor_id: str, writes: int, host: str | None, https: bool) -> list[str]:
         """The ``Set-Cookie`` values that write ``visitor_id`` to the cookies in ``writes``:
         the same attributes for both, and HttpOnly for the copy (only the server writes it)."""
+        if host.__class__ is not str or len(host) > _MAX_HOST_INPUT:
+            host = None  # client-controlled: odd or oversized hosts stay out of the caches
         key = (host, https)
-        attributes = self._by_site.get(key) if host is None or host.__class__ is str else None
+        attributes = self._by_site.get(key)  # one lookup for both cookies
         if attributes is None:
-            attributes = _attributes(host, https, self.settings)  # one lookup for both cookies
-            if host is None or (host.__class__ is str and len(host) <= _MAX_HOST_INPUT):
-                if len(self._by_site) >= _CACHE_SIZE:
-                    self._by_site.clear()  # client-controlled hosts: bounded, as _seen is
-                self._by_site[key] = attributes
+            if len(self._by_site) >= _CACHE_SIZE:
+                self._by_site.clear()  # client-controlled hosts: bounded, as _seen is
+            attributes = self._by_site[key] = _cookie_attributes(host, bool(https), self.settings)
         headers = []
         if writes & WRITE_ID:
             headers.append(f"{self._name}={visitor_id}{attributes}")
@@ -399,12 +399,6 @@ def _first_id(cookie: str, name: str, plain: Callable[[str, int], re.Match[str] 
         if found is not None:
             return found.group(1)
     return _search_visitor_id((cookie,), name)
-
-
-def _attributes(host: str | None, https: bool, settings: CookieSettings) -> str:
-    if not isinstance(host, str) or len(host) > _MAX_HOST_INPUT:
-        host = None  # client-controlled: odd or oversized hosts stay out of the cache
-    return _cookie_attributes(host, bool(https), settings)
 
 
 _logged_shared_cache_skip = False
