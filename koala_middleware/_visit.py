@@ -273,7 +273,7 @@ class Visits(Generic[TrackerT]):
         make = self._tracker_type  # this glue's tracker class
         if self._excluded is not None and self._excluded(self._reader.path(request)):
             return make(client, None, _NOT_TRACKED, request, self)
-        found = self._cookie.resolve(cookie) if cookie is not None else None  # a new visitor: no call
+        found = self._cookie.resolve(cookie)
         if (gpc and self._respect_gpc) or (
             self._should_track is not None and not _consents(self._should_track, self._reader.info(request))
         ):

@@ -78,7 +78,6 @@ class BackgroundSender(Sender):
         self._spool: NoSpool = (
             NoSpool() if spool_dir is None else Spool(spool_dir, settings.max_spool_bytes, settings.base_url)
         )
-        self._spooling = self._spool.enabled
         if self._spool.enabled:  # (NoSpool calls neither: no reference cycle through it)
             self._spool.on_stranded = self._stranded
             self._spool.on_spooled = functools.partial(self.counters.add, "spooled")
@@ -110,7 +109,7 @@ class BackgroundSender(Sender):
     # -- the request side (any thread): cheap, never blocks on the network ----------------
 
     def submit(self, batch: Batch) -> bool:
-        if self._spooling:  # read, not NoSpool.add() called: one call less per hand-over
+        if self._spool.enabled:  # a class attribute read, not NoSpool.add() called: one call less
             spooled = self._spool.add(batch)
             if spooled == "spool_full":
                 self._give_up(batch, DeliveryError("spool_full", "not queued: the spool is at max_spool_bytes"))
