@@ -8,7 +8,7 @@ than the middleware and hide it.
 Versions side by side: each case times the bare app and the app with the middleware of
 several versions of the package, all in one process (see ``versions``): the first round's
 (``FIRST_ROUND``), this round's starting point (``BEFORE``), the end of the round's first
-two passes on main (``FIRST_PASS``), the working tree (``after``),
+two passes on main (``EARLIER_PASSES``), the working tree (``after``),
 and an identical copy of the working tree as the noise control (its ratio to ``after``
 should read 0.95-1.05x). Each round makes every variant afresh (a new parked client each),
 warms it up, then interleaves them in short chunks (~5 ms of the bare app's work each, the
@@ -63,7 +63,7 @@ FIRST_ROUND = "c3a6fab"
 BEFORE = "8e9d052"
 #: Main at the third pass's start (2026-12-04): issue 22's first two passes on the request
 #: path, and the rest of the round (issues 18-24) merged.
-FIRST_PASS = "b46d6ed"
+EARLIER_PASSES = "b46d6ed"
 
 #: The row of ``bench/floor.py``'s middlewares: koala's per-request duties and nothing else.
 FLOOR = "floor: the same duties, nothing else"
@@ -84,11 +84,11 @@ class Version:
         return versions.submodule(self.package, name)
 
 
-def load_versions(before: str = BEFORE, first_pass: str = FIRST_PASS) -> list[Version]:
+def load_versions(before: str = BEFORE, earlier_passes: str = EARLIER_PASSES) -> list[Version]:
     return [
         Version("first", "first round", versions.load("first", FIRST_ROUND)),
         Version("before", "before", versions.load("before", before)),
-        Version("pass1", "passes 1-2", versions.load("pass1", first_pass)),
+        Version("earlier", "passes 1-2", versions.load("earlier", earlier_passes)),
         Version("after", "after", versions.load("after")),
         Version("copy", "after, identical copy", versions.load("copy")),
     ]
@@ -667,14 +667,16 @@ def run_case(case: Case, rounds: int, chunks: int, chunk_seconds: float) -> None
 
 
 def run_cases(
-    quick: bool = False, before: str = BEFORE, only: str | None = None, first_pass: str = FIRST_PASS
+    quick: bool = False, before: str = BEFORE, only: str | None = None, earlier_passes: str = EARLIER_PASSES
 ) -> list[Case]:
     logging.getLogger("koala_middleware").setLevel(logging.ERROR)  # parked clients' shutdown
     rounds, chunks, chunk_seconds = (5, 4, 0.003) if quick else (11, 8, 0.005)
     loop = asyncio.new_event_loop()
     try:
         cases = [
-            case for case in build_cases(loop, load_versions(before, first_pass)) if only is None or only in case.title
+            case
+            for case in build_cases(loop, load_versions(before, earlier_passes))
+            if only is None or only in case.title
         ]
         for case in cases:
             say(f"in process: {case.part} {case.title} ({rounds} rounds of {chunks} chunks)")
@@ -706,10 +708,10 @@ def case_rows(case: Case) -> Iterator[Row]:
     earlier = "; ".join(
         f"{variant.name} {median(case.ratios[variant.name]):.2f}x"
         for variant in case.variants
-        if variant.version in ("first", "before", "pass1")
+        if variant.version in ("first", "before", "earlier")
     )
     for variant in case.variants:
-        if variant.is_baseline or variant.version in ("first", "before", "pass1", "copy"):
+        if variant.is_baseline or variant.version in ("first", "before", "earlier", "copy"):
             continue
         ratio = median(case.ratios[variant.name])
         us = median(case.results[variant.name]) / 1000
@@ -770,7 +772,7 @@ def part1_table(cases: list[Case]) -> str:
         noise_cell = f"{median(noise):.2f}x ({min(noise):.2f}-{max(noise):.2f})"
         lines.append(
             f"| {case.title} | {base_us:.1f} us | {cells.get('first', 'n/a')} | {cells.get('before', 'n/a')} "
-            f"| {cells.get('pass1', 'n/a')} | {cells.get('after', 'n/a')} | {target} | {met} | {noise_cell} |"
+            f"| {cells.get('earlier', 'n/a')} | {cells.get('after', 'n/a')} | {target} | {met} | {noise_cell} |"
         )
     lines.extend(
         f"| {case.title}: {variant.name} (for scale) | | | | | {median(case.ratios[variant.name]):.2f}x | | | |"
@@ -786,12 +788,14 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--before", default=BEFORE, help=f"the commit of the 'before' column (default {BEFORE})")
     parser.add_argument(
-        "--first-pass", default=FIRST_PASS, help=f"the commit of the 'after, passes 1-2' column (default {FIRST_PASS})"
+        "--earlier-passes",
+        default=EARLIER_PASSES,
+        help=f"the commit of the 'after, passes 1-2' column (default {EARLIER_PASSES})",
     )
     parser.add_argument("--only", help="only the cases whose title contains this, e.g. 'Flask'")
     args = parser.parse_args()
     started = time.monotonic()
-    cases = run_cases(args.quick, args.before, args.only, args.first_pass)
+    cases = run_cases(args.quick, args.before, args.only, args.earlier_passes)
     print(f"Machine: {machine_line()}.")
     print(f"Run: `python -m bench.inproc{' --quick' if args.quick else ''}` ({time.monotonic() - started:.0f} s).")
     print()
