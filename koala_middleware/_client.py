@@ -98,7 +98,8 @@ class KoalaClient:
     :param retry_for: seconds a batch is retried at least while Koala fails for every batch
         (down or degraded), even past ``max_retries``, so an outage of a few minutes drops
         nothing while the queue has room. A batch failing alone while Koala accepts the
-        others is given up after ``max_retries``. ``0``: ``max_retries`` only.
+        others is given up after ``max_retries`` failures of its own. ``0``: ``max_retries``
+        only.
     :param shutdown_timeout: seconds :meth:`shutdown` (and interpreter exit) may wait.
     :param on_error: ``on_error(batch, error)``, called for every batch given up.
     :param send_ip: send the visitor's IP (how Koala matches visitors to companies).

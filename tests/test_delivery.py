@@ -15,7 +15,7 @@ import httpx
 import pytest
 
 from helpers import FAST_RETRIES, delivery_settings
-from koala_middleware import DeliveryError, KoalaClient
+from koala_middleware import Batch, DeliveryError, KoalaClient
 from koala_middleware._delivery import BackgroundSender
 from koala_middleware._delivery._policy import (
     DEGRADED,
@@ -28,6 +28,8 @@ from koala_middleware._delivery._policy import (
     classify,
     parse_retry_after,
 )
+from koala_middleware._delivery._request import Request
+from koala_middleware._delivery._sender import Sender
 from koala_middleware._delivery._stats import LOG_DROPPED, LOG_DROPPED_SUMMARY, Counters
 from koala_middleware.testing import Collector
 
@@ -111,7 +113,8 @@ def test_network_errors_are_retried() -> None:
 def fail(
     health: Health, key: int, attempts: int = 1, probe: bool = False, unanswered: bool = False
 ) -> tuple[float, bool]:
-    verdict = health.failed(SETTINGS, key, attempts, probe, None, unanswered)
+    # Every earlier failure its own, as for a batch Koala refuses while it takes the others.
+    verdict = health.failed(SETTINGS, key, attempts, probe, None, unanswered, own_failures=attempts - 1)
     return verdict.delay, verdict.own
 
 
@@ -192,6 +195,26 @@ def test_answers_after_a_brownout_make_koala_healthy_again() -> None:
     recovered = [health.answered() for _ in range(400)]
     # Down -> degraded (the scheduled retries are released), then degraded -> healthy.
     assert health.state == HEALTHY and recovered.count(True) == 2
+
+
+def test_failures_while_koala_failed_for_everyone_do_not_lengthen_the_batchs_own_backoff() -> None:
+    """A batch that waited out outages, then fails while the window still shows successes
+    (the first failures of the next outage look like its own): its own backoff starts at
+    the first step, and it is not given up (its attempts were Koala's failures, not its)."""
+    sender = Sender(SETTINGS, None)
+    batch = Batch("/batch", b"{}", "ua", ("m1",), 1)
+    request = Request(batch, "http://127.0.0.1:9/batch", {})
+    for key in range(1, 11):  # Koala down for everyone: ten batches fail
+        sender._health.failed(SETTINGS, key, 1, False, None, True)
+    for _ in range(SETTINGS.max_retries):
+        delay = sender._outcome(request, None, ConnectionRefusedError("refused"), probe=True)
+        assert delay is not None and delay <= PROBE_EVERY_MAX
+    for _ in range(100):  # Koala is back for the others
+        sender._health.answered()
+    delay = sender._outcome(request, Answer(500), None, probe=False)
+    assert sender._health.state == HEALTHY, "precondition: the window says this batch's own"
+    assert delay is not None and delay <= SETTINGS.backoff_base, "its first own failure: the first step"
+    assert sender.counters.snapshot(0).dropped == {}
 
 
 # -- counters and rate-limited warnings -----------------------------------------------------------

@@ -25,6 +25,9 @@ Eventlet is left as it is: gunicorn no longer has an eventlet worker, eventlet i
 deprecated, and its copies of the original modules (``patcher.original("selectors")``)
 hand out a selector that fails; there the sender stays a green thread, which delivers.
 
+Every sender thread leaves the process's signals to the other threads (see
+:func:`leave_signals_to_others`).
+
 Without gevent's patching these are ``threading.Thread``, ``threading.Lock``,
 ``selectors.DefaultSelector`` and ``asyncio.SelectorEventLoop``, unchanged.
 """
@@ -36,13 +39,22 @@ import _thread
 import asyncio
 import contextlib
 import selectors
+import signal
 import socket
 import sys
 import threading
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
-__all__ = ["Lock", "LockType", "SenderThread", "new_event_loop", "new_selector", "os_thread_ident"]
+__all__ = [
+    "Lock",
+    "LockType",
+    "SenderThread",
+    "leave_signals_to_others",
+    "new_event_loop",
+    "new_selector",
+    "os_thread_ident",
+]
 
 LockType = _thread.LockType
 
@@ -200,6 +212,34 @@ class _NativeLoop(asyncio.SelectorEventLoop):
         raise errors[0] if len(errors) == 1 else OSError(f"could not connect to {host!r}: {errors}")
 
 
+#: Signals raised by the faulting thread itself: blocking them would not stop them.
+_FAULTS = frozenset(
+    getattr(signal, name)
+    for name in ("SIGABRT", "SIGBUS", "SIGFPE", "SIGILL", "SIGSEGV", "SIGSYS", "SIGTRAP")
+    if hasattr(signal, name)
+)
+
+
+def leave_signals_to_others() -> None:
+    """Block the process's signals in the calling thread, unless it is the main one.
+
+    A signal sent to the process (``kill``, a supervisor's SIGTERM, a terminal's SIGINT)
+    goes to any one thread that does not block it. Python runs its handlers on the main
+    thread only, when that thread next runs Python code: a signal the kernel gave the
+    sender's thread while the main thread sleeps in C (a gevent hub or a server waiting
+    in ``epoll`` with no timeout, a ``lock.acquire()``) stays unhandled, and a SIGTERM
+    that should flush and end the process leaves it running for ever (seen: 1 gevent
+    server in 400). Blocked here, the kernel hands them to the main thread instead. Threads
+    this one starts (the resolver's) inherit the mask. A no-op on the main thread (a green
+    sender runs there) and where there is no ``pthread_sigmask`` (Windows).
+    """
+    if not hasattr(signal, "pthread_sigmask"):
+        return
+    if _thread.get_native_id() == threading.main_thread().native_id:
+        return
+    signal.pthread_sigmask(signal.SIG_BLOCK, signal.valid_signals() - _FAULTS)
+
+
 class SenderThread:
     """Runs ``target`` on a daemon OS thread; the subset of ``threading.Thread`` the sender uses.
 
@@ -237,10 +277,12 @@ class SenderThread:
         # Set here, not after start() returns: the thread may post a batch and call an
         # on_error hook (which asks is_current()) before the starting thread runs again.
         self.ident = self._get_ident()
+        leave_signals_to_others()
         self._target()
 
     def _run_native(self, done: LockType) -> None:
         self.ident = self._get_ident()  # before start() returns it: is_current() works at once
+        leave_signals_to_others()
         try:
             self._target()
         finally:

@@ -6,7 +6,8 @@ other 4xx are final. Three cases are told apart, from the outcomes of the last a
 
 - **This batch is bad**: Koala accepts the others (at least ``HEALTHY_SHARE`` of the window
   succeeds, or only this batch failed). The batch waits on its own capped exponential
-  backoff with jitter and is given up after ``max_retries`` attempts; no one else waits.
+  backoff with jitter and is given up after ``max_retries`` failures of its own (those
+  while Koala failed for everyone do not count); no one else waits.
 - **Koala is degraded**: failures across different batches, some successes. Failed batches
   come back after the first backoff step (at most ``PROBE_EVERY_MAX``), without spending
   their attempts budget, and the sender keeps in flight, and starts per ``PACE_SECONDS``, a share
@@ -200,12 +201,16 @@ class Health:
         retry_after: float | None,
         unanswered: bool,
         suspect: bool = False,
+        own_failures: int = 0,
     ) -> Verdict:
         """Record a failed attempt of batch ``key`` (its ``attempts``-th); what follows.
 
         A ``suspect`` batch (its last failure was its own) is not evidence about Koala: left
         out of the window, so that batches Koala keeps refusing, retried, cannot add up to
         a brownout that would slow everyone (and spare themselves their attempts budget).
+        ``own_failures`` of its earlier failures were its own: only those lengthen its own
+        backoff (a batch that waited out outages must not wait 16 s when the first
+        failures of the next one look like its own).
         """
         with self._lock:
             now = time.monotonic()
@@ -220,7 +225,7 @@ class Health:
                 self.gate = now + backoff(settings, self.failures, retry_after, PROBE_EVERY_MAX)
             own = state == HEALTHY
             if own:  # its own exponential backoff, up to max_backoff
-                delay = backoff(settings, attempts, retry_after)
+                delay = backoff(settings, own_failures + 1, retry_after)
             else:  # not its fault: the first step, the pace (or the probes) slow everyone down
                 delay = backoff(settings, 1 if state == DEGRADED else attempts, retry_after, PROBE_EVERY_MAX)
             return Verdict(delay, own, was == HEALTHY and state != HEALTHY)

@@ -28,7 +28,7 @@ _FORBIDDEN = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
 class Request:
     """A batch's POST: full URL, headers and body, ready for any HTTP layer."""
 
-    __slots__ = ("batch", "body", "failed_at", "headers", "suspect", "url")
+    __slots__ = ("batch", "body", "failed_at", "headers", "own_failures", "suspect", "url")
 
     def __init__(self, batch: Batch, url: str, headers: dict[str, str]) -> None:
         self.batch = batch
@@ -39,6 +39,9 @@ class Request:
         self.failed_at = 0.0
         #: Its last failure was its own (Koala took the others): see ``_policy.Health``.
         self.suspect = False
+        #: How many of its failures were its own: its own backoff and ``max_retries`` count
+        #: these (``batch.attempts`` counts Koala's outages too).
+        self.own_failures = 0
 
 
 def build(base_url: str, batch: Batch) -> Request:

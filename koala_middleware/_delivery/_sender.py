@@ -72,14 +72,26 @@ class Sender:
         now = time.monotonic()
         request.failed_at = request.failed_at or now
         delay, own, first = self._health.failed(
-            self.settings, id(batch), batch.attempts, probe, retry_after, answer is None, request.suspect
+            self.settings,
+            id(batch),
+            batch.attempts,
+            probe,
+            retry_after,
+            answer is None,
+            request.suspect,
+            request.own_failures,
         )
         request.suspect = own
+        request.own_failures += own
         if first:
             logger.warning(LOG_UNAVAILABLE, detail)
-        # Koala takes the others: the attempts budget alone; Koala fails for everyone: the
-        # time budget too, so that a brownout of a few minutes gives nothing up.
-        if batch.attempts > self.settings.max_retries and (own or now - request.failed_at >= self.settings.retry_for):
+        # Koala takes the others: the attempts budget, counting the batch's own failures
+        # alone; Koala fails for everyone: the time budget too, so that a brownout of a few
+        # minutes gives nothing up.
+        settings = self.settings
+        if (own and request.own_failures > settings.max_retries) or (
+            batch.attempts > settings.max_retries and now - request.failed_at >= settings.retry_for
+        ):
             status = answer.status if answer is not None else None
             self._give_up(
                 batch, DeliveryError("retries_exhausted", f"{batch.attempts} attempts, last: {detail}", status)

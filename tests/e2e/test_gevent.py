@@ -168,10 +168,13 @@ def gevent_script(mode: str, koala: Collector) -> subprocess.Popen[str]:
 
 
 def outcome(proc: subprocess.Popen[str], timeout: float) -> tuple[int | None, str, str]:
-    """(exit status, stdout, stderr), or (None, ...) for a process that hung (then killed)."""
+    """(exit status, stdout, stderr), or (None, ...) for a process that hung (then killed,
+    after SIGUSR1 had it print its threads' stacks: the script registers faulthandler)."""
     try:
         out, err = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
+        proc.send_signal(signal.SIGUSR1)
+        time.sleep(1)
         proc.kill()
         out, err = proc.communicate()
         return None, out, err
@@ -208,7 +211,7 @@ def test_sigterm_ends_a_gevent_pywsgi_server_after_delivering() -> None:
         for proc in procs:
             proc.send_signal(signal.SIGTERM)
         results = [outcome(proc, 15) for proc in procs]
-        hung = [err[-300:] for code, _, err in results if code is None]
+        hung = [err[-3000:] for code, _, err in results if code is None]
         assert not hung, f"{len(hung)} of {RUNS} hung"
         assert all(code == -signal.SIGTERM for code, _, _ in results), [(c, e[-300:]) for c, _, e in results]
         assert len(set(koala.message_ids())) == RUNS

@@ -7,6 +7,7 @@ the sender's lock."""
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 from typing import Any
@@ -101,4 +102,23 @@ def test_an_app_handler_chaining_to_ours_runs_once() -> None:
         code, out, err = finish(proc)
         assert code == 128 + signal.SIGTERM, err
         assert out.count('"chaining"') == 1, out
+        assert len(set(koala.message_ids())) == 5, err
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/task"), reason="finds the threads in /proc (Linux)")
+def test_sigterm_taken_by_the_senders_thread_still_flushes_and_ends_the_process() -> None:
+    """The kernel gives a process's signal to any one thread that does not block it, and
+    Python runs the handler only when the main thread next runs Python code: a SIGTERM
+    taken by the sender's thread while the main thread sleeps (here 60 s) used to go
+    unhandled for the whole sleep. The sender's thread blocks signals, so the kernel gives it
+    to the main thread. ``kill(tid)`` offers the signal to that thread first."""
+    with Collector() as koala:
+        proc, first = start("wait", koala, shutdown_timeout=5)
+        assert first["handler"] == OURS
+        assert koala.wait_for(5, accepted_only=False)
+        others = sorted(int(tid) for tid in os.listdir(f"/proc/{proc.pid}/task") if int(tid) != proc.pid)
+        assert others, "precondition: the sender's thread runs"
+        os.kill(others[0], signal.SIGTERM)
+        code, _, err = finish(proc)
+        assert code == -signal.SIGTERM, err
         assert len(set(koala.message_ids())) == 5, err

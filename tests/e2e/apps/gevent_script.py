@@ -19,8 +19,10 @@ from gevent import monkey
 
 monkey.patch_all()
 
+import faulthandler  # noqa: E402
 import json  # noqa: E402
 import os  # noqa: E402
+import signal  # noqa: E402
 import sys  # noqa: E402
 import uuid  # noqa: E402
 
@@ -81,4 +83,5 @@ def main(mode: str) -> None:
 
 
 if __name__ == "__main__":
+    faulthandler.register(signal.SIGUSR1, all_threads=True)  # a hung run's stacks, for the test
     main(sys.argv[1])
