@@ -1,0 +1,131 @@
+"""Part 1, "Starlette, identify + track", taken apart in place: where koala's extra time goes.
+
+Each variant is the same Starlette app and request as part 1's identify + track case, with
+one step of koala's hand-over replaced by nothing (or by a constant), so that the
+difference to the full middleware is that step's cost *inside a request* (isolated timings
+of the same steps read 3-4 times less). Same method as ``bench.inproc``: process CPU time,
+gc off, short chunks interleaved (the order shuffled every round), medians of the per-round
+differences to the bare app; two identical koala apps show the noise.
+
+    python -m bench.handover            # the figures of bench/README.md ("taken apart in place")
+    python -m bench.handover --rounds 11
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import collections
+import gc
+import logging
+import random
+import types
+from collections.abc import Callable
+from typing import Any
+
+from starlette.middleware import Middleware
+
+import koala_middleware
+from koala_middleware.asgi import KoalaASGIMiddleware
+
+from . import floor
+from .common import median
+from .inproc import (
+    USER_AGENT,
+    VISITOR_ID,
+    _stopper,
+    asgi_response_headers,
+    asgi_runner,
+    asgi_scope,
+    parked_client,
+    starlette_app,
+)
+
+COOKIE = f"ko_id={VISITOR_ID}; ko_id_server={VISITOR_ID}; _ga=GA1.2.1234567890.1700000000"
+PATH = "/track"
+REQUESTS_PER_CHUNK = 400
+
+Patch = Callable[[Any, KoalaASGIMiddleware], None]
+
+
+def _no_hand_over(client: Any, middleware: KoalaASGIMiddleware) -> None:
+    client._send_tracker = lambda tracker: None  # the records are dropped
+
+
+def _no_submit(client: Any, middleware: KoalaASGIMiddleware) -> None:
+    client._sender.submit = lambda batch: True  # built, then dropped
+
+
+def _kept_in_a_deque(client: Any, middleware: KoalaASGIMiddleware) -> None:
+    client._sender.submit = collections.deque().append  # built and kept, no bounds or counters
+
+
+def _user_agent_and_ip_given(client: Any, middleware: KoalaASGIMiddleware) -> None:
+    visitor = (USER_AGENT, "203.0.113.7")
+    middleware.visits.read_visitor = lambda request: visitor  # nothing read from the scope
+
+
+VARIANTS: dict[str, Patch | None] = {
+    "koala": None,
+    "koala (identical copy)": None,
+    "koala, User-Agent and IP given": _user_agent_and_ip_given,
+    "koala, batches kept in a deque": _kept_in_a_deque,
+    "koala, batches built, not submitted": _no_submit,
+    "koala, no hand-over": _no_hand_over,
+}
+
+
+def _koala(
+    loop: asyncio.AbstractEventLoop, patch: Patch | None, stoppers: list[Callable[[], None]]
+) -> Callable[[int], int]:
+    client, koala = parked_client(types.SimpleNamespace(package=koala_middleware))
+    stoppers.append(_stopper(client, koala))
+    app = starlette_app(koala_middleware.current_tracker, [Middleware(KoalaASGIMiddleware, client=client)])
+    scope = asgi_scope(PATH, COOKIE)
+    asgi_response_headers(app, scope, loop)  # builds the middleware stack
+    if patch is not None:
+        middleware = app.middleware_stack
+        while not isinstance(middleware, KoalaASGIMiddleware):
+            middleware = middleware.app  # type: ignore[union-attr]
+        patch(client, middleware)
+    return asgi_runner(app, scope, loop)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=41)
+    args = parser.parse_args()
+    logging.getLogger("koala_middleware").setLevel(logging.ERROR)  # the parked batches dropped at the end
+    loop = asyncio.new_event_loop()
+    stoppers: list[Callable[[], None]] = []
+    runners: dict[str, Callable[[int], int]] = {
+        "bare": asgi_runner(starlette_app(koala_middleware.current_tracker), asgi_scope(PATH, COOKIE), loop),
+        "floor: the same duties, nothing else": asgi_runner(
+            starlette_app(floor.current, [Middleware(floor.FloorASGIMiddleware)]), asgi_scope(PATH, COOKIE), loop
+        ),
+    }
+    runners.update({name: _koala(loop, patch, stoppers) for name, patch in VARIANTS.items()})
+    extra: dict[str, list[float]] = {name: [] for name in runners}
+    bare: list[float] = []
+    order = list(runners.items())
+    gc.disable()
+    try:
+        for _ in range(args.rounds):
+            random.shuffle(order)
+            times = {name: run(REQUESTS_PER_CHUNK) / REQUESTS_PER_CHUNK for name, run in order}
+            bare.append(times["bare"])
+            for name, ns in times.items():
+                extra[name].append(ns - times["bare"])
+    finally:
+        gc.enable()
+        for stop in stoppers:
+            stop()
+    print(f"| variant | over the bare app ({median(bare) / 1000:.2f} us a request) |")
+    print("| --- | ---: |")
+    for name, values in extra.items():
+        if name != "bare":
+            print(f"| {name} | +{median(values) / 1000:.2f} us |")
+
+
+if __name__ == "__main__":
+    main()
