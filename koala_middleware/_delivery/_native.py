@@ -228,8 +228,9 @@ def leave_signals_to_others() -> None:
     thread only, when that thread next runs Python code: a signal the kernel gave the
     sender's thread while the main thread sleeps in C (a gevent hub or a server waiting
     in ``epoll`` with no timeout, a ``lock.acquire()``) stays unhandled, and a SIGTERM
-    that should flush and end the process leaves it running for ever (seen: 1 gevent
-    server in 400). Blocked here, the kernel hands them to the main thread instead. Threads
+    that should flush and end the process leaves it running for ever (a SIGTERM sent to the
+    sender's thread of an idle gevent server did so every time). Blocked here, the kernel
+    hands them to the main thread instead. Threads
     this one starts (the resolver's) inherit the mask. A no-op on the main thread (a green
     sender runs there) and where there is no ``pthread_sigmask`` (Windows).
     """
@@ -237,7 +238,8 @@ def leave_signals_to_others() -> None:
         return
     if _thread.get_native_id() == threading.main_thread().native_id:
         return
-    signal.pthread_sigmask(signal.SIG_BLOCK, signal.valid_signals() - _FAULTS)
+    with contextlib.suppress(OSError, ValueError):  # unblocked, the thread still delivers
+        signal.pthread_sigmask(signal.SIG_BLOCK, signal.valid_signals() - _FAULTS)
 
 
 class SenderThread:
@@ -282,8 +284,8 @@ class SenderThread:
 
     def _run_native(self, done: LockType) -> None:
         self.ident = self._get_ident()  # before start() returns it: is_current() works at once
-        leave_signals_to_others()
         try:
+            leave_signals_to_others()
             self._target()
         finally:
             done.release()
