@@ -82,7 +82,8 @@ class Sender:
             request.own_failures,
         )
         request.suspect = own
-        request.own_failures += own
+        if own:
+            request.own_failures += 1
         if first:
             logger.warning(LOG_UNAVAILABLE, detail)
         # Koala takes the others: the attempts budget, counting the batch's own failures
