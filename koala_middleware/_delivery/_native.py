@@ -230,9 +230,9 @@ def leave_signals_to_others() -> None:
     in ``epoll`` with no timeout, a ``lock.acquire()``) stays unhandled, and a SIGTERM
     that should flush and end the process leaves it running for ever (a SIGTERM sent to the
     sender's thread of an idle gevent server did so every time). Blocked here, the kernel
-    hands them to the main thread instead. Threads
-    this one starts (the resolver's) inherit the mask. A no-op on the main thread (a green
-    sender runs there) and where there is no ``pthread_sigmask`` (Windows).
+    hands them to the main thread instead. Threads this one starts (the resolver's) inherit
+    the mask. A no-op on the main thread (a green sender runs there) and where there is no
+    ``pthread_sigmask`` (Windows).
     """
     if not hasattr(signal, "pthread_sigmask"):
         return
