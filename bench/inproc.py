@@ -610,15 +610,16 @@ def _expect(
         if has != expect_cookie:
             raise RuntimeError(f"expected Set-Cookie {prefix!r}: {expect_cookie}, got headers {headers}")
     if client is not None:
-        enqueued = client.stats.enqueued
-        if enqueued != batches:
-            raise RuntimeError(f"expected {batches} batch(es) handed over after one request, got {enqueued}")
         if batches:
             # The sender thread (started by the first batch) parks on it: starting it costs
-            # milliseconds of CPU, which must not land in a timed chunk.
+            # milliseconds of CPU, which must not land in a timed chunk. (Since the sender
+            # builds a request's batches, they are counted as handed over once it has.)
             assert transport is not None
             if not transport.reached.wait(10):
                 raise RuntimeError("the sender never took its first batch")
+        enqueued = client.stats.enqueued
+        if enqueued != batches:
+            raise RuntimeError(f"expected {batches} batch(es) handed over after one request, got {enqueued}")
 
 
 # -- the loop -------------------------------------------------------------------------------------

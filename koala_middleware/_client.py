@@ -15,11 +15,12 @@ import os
 import re
 import threading
 import weakref
+from collections.abc import Callable
 from typing import TypedDict
 
 from ._delivery import BackgroundSender, DeliverySettings, DropReason, ErrorHook, Stats, SyncSender
 from ._exit import orphaned, register, shutdown_at_multiprocessing_exit, shutdown_at_sigterm, unregister
-from ._protocol import Batch
+from ._protocol import Batch, HandedOver
 from ._signals import install_sigterm_flush
 from ._tracker import Tracker
 from ._validate import check_count, check_email, check_flag, check_id, check_optional_text, check_seconds
@@ -192,6 +193,15 @@ class KoalaClient:
         self._sender: BackgroundSender | SyncSender = (
             SyncSender(settings, on_error) if self.sync else BackgroundSender(settings, on_error)
         )
+        #: ``_hand_over(tracker)``, a finished request's records: queued unbuilt, for the
+        #: sender's thread to build (a request's hand-over is then an append: see
+        #: ``BackgroundSender.stage``), unless a batch must exist at once (sync, dry run,
+        #: spool). An attribute, not a method that chooses: every recording request calls it.
+        self._hand_over: Callable[[HandedOver], None] = (
+            self._sender.stage
+            if isinstance(self._sender, BackgroundSender) and not self._sender.spooling and not self.dry_run
+            else self._send_handed_over
+        )
         #: In dry-run mode, the last batches that would have been sent (newest last).
         self.dry_run_batches: collections.deque[Batch] = collections.deque(maxlen=100)
         self._dry_run_lock = threading.Lock()
@@ -233,6 +243,10 @@ class KoalaClient:
     def _send_tracker(self, tracker: Tracker) -> None:
         """Hand a tracker's records over as batches (non-blocking unless ``sync``)."""
         for batch in tracker._take():
+            self._send(batch)
+
+    def _send_handed_over(self, tracker: HandedOver) -> None:
+        for batch in tracker._take_handed_over():
             self._send(batch)
 
     def _send(self, batch: Batch) -> None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Protocol
 
 from ._encoding import quote
 
@@ -66,6 +66,15 @@ class Batch:
 
     def __repr__(self) -> str:
         return f"Batch(path={self.path!r}, body={self.body!r}, user_agent={self.user_agent!r})"
+
+
+class HandedOver(Protocol):
+    """A request's records handed over before their batches are built: the sender builds
+    them (see ``RequestTracker.finish``), so that a request's hand-over is an append."""
+
+    def _take_handed_over(self) -> list[Batch]:
+        """The batches of what was recorded (run once, by the sender's thread); lets go of
+        the request they were read from."""
 
 
 def _split(
