@@ -127,16 +127,24 @@ class BatchQueue:
 
     def admit_built_locked(self, batches: list[Batch]) -> list[tuple[Batch, Refusal]]:
         """Queue the batches built from one taken hand-over, in its place (the caller holds
-        ``lock``); those refused, with the reason (as :meth:`admit_locked`)."""
+        ``lock``); those refused, with the reason (as :meth:`admit_locked`). The place
+        itself stays pending until :meth:`built`, once the caller counted the refusals (so
+        that a returning flush sees them)."""
         refused: list[tuple[Batch, Refusal]] = []
-        self.pending -= 1  # the hand-over's place, taken by its batches
+        self.pending -= 1  # the place is theirs to take
         for batch in batches:
             reason = self.admit_locked(batch)
             if reason:
                 refused.append((batch, reason))
-        if not self.pending and not self.backlog:
-            self._idle.notify_all()
+        self.pending += 1
         return refused
+
+    def built(self) -> None:
+        """A taken hand-over is done: its batches are queued or counted as refused."""
+        with self._idle:
+            self.pending -= 1
+            if not self.pending and not self.backlog:
+                self._idle.notify_all()
 
     def schedule(self, request: Request, due: float) -> bool:
         """Another attempt at ``due`` (``time.monotonic()``); False once closed (the caller

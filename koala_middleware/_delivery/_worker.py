@@ -51,6 +51,7 @@ logger = logging.getLogger("koala_middleware")
 DETAIL_SPOOL_LOST = "on disk in a spool file that turned out unreadable (set aside as *.corrupt)"
 LOG_SHUTDOWN_LOST = "shutdown timed out with %d batch(es) undelivered"
 LOG_SENDER_FAILED = "the sender thread failed; it restarts with the next batch"
+STILL_QUEUED = "still queued at shutdown"
 LOG_UNBUILDABLE = "could not build the batches of a request's hand-over; counted as dropped ('error')"
 LOG_UNEXPECTED = "unexpected error after posting a batch; counted as dropped ('error')"
 
@@ -183,19 +184,31 @@ class BackgroundSender(Sender):
         for handed_over in self._queue.take_unbuilt():
             self._admit_handed_over(handed_over)
 
-    def _admit_handed_over(self, handed_over: HandedOver) -> None:
+    def _admit_handed_over(self, handed_over: HandedOver, lost: DeliveryError | None = None) -> None:
+        """Build a hand-over's batches and queue them in its place; or, with ``lost`` (no
+        sender thread), give them up. Counted as ``enqueued`` unless a bound refused them,
+        as batches built at the hand-over would be."""
         try:
             batches = handed_over._take_handed_over()
-        except Exception as error:  # a bug: this hand-over alone is lost, and counted
+            failed = False
+        except Exception as exc:  # a bug: this hand-over alone is lost, counted as one batch
             logger.exception(LOG_UNBUILDABLE)
-            batches = []
-            self.counters.dropped("error", 1, 0, DETAIL_UNBUILDABLE % (type(error).__name__, error))
+            batches, failed = [], True
+            self.counters.dropped("error", 1, 0, DETAIL_UNBUILDABLE % (type(exc).__name__, exc))
         queue = self._queue
         with queue.lock:
-            refused = queue.admit_built_locked(batches)
-            self.counters.enqueued_locked(len(batches) - len(refused) - 1)  # counted as one when staged
-        for batch, reason in refused:
-            self._give_up(batch, _not_queued(reason))
+            if lost is None:
+                refused = [(batch, _refused_built(reason)) for batch, reason in queue.admit_built_locked(batches)]
+            else:
+                refused = [(batch, lost) for batch in batches]
+            # Refused by a bound: never queued, as at a hand-over refused at once. Given up at
+            # shutdown or for want of a thread: queued, then given up, as a batch that waited.
+            never_queued = sum(error.reason in ("queue_full", "queue_bytes_full") for _, error in refused)
+            queued = 1 if failed else len(batches) - never_queued
+            self.counters.enqueued_locked(queued - 1)  # counted as one when staged
+        for batch, error in refused:
+            self._give_up(batch, error)
+        queue.built()
 
     def pending(self) -> int:
         return self._queue.pending + self._queue.backlog
@@ -231,7 +244,7 @@ class BackgroundSender(Sender):
         if undelivered and not self._spool.enabled:
             logger.warning(LOG_SHUTDOWN_LOST, undelivered)
         for batch in leftover:
-            self._give_up(batch, DeliveryError("shutdown", "still queued at shutdown"))
+            self._give_up(batch, DeliveryError("shutdown", STILL_QUEUED))
             self._queue.finish(batch)
         for handed_over in unbuilt:
             self._admit_handed_over(handed_over)  # the queue is closed: each batch given up, counted
@@ -342,11 +355,7 @@ class BackgroundSender(Sender):
                 self._give_up(batch, lost)
                 self._queue.finish(batch)
             for handed_over in unbuilt:
-                for batch in handed_over._take_handed_over():
-                    self._give_up(batch, lost)
-                with self._queue.lock:
-                    self._queue.admit_built_locked([])  # its place in the queue, now empty
-                    self.counters.enqueued_locked(-1)
+                self._admit_handed_over(handed_over, lost)
 
     def _run_thread(self) -> None:
         running = self._running
@@ -528,6 +537,12 @@ def _not_queued(reason: Refusal) -> DeliveryError:
     return DeliveryError(
         reason, "not queued: " + ("the client is shut down" if reason == "shutdown" else "the queue is at its bound")
     )
+
+
+def _refused_built(reason: Refusal) -> DeliveryError:
+    """Why a request's batch built by the sender was not queued: a bound, or the queue
+    closed at shutdown after its hand-over (then it was queued, as far as anyone knows)."""
+    return DeliveryError("shutdown", STILL_QUEUED) if reason == "shutdown" else _not_queued(reason)
 
 
 def _sooner(wait: float | None, other: float | None) -> float | None:
