@@ -57,7 +57,7 @@ def _no_hand_over(client: Any, middleware: KoalaASGIMiddleware) -> None:
 
 
 def _built_at_once(client: Any, middleware: KoalaASGIMiddleware) -> None:
-    client._hand_over = client._send_handed_over  # as before: built and admitted in the request
+    client._hand_over = client._send_tracker  # as before: built and admitted in the request
 
 
 def _built_at_once_not_submitted(client: Any, middleware: KoalaASGIMiddleware) -> None:

@@ -20,7 +20,7 @@ from typing import TypedDict
 
 from ._delivery import BackgroundSender, DeliverySettings, DropReason, ErrorHook, Stats, SyncSender
 from ._exit import orphaned, register, shutdown_at_multiprocessing_exit, shutdown_at_sigterm, unregister
-from ._protocol import Batch, HandedOver
+from ._protocol import Batch
 from ._signals import install_sigterm_flush
 from ._tracker import Tracker
 from ._validate import check_count, check_email, check_flag, check_id, check_optional_text, check_seconds
@@ -197,10 +197,10 @@ class KoalaClient:
         #: sender's thread to build (a request's hand-over is then an append: see
         #: ``BackgroundSender.stage``), unless a batch must exist at once (sync, dry run,
         #: spool). An attribute, not a method that chooses: every recording request calls it.
-        self._hand_over: Callable[[HandedOver], None] = (
+        self._hand_over: Callable[[Tracker], None] = (
             self._sender.stage
             if isinstance(self._sender, BackgroundSender) and not self._sender.spooling and not self.dry_run
-            else self._send_handed_over
+            else self._send_tracker
         )
         #: In dry-run mode, the last batches that would have been sent (newest last).
         self.dry_run_batches: collections.deque[Batch] = collections.deque(maxlen=100)
@@ -243,10 +243,6 @@ class KoalaClient:
     def _send_tracker(self, tracker: Tracker) -> None:
         """Hand a tracker's records over as batches (non-blocking unless ``sync``)."""
         for batch in tracker._take():
-            self._send(batch)
-
-    def _send_handed_over(self, tracker: HandedOver) -> None:
-        for batch in tracker._take_handed_over():
             self._send(batch)
 
     def _send(self, batch: Batch) -> None:

@@ -69,12 +69,11 @@ class Batch:
 
 
 class HandedOver(Protocol):
-    """A request's records handed over before their batches are built: the sender builds
-    them (see ``RequestTracker.finish``), so that a request's hand-over is an append."""
+    """Records handed over before their batches are built (a tracker): the sender's thread
+    builds them (see ``BackgroundSender.stage``), so that a request's hand-over is an append."""
 
-    def _take_handed_over(self) -> list[Batch]:
-        """The batches of what was recorded (run once, by the sender's thread); lets go of
-        the request they were read from."""
+    def _take(self) -> list[Batch]:
+        """The batches of everything recorded so far, and a fresh start."""
 
 
 def _split(

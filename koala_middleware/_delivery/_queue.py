@@ -125,24 +125,24 @@ class BatchQueue:
             unbuilt, self.unbuilt = self.unbuilt, []
         return unbuilt
 
-    def admit_built_locked(self, batches: list[Batch]) -> list[tuple[Batch, Refusal]]:
-        """Queue the batches built from one taken hand-over, in its place (the caller holds
-        ``lock``); those refused, with the reason (as :meth:`admit_locked`). The place
-        itself stays pending until :meth:`built`, once the caller counted the refusals (so
-        that a returning flush sees them)."""
+    def admit_built_locked(self, batches: list[Batch], places: int) -> list[tuple[Batch, Refusal]]:
+        """Queue the batches built from ``places`` taken hand-overs, in their places (the
+        caller holds ``lock``); those refused, with the reason (as :meth:`admit_locked`).
+        The places stay pending until :meth:`built`, once the caller counted the refusals
+        (so that a returning flush sees them)."""
         refused: list[tuple[Batch, Refusal]] = []
-        self.pending -= 1  # the place is theirs to take
+        self.pending -= places  # theirs to take
         for batch in batches:
             reason = self.admit_locked(batch)
             if reason:
                 refused.append((batch, reason))
-        self.pending += 1
+        self.pending += places
         return refused
 
-    def built(self) -> None:
-        """A taken hand-over is done: its batches are queued or counted as refused."""
+    def built(self, places: int) -> None:
+        """Taken hand-overs are done: their batches are queued or counted as refused."""
         with self._idle:
-            self.pending -= 1
+            self.pending -= places
             if not self.pending and not self.backlog:
                 self._idle.notify_all()
 

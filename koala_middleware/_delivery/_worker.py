@@ -170,7 +170,7 @@ class BackgroundSender(Sender):
                     self._loop_idle = False
                     wake = self._loop
         if reason:
-            for batch in handed_over._take_handed_over():
+            for batch in handed_over._take():
                 self._give_up(batch, _not_queued(reason))
         elif start is not None:
             self._start(start)
@@ -181,34 +181,38 @@ class BackgroundSender(Sender):
     def _build_unbuilt(self) -> None:
         """Build the batches of the hand-overs queued unbuilt, in their places (the sender's
         thread, each turn of its loop)."""
-        for handed_over in self._queue.take_unbuilt():
-            self._admit_handed_over(handed_over)
+        unbuilt = self._queue.take_unbuilt()
+        if unbuilt:
+            self._admit_handed_over(unbuilt)
 
-    def _admit_handed_over(self, handed_over: HandedOver, lost: DeliveryError | None = None) -> None:
-        """Build a hand-over's batches and queue them in its place; or, with ``lost`` (no
+    def _admit_handed_over(self, unbuilt: list[HandedOver], lost: DeliveryError | None = None) -> None:
+        """Build hand-overs' batches and queue them in their places; or, with ``lost`` (no
         sender thread), give them up. Counted as ``enqueued`` unless a bound refused them,
-        as batches built at the hand-over would be."""
-        try:
-            batches = handed_over._take_handed_over()
-            failed = False
-        except Exception as exc:  # a bug: this hand-over alone is lost, counted as one batch
-            logger.exception(LOG_UNBUILDABLE)
-            batches, failed = [], True
-            self.counters.dropped("error", 1, 0, DETAIL_UNBUILDABLE % (type(exc).__name__, exc))
+        as batches built at the hand-over would be. All at once: one lock for all of them."""
+        batches: list[Batch] = []
+        failed = 0
+        for handed_over in unbuilt:
+            try:
+                batches += handed_over._take()
+            except Exception as exc:  # a bug: this hand-over alone is lost, counted as one batch
+                logger.exception(LOG_UNBUILDABLE)
+                failed += 1
+                self.counters.dropped("error", 1, 0, DETAIL_UNBUILDABLE % (type(exc).__name__, exc))
         queue = self._queue
         with queue.lock:
             if lost is None:
-                refused = [(batch, _refused_built(reason)) for batch, reason in queue.admit_built_locked(batches)]
+                refused = [
+                    (batch, _refused_built(reason)) for batch, reason in queue.admit_built_locked(batches, len(unbuilt))
+                ]
             else:
                 refused = [(batch, lost) for batch in batches]
             # Refused by a bound: never queued, as at a hand-over refused at once. Given up at
             # shutdown or for want of a thread: queued, then given up, as a batch that waited.
             never_queued = sum(error.reason in ("queue_full", "queue_bytes_full") for _, error in refused)
-            queued = 1 if failed else len(batches) - never_queued
-            self.counters.enqueued_locked(queued - 1)  # counted as one when staged
+            self.counters.enqueued_locked(failed + len(batches) - never_queued - len(unbuilt))  # one each when staged
         for batch, error in refused:
             self._give_up(batch, error)
-        queue.built()
+        queue.built(len(unbuilt))
 
     def pending(self) -> int:
         return self._queue.pending + self._queue.backlog
@@ -246,8 +250,8 @@ class BackgroundSender(Sender):
         for batch in leftover:
             self._give_up(batch, DeliveryError("shutdown", STILL_QUEUED))
             self._queue.finish(batch)
-        for handed_over in unbuilt:
-            self._admit_handed_over(handed_over)  # the queue is closed: each batch given up, counted
+        if unbuilt:
+            self._admit_handed_over(unbuilt)  # the queue is closed: each batch given up, counted
         if thread is not None and loop is not None and thread.is_alive():
             with contextlib.suppress(RuntimeError):  # already closed
                 loop.call_soon_threadsafe(self._wake)  # it sees the queue closed and stops
@@ -354,8 +358,8 @@ class BackgroundSender(Sender):
             for batch in stranded:
                 self._give_up(batch, lost)
                 self._queue.finish(batch)
-            for handed_over in unbuilt:
-                self._admit_handed_over(handed_over, lost)
+            if unbuilt:
+                self._admit_handed_over(unbuilt, lost)
 
     def _run_thread(self) -> None:
         running = self._running
