@@ -1,14 +1,11 @@
 """Part 1, "Starlette, identify + track", taken apart in place: where koala's extra time goes.
 
 Each variant is the same Starlette app and request as part 1's identify + track case, with
-koala's hand-over done another way or not at all, so that the difference to the full
-middleware is that step's cost *inside a request* (isolated timings of the same steps read
-3-4 times less). Koala queues a request's records unbuilt and its sender's thread builds
-the batches; the process's CPU time counts that thread's work too (a parked sender builds
-each time ``BUILD_AFTER`` hand-overs piled up, so within the variant's own chunks, but for
-the last few of a round). Same method as ``bench.inproc``: process CPU time, gc off, short
-chunks interleaved (the order shuffled every round), medians of the per-round differences
-to the bare app; two identical koala apps show the noise.
+one step of koala's hand-over replaced by nothing (or by a constant), so that the
+difference to the full middleware is that step's cost *inside a request* (isolated timings
+of the same steps read 3-4 times less). Same method as ``bench.inproc``: process CPU time,
+gc off, short chunks interleaved (the order shuffled every round), medians of the per-round
+differences to the bare app; two identical koala apps show the noise.
 
     python -m bench.handover            # the figures of bench/README.md ("taken apart in place")
     python -m bench.handover --rounds 11
@@ -18,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import collections
 import gc
 import logging
 import random
@@ -33,6 +31,7 @@ from koala_middleware.asgi import KoalaASGIMiddleware
 from . import floor
 from .common import median
 from .inproc import (
+    USER_AGENT,
     VISITOR_ID,
     _stopper,
     asgi_response_headers,
@@ -50,26 +49,28 @@ Patch = Callable[[Any, KoalaASGIMiddleware], None]
 
 
 def _no_hand_over(client: Any, middleware: KoalaASGIMiddleware) -> None:
-    def drop(tracker: Any) -> None:
-        tracker._request = None  # the records are dropped
-
-    client._hand_over = drop
+    client._send_tracker = lambda tracker: None  # the records are dropped
 
 
-def _built_at_once(client: Any, middleware: KoalaASGIMiddleware) -> None:
-    client._hand_over = client._send_tracker  # as before: built and admitted in the request
-
-
-def _built_at_once_not_submitted(client: Any, middleware: KoalaASGIMiddleware) -> None:
-    _built_at_once(client, middleware)
+def _no_submit(client: Any, middleware: KoalaASGIMiddleware) -> None:
     client._sender.submit = lambda batch: True  # built, then dropped
+
+
+def _kept_in_a_deque(client: Any, middleware: KoalaASGIMiddleware) -> None:
+    client._sender.submit = collections.deque().append  # built and kept, no bounds or counters
+
+
+def _user_agent_and_ip_given(client: Any, middleware: KoalaASGIMiddleware) -> None:
+    visitor = (USER_AGENT, "203.0.113.7")
+    middleware.visits.read_visitor = lambda request: visitor  # nothing read from the scope
 
 
 VARIANTS: dict[str, Patch | None] = {
     "koala": None,
     "koala (identical copy)": None,
-    "koala, batches built on the request's thread": _built_at_once,
-    "koala, built on the request's thread, not submitted": _built_at_once_not_submitted,
+    "koala, User-Agent and IP given": _user_agent_and_ip_given,
+    "koala, batches kept in a deque": _kept_in_a_deque,
+    "koala, batches built, not submitted": _no_submit,
     "koala, no hand-over": _no_hand_over,
 }
 

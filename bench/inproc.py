@@ -7,9 +7,8 @@ than the middleware and hide it.
 
 Versions side by side: each case times the bare app and the app with the middleware of
 several versions of the package, all in one process (see ``versions``): the first round's
-(``FIRST_ROUND``), this round's starting point (``BEFORE``), main after the round's first
-three passes (``EARLIER_PASSES``: batches still built on the request's thread), the working
-tree (``after``),
+(``FIRST_ROUND``), this round's starting point (``BEFORE``), the end of the round's first
+two passes on main (``EARLIER_PASSES``), the working tree (``after``),
 and an identical copy of the working tree as the noise control (its ratio to ``after``
 should read 0.95-1.05x). Each round makes every variant afresh (a new parked client each),
 warms it up, then interleaves them in short chunks (~5 ms of the bare app's work each, the
@@ -18,11 +17,9 @@ time. A variant's ratio is the median over rounds of (its CPU / the bare app's C
 same round, so drift of the machine cancels out.
 
 For identify + track, HTTP belongs to the sender and is not counted: the client posts to a
-loopback Koala that never answers, so the sender thread takes one batch and then waits, and the
-rest stay queued. What is timed is the request path (tracker calls, the hand-over to the
-queue) and, since the process's CPU is timed, the sender thread's building of each request's
-batches (it builds them each time ``BUILD_AFTER`` hand-overs piled up: within the variant's
-own chunks, but for the last few of a round).
+loopback Koala that never answers, so the sender thread takes one batch and then sleeps, and the
+rest stay queued. What is timed is the request path: tracker calls, building what the
+hand-over needs, and the hand-over to the queue.
 
     python -m bench.inproc            # the part 1 table of bench/README.md
     python -m bench.inproc --quick    # fewer, shorter rounds
@@ -64,20 +61,15 @@ UNSEEN_VISITORS = 10_000  # more than the Cookie headers a middleware remembers 
 FIRST_ROUND = "c3a6fab"
 #: Where this round started (main on 2026-12-03).
 BEFORE = "8e9d052"
-#: Main after issue 22's first three passes on the request path (2026-12-04), the last with
-#: a request's batches built on its own thread (the fourth queues them unbuilt).
-EARLIER_PASSES = "be964f0"
+#: Main at the third pass's start (2026-12-04): issue 22's first two passes on the request
+#: path, and the rest of the round (issues 18-24) merged.
+EARLIER_PASSES = "b46d6ed"
 
 #: The row of ``bench/floor.py``'s middlewares: koala's per-request duties and nothing else.
 FLOOR = "floor: the same duties, nothing else"
 
 Runner = Callable[[int], int]  # run n requests, return the process CPU nanoseconds they took
 Clock = time.process_time_ns
-#: Each chunk ends with this much sleep, inside its timing (a sleep costs no CPU): the
-#: sender thread a chunk's last requests woke builds their batches then, counted in this
-#: chunk, not in the next variant's. Without it the identical copy of identify + track read
-#: 0.90-1.19x of the original, round to round (the thread waits up to 5 ms for the GIL).
-SETTLE_SECONDS = 0.002
 
 
 @dataclasses.dataclass
@@ -96,7 +88,7 @@ def load_versions(before: str = BEFORE, earlier_passes: str = EARLIER_PASSES) ->
     return [
         Version("first", "first round", versions.load("first", FIRST_ROUND)),
         Version("before", "before", versions.load("before", before)),
-        Version("earlier", "passes 1-3", versions.load("earlier", earlier_passes)),
+        Version("earlier", "passes 1-2", versions.load("earlier", earlier_passes)),
         Version("after", "after", versions.load("after")),
         Version("copy", "after, identical copy", versions.load("copy")),
     ]
@@ -298,7 +290,6 @@ def asgi_runner(
         start = Clock()
         for index in range(n):
             await app({**scopes[index % count], "state": {}}, receive, send)
-        time.sleep(SETTLE_SECONDS)
         return Clock() - start
 
     return lambda n: loop.run_until_complete(many(n))
@@ -323,7 +314,6 @@ def wsgi_runner(app: Any, environ: dict[str, Any], others: list[dict[str, Any]] 
             close = getattr(body, "close", None)
             if close is not None:
                 close()
-        time.sleep(SETTLE_SECONDS)
         return Clock() - start
 
     return many
@@ -620,16 +610,15 @@ def _expect(
         if has != expect_cookie:
             raise RuntimeError(f"expected Set-Cookie {prefix!r}: {expect_cookie}, got headers {headers}")
     if client is not None:
-        if batches:
-            # The sender thread (started by the first batch) parks on it: starting it costs
-            # milliseconds of CPU, which must not land in a timed chunk. (Since the sender
-            # builds a request's batches, they are counted as handed over once it has.)
-            assert transport is not None
-            if not transport.reached.wait(10):
-                raise RuntimeError("the sender never took its first batch")
         enqueued = client.stats.enqueued
         if enqueued != batches:
             raise RuntimeError(f"expected {batches} batch(es) handed over after one request, got {enqueued}")
+        if batches:
+            # The sender thread (started by the first batch) parks on it: starting it costs
+            # milliseconds of CPU, which must not land in a timed chunk.
+            assert transport is not None
+            if not transport.reached.wait(10):
+                raise RuntimeError("the sender never took its first batch")
 
 
 # -- the loop -------------------------------------------------------------------------------------
@@ -760,7 +749,7 @@ def noise_row(cases: list[Case]) -> Row:
 def part1_table(cases: list[Case]) -> str:
     """The README's part 1 table: each case's ratio for each version, side by side."""
     lines = [
-        "| case | bare | first round | before | after, passes 1-3 | after, pass 4 | target | met "
+        "| case | bare | first round | before | after, passes 1-2 | after, pass 3 | target | met "
         "| noise (copy / after) |",
         "| --- | ---: | ---: | ---: | ---: | ---: | --- | --- | ---: |",
     ]
@@ -801,7 +790,7 @@ def main() -> None:
     parser.add_argument(
         "--earlier-passes",
         default=EARLIER_PASSES,
-        help=f"the commit of the 'after, passes 1-3' column (default {EARLIER_PASSES})",
+        help=f"the commit of the 'after, passes 1-2' column (default {EARLIER_PASSES})",
     )
     parser.add_argument("--only", help="only the cases whose title contains this, e.g. 'Flask'")
     args = parser.parse_args()

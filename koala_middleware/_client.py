@@ -15,7 +15,6 @@ import os
 import re
 import threading
 import weakref
-from collections.abc import Callable
 from typing import TypedDict
 
 from ._delivery import BackgroundSender, DeliverySettings, DropReason, ErrorHook, Stats, SyncSender
@@ -192,15 +191,6 @@ class KoalaClient:
         )
         self._sender: BackgroundSender | SyncSender = (
             SyncSender(settings, on_error) if self.sync else BackgroundSender(settings, on_error)
-        )
-        #: ``_hand_over(tracker)``, a finished request's records: queued unbuilt, for the
-        #: sender's thread to build (a request's hand-over is then an append: see
-        #: ``BackgroundSender.stage``), unless a batch must exist at once (sync, dry run,
-        #: spool). An attribute, not a method that chooses: every recording request calls it.
-        self._hand_over: Callable[[Tracker], None] = (
-            self._sender.stage
-            if isinstance(self._sender, BackgroundSender) and not self._sender.spooling and not self.dry_run
-            else self._send_tracker
         )
         #: In dry-run mode, the last batches that would have been sent (newest last).
         self.dry_run_batches: collections.deque[Batch] = collections.deque(maxlen=100)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
-from typing import Any, Protocol
+from typing import Any
 
 from ._encoding import quote
 
@@ -66,14 +66,6 @@ class Batch:
 
     def __repr__(self) -> str:
         return f"Batch(path={self.path!r}, body={self.body!r}, user_agent={self.user_agent!r})"
-
-
-class HandedOver(Protocol):
-    """Records handed over before their batches are built (a tracker): the sender's thread
-    builds them (see ``BackgroundSender.stage``), so that a request's hand-over is an append."""
-
-    def _take(self) -> list[Batch]:
-        """The batches of everything recorded so far, and a fresh start."""
 
 
 def _split(

@@ -81,10 +81,6 @@ class Sink(Protocol):
     def _send_tracker(self, tracker: Tracker) -> None:
         """Take what ``tracker`` recorded (its ``_take()``) for delivery."""
 
-    def _hand_over(self, tracker: Tracker) -> None:
-        """Take a finished request's tracker for delivery: its ``_take()`` now, or on the
-        sender's thread."""
-
     def _count_dropped(self, items: int, reason: DropReason, detail: str = "") -> None:
         """Count (and log) ``items`` recorded but never sent, and why."""
 
@@ -600,22 +596,15 @@ class RequestTracker(Tracker):
     def finish(self) -> None:
         """The request is done (its response went out): hand over what was recorded, and
         let go of the request (no tracker <-> request cycle is left for the garbage
-        collector). Records made later are sent as follow-up batches. Never raises.
-
-        The User-Agent and IP are read here, before the batches are built (on the sender's
-        thread): a server may reuse the request once it is done (uWSGI clears and refills
-        one ``environ``), so nothing reads it later.
-        """
+        collector). Records made later are sent as follow-up batches. Never raises."""
         self._stage = HANDED_OVER
-        self._respond = None  # the server's send: it may hold the request, which holds us
         if self._count:  # reset() keeps the count with its pending batches
             try:
-                if self._user_agent is _UNREAD or self._ip is _UNREAD:
-                    self._read_request()
-                self._client._hand_over(self)
+                self._client._send_tracker(self)
             except Exception:  # the response is out: never raise into the server's close()
                 logger.exception(LOG_HANDOVER_FAILED)
         self._request = None
+        self._respond = None  # the server's send: it may hold the request, which holds us
 
     @property
     def has_records(self) -> bool:

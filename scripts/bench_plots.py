@@ -43,19 +43,19 @@ def _number(measured: str) -> float:
     return float(measured.split()[0].replace(",", ""))
 
 
-_VERSIONS = ("first round", "before", "passes 1-3")  # as bench/inproc.py names them in a row
-_VERSION_COLOURS = {"first round": "#c8e6c9", "before": "#81c784", "passes 1-3": "#43a047", "now": "#1b5e20"}
+_VERSIONS = ("first round", "before", "passes 1-2")  # as bench/inproc.py names them in a row
+_VERSION_COLOURS = {"first round": "#c8e6c9", "before": "#81c784", "passes 1-2": "#43a047", "now": "#1b5e20"}
 _VERSION_LABELS = {  # for a reader of the docs, who knows no "pass"
     "first round": "first version (2026-11-23)",
     "before": "this round's start",
-    "passes 1-3": "this round, passes 1-3",
+    "passes 1-2": "this round, passes 1-2",
     "now": "this version",
 }
 
 
 def earlier_versions(measured: str) -> dict[str, float]:
     """The earlier versions' ratios a part 1 row carries: "(first round 1.21x; before 1.30x; ...)"."""
-    return {name: float(ratio) for name, ratio in re.findall(r"(first round|before|passes 1-3) (\d+\.\d+)x", measured)}
+    return {name: float(ratio) for name, ratio in re.findall(r"(first round|before|passes 1-2) (\d+\.\d+)x", measured)}
 
 
 def plot_inproc(rows: list[Row], machine: str, out: Path) -> None:

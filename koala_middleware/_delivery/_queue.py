@@ -8,11 +8,6 @@ With a spool, ``backlog`` counts the batches that are on disk only (adopted from
 that is gone, or waiting for the spool's slow retry): outside the bounds, since they cost no
 memory, but unfinished, so a flush waits for them too. They come in through :meth:`reload`.
 
-A request's hand-over queues its tracker unbuilt (``unbuilt``: one pending batch each, under
-the count bound only, since its size is not known yet); the sender's thread builds its
-batches soon after (see ``_worker.BUILD_AFTER``) and admits them as any other
-(:meth:`admit_built`).
-
 A batch whose attempt failed waits in ``scheduled`` until its own due time (see
 ``_policy``), then goes to the back of ``waiting``: it never holds the queue or the sender.
 """
@@ -27,13 +22,11 @@ import threading
 import time
 from typing import Literal
 
-from .._protocol import Batch, HandedOver
+from .._protocol import Batch
 from . import _native
 from ._request import Request
 from ._settings import DeliverySettings
 
-#: Why a batch was not queued.
-Refusal = Literal["queue_full", "queue_bytes_full", "shutdown"]
 #: A batch waiting for its first attempt, or its request waiting for another one.
 Waiting = Batch | Request
 
@@ -82,8 +75,6 @@ class BatchQueue:
         self.lock = _native.Lock()
         self._idle = threading.Condition(self.lock)
         self.waiting: collections.deque[Waiting] = collections.deque()
-        #: Request trackers handed over, whose batches the sender has not built yet.
-        self.unbuilt: list[HandedOver] = []
         #: Requests between attempts: (due time, order of scheduling, request), a heap.
         self.scheduled: list[tuple[float, int, Request]] = []
         self._order = itertools.count()
@@ -94,7 +85,7 @@ class BatchQueue:
         self._max_batches = settings.max_queue_batches
         self._max_bytes = settings.max_queue_bytes
 
-    def admit_locked(self, batch: Batch) -> Refusal | Literal[""]:
+    def admit_locked(self, batch: Batch) -> Literal["", "queue_full", "queue_bytes_full", "shutdown"]:
         """Queue ``batch`` (the caller holds ``lock``); "" or the reason it was refused."""
         if self.closed:
             return "shutdown"
@@ -107,44 +98,6 @@ class BatchQueue:
         self.pending += 1
         self.pending_bytes += size
         return ""
-
-    def stage_locked(self, handed_over: HandedOver) -> Refusal | Literal[""]:
-        """Queue a hand-over whose batches are not built yet (the caller holds ``lock``),
-        counted as one pending batch until they are; "" or the reason it was refused."""
-        if self.closed:
-            return "shutdown"
-        if self.pending >= self._max_batches:
-            return "queue_full"
-        self.unbuilt.append(handed_over)
-        self.pending += 1
-        return ""
-
-    def take_unbuilt(self) -> list[HandedOver]:
-        """The hand-overs to build now (they stay pending until :meth:`admit_built`)."""
-        with self.lock:
-            unbuilt, self.unbuilt = self.unbuilt, []
-        return unbuilt
-
-    def admit_built_locked(self, batches: list[Batch], places: int) -> list[tuple[Batch, Refusal]]:
-        """Queue the batches built from ``places`` taken hand-overs, in their places (the
-        caller holds ``lock``); those refused, with the reason (as :meth:`admit_locked`).
-        The places stay pending until :meth:`built`, once the caller counted the refusals
-        (so that a returning flush sees them)."""
-        refused: list[tuple[Batch, Refusal]] = []
-        self.pending -= places  # theirs to take
-        for batch in batches:
-            reason = self.admit_locked(batch)
-            if reason:
-                refused.append((batch, reason))
-        self.pending += places
-        return refused
-
-    def built(self, places: int) -> None:
-        """Taken hand-overs are done: their batches are queued or counted as refused."""
-        with self._idle:
-            self.pending -= places
-            if not self.pending and not self.backlog:
-                self._idle.notify_all()
 
     def schedule(self, request: Request, due: float) -> bool:
         """Another attempt at ``due`` (``time.monotonic()``); False once closed (the caller
@@ -198,25 +151,23 @@ class BatchQueue:
             self.pending_bytes += sum(cost(batch) for batch in batches)
             self.backlog -= len(batches)
 
-    def close(self) -> tuple[int, list[Batch], list[HandedOver]]:
-        """Refuse new batches; (batches not finished, those of them still waiting, the
-        hand-overs not built yet: each still counts one pending batch)."""
+    def close(self) -> tuple[int, list[Batch]]:
+        """Refuse new batches; (batches not finished, those of them still waiting)."""
         with self.lock:
             self.closed = True
-            return self.pending, *self._take_all()
+            return self.pending, self._take_all()
 
-    def strand(self) -> tuple[list[Batch], list[HandedOver]]:
-        """Take every waiting batch and unbuilt hand-over out (no sender can post them)."""
+    def strand(self) -> list[Batch]:
+        """Take every waiting batch out (no sender can post them)."""
         with self.lock:
             return self._take_all()
 
-    def _take_all(self) -> tuple[list[Batch], list[HandedOver]]:
+    def _take_all(self) -> list[Batch]:
         waiting = [item if isinstance(item, Batch) else item.batch for item in self.waiting]
         waiting += [request.batch for _, _, request in sorted(self.scheduled)]
-        unbuilt, self.unbuilt = self.unbuilt, []
         self.waiting.clear()
         self.scheduled.clear()
-        return waiting, unbuilt
+        return waiting
 
     def wait_idle(self, timeout: float) -> bool:
         """Wait until every batch handed over so far is finished; False on timeout."""

@@ -131,11 +131,10 @@ class Counters:
         with self._lock:
             setattr(self._stats, name, getattr(self._stats, name) + n)
 
-    def enqueued_locked(self, count: int = 1) -> None:
+    def enqueued_locked(self) -> None:
         """Count a hand-over without taking this lock: the caller holds the lock that
-        orders every hand-over to its sender (the queue's), so increments cannot race.
-        (A request's hand-over counts as one batch until the sender built its batches.)"""
-        self._stats.enqueued += count
+        orders every hand-over to its sender (the queue's), so increments cannot race."""
+        self._stats.enqueued += 1
 
     def delivered(self, batch: Batch) -> None:
         with self._lock:

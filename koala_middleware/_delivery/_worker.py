@@ -32,11 +32,11 @@ import time
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
-from .._protocol import Batch, HandedOver
+from .._protocol import Batch
 from . import _native
 from ._engine import Engine, background_engine
 from ._policy import DOWN
-from ._queue import BatchQueue, Refusal, Waiting
+from ._queue import BatchQueue, Waiting
 from ._request import DETAIL_UNBUILDABLE, Request, build
 from ._sender import Sender
 from ._settings import DeliverySettings
@@ -51,8 +51,6 @@ logger = logging.getLogger("koala_middleware")
 DETAIL_SPOOL_LOST = "on disk in a spool file that turned out unreadable (set aside as *.corrupt)"
 LOG_SHUTDOWN_LOST = "shutdown timed out with %d batch(es) undelivered"
 LOG_SENDER_FAILED = "the sender thread failed; it restarts with the next batch"
-STILL_QUEUED = "still queued at shutdown"
-LOG_UNBUILDABLE = "could not build the batches of a request's hand-over; counted as dropped ('error')"
 LOG_UNEXPECTED = "unexpected error after posting a batch; counted as dropped ('error')"
 
 FORK_PARK_TIMEOUT = 1.0
@@ -67,12 +65,6 @@ SPOOL_SYNC_AFTER = 100
 SPOOL_SYNC_EVERY = 0.05
 #: How often the sender looks for batches on disk only while some wait there.
 SPOOL_LOAD_EVERY = 0.05
-#: A busy sender's loop (batches in flight or waiting for their turn) builds the batches of
-#: the hand-overs queued unbuilt at its next turn (a finished attempt, a due retry), or
-#: when this many have piled up, woken by the last one: a hand-over rarely pays for a
-#: wake-up (a few microseconds), and at most this many hand-overs, whose size is not known
-#: yet, wait outside ``max_queue_bytes``. An idle sender is woken by the first.
-BUILD_AFTER = 64
 #: Spooled batch verdicts that keep the batch on disk, to be loaded again later.
 _KEPT_ON_DISK = frozenset({"retries_exhausted", "queue_full", "queue_bytes_full"})
 
@@ -139,7 +131,14 @@ class BackgroundSender(Sender):
             self.counters.add("enqueued")  # queued on disk, loaded when there is room
             return True
         if reason:
-            self._give_up(batch, _not_queued(reason))
+            self._give_up(
+                batch,
+                DeliveryError(
+                    reason,
+                    "not queued: "
+                    + ("the client is shut down" if reason == "shutdown" else "the queue is at its bound"),
+                ),
+            )
             return False
         if start is not None:
             self._start(start)
@@ -147,72 +146,6 @@ class BackgroundSender(Sender):
             with contextlib.suppress(RuntimeError):  # the loop closed under us (interpreter exit)
                 wake.call_soon_threadsafe(self._wake)
         return True
-
-    def stage(self, handed_over: HandedOver) -> None:
-        """Queue a request's hand-over with its batches unbuilt: this thread's part is an
-        append, and the sender's thread builds them (see ``BUILD_AFTER``).
-
-        Bench part 1 (one run, process CPU, the sender's building counted): Starlette
-        identify + track 2.62x -> 2.0x of the bare app; built here, the body, the ``Batch``,
-        its byte cost and the admission took 4 us of a request. Not with a spool (a batch
-        is on disk from its hand-over), in sync mode or in a dry run: ``KoalaClient`` then
-        builds at once.
-        """
-        queue = self._queue
-        start = wake = None
-        with queue.lock:
-            reason = queue.stage_locked(handed_over)
-            if not reason:
-                self.counters.enqueued_locked()  # as one batch until built (then corrected)
-                if self._thread is None:
-                    start = self._thread = _native.SenderThread(self._run_thread, "koala-sender")
-                elif self._loop_idle or len(queue.unbuilt) == BUILD_AFTER:
-                    self._loop_idle = False
-                    wake = self._loop
-        if reason:
-            for batch in handed_over._take():
-                self._give_up(batch, _not_queued(reason))
-        elif start is not None:
-            self._start(start)
-        elif wake is not None:
-            with contextlib.suppress(RuntimeError):  # the loop closed under us (interpreter exit)
-                wake.call_soon_threadsafe(self._wake)
-
-    def _build_unbuilt(self) -> None:
-        """Build the batches of the hand-overs queued unbuilt, in their places (the sender's
-        thread, each turn of its loop)."""
-        unbuilt = self._queue.take_unbuilt()
-        if unbuilt:
-            self._admit_handed_over(unbuilt)
-
-    def _admit_handed_over(self, unbuilt: list[HandedOver], lost: DeliveryError | None = None) -> None:
-        """Build hand-overs' batches and queue them in their places; or, with ``lost`` (no
-        sender thread), give them up. Counted as ``enqueued`` unless a bound refused them,
-        as batches built at the hand-over would be. All at once: one lock for all of them."""
-        batches: list[Batch] = []
-        failed = 0
-        for handed_over in unbuilt:
-            try:
-                batches += handed_over._take()
-            except Exception as exc:  # a bug: this hand-over alone is lost, counted as one batch
-                logger.exception(LOG_UNBUILDABLE)
-                failed += 1
-                self.counters.dropped("error", 1, 0, DETAIL_UNBUILDABLE % (type(exc).__name__, exc))
-        queue = self._queue
-        with queue.lock:
-            if lost is None:
-                refused = [
-                    (batch, _refused_built(reason)) for batch, reason in queue.admit_built_locked(batches, len(unbuilt))
-                ]
-            else:
-                refused = [(batch, lost) for batch in batches]
-            # Refused by a bound: never queued, as at a hand-over refused at once. Given up at
-            # shutdown or for want of a thread: queued, then given up, as a batch that waited.
-            never_queued = sum(error.reason in ("queue_full", "queue_bytes_full") for _, error in refused)
-            self.counters.enqueued_locked(failed + len(batches) - never_queued - len(unbuilt))  # one each when staged
-        for batch, error in refused:
-            self._give_up(batch, error)
-        queue.built(len(unbuilt))
 
     def pending(self) -> int:
         return self._queue.pending + self._queue.backlog
@@ -242,16 +175,14 @@ class BackgroundSender(Sender):
         timeout = max(timeout, 0.0)
         deadline = time.monotonic() + timeout
         flushed = self.flush(timeout - min(0.25, timeout / 10))
-        undelivered, leftover, unbuilt = self._queue.close()
+        undelivered, leftover = self._queue.close()
         with self._queue.lock:
             thread, loop = self._thread, self._loop
         if undelivered and not self._spool.enabled:
             logger.warning(LOG_SHUTDOWN_LOST, undelivered)
         for batch in leftover:
-            self._give_up(batch, DeliveryError("shutdown", STILL_QUEUED))
+            self._give_up(batch, DeliveryError("shutdown", "still queued at shutdown"))
             self._queue.finish(batch)
-        if unbuilt:
-            self._admit_handed_over(unbuilt)  # the queue is closed: each batch given up, counted
         if thread is not None and loop is not None and thread.is_alive():
             with contextlib.suppress(RuntimeError):  # already closed
                 loop.call_soon_threadsafe(self._wake)  # it sees the queue closed and stops
@@ -353,13 +284,9 @@ class BackgroundSender(Sender):
         except RuntimeError as error:  # "can't create new thread" (interpreter exit, limits)
             with self._queue.lock:
                 self._thread = None
-            stranded, unbuilt = self._queue.strand()
-            lost = DeliveryError("error", f"no sender thread: {error}")
-            for batch in stranded:
-                self._give_up(batch, lost)
+            for batch in self._queue.strand():
+                self._give_up(batch, DeliveryError("error", f"no sender thread: {error}"))
                 self._queue.finish(batch)
-            if unbuilt:
-                self._admit_handed_over(unbuilt, lost)
 
     def _run_thread(self) -> None:
         running = self._running
@@ -400,8 +327,6 @@ class BackgroundSender(Sender):
         """
         queue = self._queue
         with queue.lock:
-            if queue.unbuilt:
-                return None, 0.0, False  # handed over since this turn built them: build first
             due = queue.release_due_locked(time.monotonic()) if queue.scheduled else None
             if not queue.waiting:
                 self._loop_idle = True  # a submit wakes us; a scheduled retry's due time too
@@ -432,7 +357,6 @@ class BackgroundSender(Sender):
             while not self._queue.closed:
                 wakeup.clear()
                 spool_wait = self._refill()
-                self._build_unbuilt()
                 item, wait, probe = self._take(len(tasks))
                 if self._spool.needs_sync:
                     spool_wait = self._sync_spool(item is None and not tasks, spool_wait)
@@ -535,18 +459,6 @@ class _ParkingSelector(selectors.BaseSelector):
 
     def close(self) -> None:
         self._selector.close()
-
-
-def _not_queued(reason: Refusal) -> DeliveryError:
-    return DeliveryError(
-        reason, "not queued: " + ("the client is shut down" if reason == "shutdown" else "the queue is at its bound")
-    )
-
-
-def _refused_built(reason: Refusal) -> DeliveryError:
-    """Why a request's batch built by the sender was not queued: a bound, or the queue
-    closed at shutdown after its hand-over (then it was queued, as far as anyone knows)."""
-    return DeliveryError("shutdown", STILL_QUEUED) if reason == "shutdown" else _not_queued(reason)
 
 
 def _sooner(wait: float | None, other: float | None) -> float | None:
