@@ -69,10 +69,11 @@ class Sender:
                 self._give_up(batch, DeliveryError("rejected", detail, answer.status))
             return None
         batch.attempts += 1
+        settings = self.settings
         now = time.monotonic()
         request.failed_at = request.failed_at or now
         delay, own, first = self._health.failed(
-            self.settings,
+            settings,
             id(batch),
             batch.attempts,
             probe,
@@ -89,7 +90,6 @@ class Sender:
         # Koala takes the others: the attempts budget, counting the batch's own failures
         # alone; Koala fails for everyone: the time budget too, so that a brownout of a few
         # minutes gives nothing up.
-        settings = self.settings
         if (own and request.own_failures > settings.max_retries) or (
             batch.attempts > settings.max_retries and now - request.failed_at >= settings.retry_for
         ):
