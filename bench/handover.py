@@ -9,6 +9,10 @@ differences to the bare app; two identical koala apps show the noise.
 
     python -m bench.handover            # the figures of bench/README.md ("taken apart in place")
     python -m bench.handover --rounds 11
+
+The floor (``bench/floor.py``) is taken apart the same way once: with its hand-over a
+no-op, the difference is what its own hand-over (one body built, one append under a lock)
+costs in place, the yardstick for koala's.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ import argparse
 import asyncio
 import collections
 import gc
+import importlib.util
 import logging
 import random
 import types
@@ -26,6 +31,9 @@ from typing import Any
 from starlette.middleware import Middleware
 
 import koala_middleware
+from koala_middleware import _tracker
+from koala_middleware._encoding import quote
+from koala_middleware._protocol import Batch
 from koala_middleware.asgi import KoalaASGIMiddleware
 
 from . import floor
@@ -60,6 +68,48 @@ def _kept_in_a_deque(client: Any, middleware: KoalaASGIMiddleware) -> None:
     client._sender.submit = collections.deque().append  # built and kept, no bounds or counters
 
 
+def _lock_and_append(client: Any, middleware: KoalaASGIMiddleware) -> None:
+    queue = client._sender._queue
+    kept: collections.deque[Batch] = collections.deque()
+
+    def submit(batch: Batch) -> bool:  # the queue's lock, then an append: no bounds, no counters
+        with queue.lock:
+            kept.append(batch)
+        return True
+
+    client._sender.submit = submit
+
+
+def _lock_and_admission(client: Any, middleware: KoalaASGIMiddleware) -> None:
+    queue = client._sender._queue
+
+    def submit(batch: Batch) -> bool:  # the queue's lock and admission (its bounds), no counters
+        with queue.lock:
+            queue.admit_locked(batch)
+        return True
+
+    client._sender.submit = submit
+
+
+def _body_as_the_floor_builds_it(client: Any, middleware: KoalaASGIMiddleware) -> None:
+    def send_tracker(tracker: Any) -> None:  # floor.py's hand-over on koala's tracker, nothing queued
+        with _tracker._lock:
+            events, identifies = tracker._events, tracker._identifies
+            tracker._count = 0
+        scope = tracker._request
+        user_agent = ""
+        for name, value in scope["headers"]:
+            if name == b"user-agent":
+                user_agent = value.decode("latin-1")
+        body = (
+            f'{{"profile_id":{quote(tracker.profile_id)},"ip":{quote(scope["client"][0])},'
+            f'"events":[{",".join(events)}],"identifies":[{",".join(identifies)}]}}'
+        ).encode()
+        Batch("/batch", body, user_agent, None, len(events))
+
+    client._send_tracker = send_tracker
+
+
 def _user_agent_and_ip_given(client: Any, middleware: KoalaASGIMiddleware) -> None:
     visitor = (USER_AGENT, "203.0.113.7")
     middleware.visits.read_visitor = lambda request: visitor  # nothing read from the scope
@@ -69,10 +119,24 @@ VARIANTS: dict[str, Patch | None] = {
     "koala": None,
     "koala (identical copy)": None,
     "koala, User-Agent and IP given": _user_agent_and_ip_given,
+    "koala, submit: the queue's lock and admission": _lock_and_admission,
+    "koala, submit: the queue's lock and an append": _lock_and_append,
     "koala, batches kept in a deque": _kept_in_a_deque,
     "koala, batches built, not submitted": _no_submit,
+    "koala, the batch built as the floor builds it, not submitted": _body_as_the_floor_builds_it,
     "koala, no hand-over": _no_hand_over,
 }
+
+
+def _floor_without_its_hand_over() -> types.ModuleType:
+    """A second copy of ``bench/floor.py`` whose hand-over does nothing (the User-Agent and
+    IP are still read): a copy, so that the floor itself stays exactly as part 1 times it."""
+    spec = importlib.util.spec_from_file_location("bench.floor_without_hand_over", floor.__file__)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    module._Visit.hand_over = lambda self, user_agent, ip: None
+    return module
 
 
 def _koala(
@@ -104,6 +168,12 @@ def main() -> None:
             starlette_app(floor.current, [Middleware(floor.FloorASGIMiddleware)]), asgi_scope(PATH, COOKIE), loop
         ),
     }
+    no_hand_over = _floor_without_its_hand_over()
+    runners["floor, its hand-over a no-op"] = asgi_runner(
+        starlette_app(no_hand_over.current, [Middleware(no_hand_over.FloorASGIMiddleware)]),
+        asgi_scope(PATH, COOKIE),
+        loop,
+    )
     runners.update({name: _koala(loop, patch, stoppers) for name, patch in VARIANTS.items()})
     extra: dict[str, list[float]] = {name: [] for name in runners}
     bare: list[float] = []

@@ -219,3 +219,70 @@ def test_odd_mappings_give_the_documented_type_error(properties: Any) -> None:
     with pytest.raises(TypeError, match="cannot be sent as JSON"):
         tracker.identify(traits=properties)
     assert tracker.batches() == []
+
+
+def _request_tracker(client: KoalaClient, scope_client: Any = ("203.0.113.7", 51000)) -> _tracker.RequestTracker:
+    """A returning visitor's request tracker, as the ASGI middleware starts it."""
+    middleware = KoalaASGIMiddleware(lambda scope, receive, send: None, client=client)  # type: ignore[arg-type,return-value]
+    scope = {
+        "type": "http",
+        "headers": [(b"user-agent", UA.encode()), (b"cookie", COOKIE.encode())],
+        "client": scope_client,
+    }
+    tracker = middleware.visits.start(scope, COOKIE.encode(), False)
+    assert not tracker.new_visitor and tracker.enabled
+    return tracker
+
+
+@pytest.mark.parametrize("send_ip", [True, False])
+@pytest.mark.parametrize("email", [None, "ada@example.com"])
+@pytest.mark.parametrize(("events", "identifies"), [(1, 1), (2, 0), (0, 1), (31, 45)])
+def test_the_usual_hand_over_builds_what_build_builds(
+    monkeypatch: pytest.MonkeyPatch, send_ip: bool, email: str | None, events: int, identifies: int
+) -> None:
+    """RequestTracker._take's shortcut (the usual hand-over) and Tracker._build agree: the
+    same bodies (split at 30 items of a kind), User-Agent, path and event count."""
+    client = KoalaClient(dry_run=True, send_ip=send_ip)
+    tracker = _request_tracker(client)
+    for n in range(identifies):
+        tracker.identify(email if n == 0 else None, {"n": n})
+    for n in range(events):
+        tracker.track("Viewed", {"n": n}, message_id=f"m-{n}")
+    expected = tracker.batches()  # through _build, which reads the User-Agent and IP
+    tracker._user_agent = tracker._ip = _tracker._UNREAD  # unread again, as at a hand-over
+    monkeypatch.setattr(_tracker.Tracker, "_build", None)  # the shortcut must not need it
+    taken = tracker._take()
+    monkeypatch.undo()
+    assert [(b.path, b.body, b.user_agent, b.event_count) for b in taken] == [
+        (b.path, b.body, b.user_agent, b.event_count) for b in expected
+    ]
+    assert taken and all(b.user_agent == UA for b in taken)
+    assert ('"ip":"203.0.113.7"' in taken[0].body.decode()) is send_ip
+    assert tracker.user_agent == UA and tracker.ip == "203.0.113.7"  # read once, kept for follow-ups
+    assert not tracker.has_records and tracker._take() == []
+
+
+def test_the_usual_hand_over_keeps_the_visitor_for_follow_ups(dry: KoalaClient) -> None:
+    """Read at the hand-over while the request is held: a follow-up after the request was let
+    go of still carries the visitor's User-Agent and IP; an odd client address is no IP."""
+    tracker = _request_tracker(dry, scope_client=("testclient", 50000))
+    tracker.track("In Request")
+    tracker.finish()
+    tracker.track("Later")  # a follow-up batch
+    first, follow_up = dry.dry_run_batches
+    assert first.user_agent == follow_up.user_agent == UA
+    assert '"ip"' not in first.body.decode() and '"ip"' not in follow_up.body.decode()
+    assert [e["event"] for b in (first, follow_up) for e in b.json()["events"]] == ["In Request", "Later"]
+
+
+def test_a_hand_over_with_accounts_or_a_reset_goes_through_build(dry: KoalaClient) -> None:
+    tracker = _request_tracker(dry)
+    tracker.identify("ada@example.com")
+    tracker.account("example.com", {"plan": "pro"}).track("Upgraded")
+    tracker.reset()
+    tracker.track("After Reset")
+    tracker.start_response(200, lambda: None)  # the new id's cookie goes out
+    tracker.finish()
+    paths = sorted(batch.path for batch in dry.dry_run_batches)
+    assert paths == ["/accounts/batch", "/batch", "/batch"]
+    assert all(batch.user_agent == UA for batch in dry.dry_run_batches)
