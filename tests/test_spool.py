@@ -220,9 +220,11 @@ def test_delivered_batches_are_not_sent_again_after_a_disk_full_fallback(
     with Collector() as koala:
         client = KoalaClient("pk_test", api_url=koala.url, spool_dir=str(tmp_path), **FAST)
         full_disk.failing = ("DELETE",)
+        koala.hang()  # nothing delivered (so nothing deleted) until all ten are on disk
         hand_over(client, 10)
-        assert client.flush(10)
         assert client.stats.spooled == 10, "precondition: on disk"
+        koala.release()
+        assert client.flush(10)
         client.shutdown()
         full_disk.failing = ()
         later = KoalaClient("pk_test", api_url=koala.url, spool_dir=str(tmp_path), **FAST)
