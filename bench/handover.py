@@ -12,7 +12,9 @@ differences to the bare app; two identical koala apps show the noise.
 
 The floor (``bench/floor.py``) is taken apart the same way once: with its hand-over a
 no-op, the difference is what its own hand-over (one body built, one append under a lock)
-costs in place, the yardstick for koala's.
+costs in place, the yardstick for koala's. Two more variants time a design that was not
+kept, so its figure can be checked again: the usual hand-over fused into one function
+(the body's f-string and the queue's admission written a second time).
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from starlette.middleware import Middleware
 
 import koala_middleware
 from koala_middleware import _tracker
+from koala_middleware._delivery._queue import ASCII_STR_HEADER, BATCH_OVERHEAD
 from koala_middleware._encoding import quote
 from koala_middleware._protocol import Batch
 from koala_middleware.asgi import KoalaASGIMiddleware
@@ -115,6 +118,61 @@ def _user_agent_and_ip_given(client: Any, middleware: KoalaASGIMiddleware) -> No
     middleware.visits.read_visitor = lambda request: visitor  # nothing read from the scope
 
 
+def _fused_hand_over(read_inline: bool) -> Patch:
+    """Koala's usual hand-over in one function (not kept: see bench/README.md, "a fused
+    hand-over, re-measured"): the lists taken under the lock, the User-Agent and IP read
+    (through the ASGI reader, or ``read_inline`` as the floor reads them, unchecked), the
+    body's f-string, the batch and the queue's admission inline; no rare case handled."""
+
+    def patch(client: Any, middleware: KoalaASGIMiddleware) -> None:
+        sender = client._sender
+        queue = sender._queue
+
+        def send_tracker(tracker: Any) -> None:
+            with _tracker._lock:
+                events, identifies = tracker._events, tracker._identifies
+                profile_id, email = tracker.profile_id, tracker.email
+                tracker._count = 0
+            if read_inline:
+                scope = tracker._request
+                user_agent = None
+                for name, value in scope["headers"]:
+                    if name == b"user-agent":
+                        user_agent = value.decode("latin-1")
+                ip = scope["client"][0]
+            else:
+                tracker._read_request()
+                user_agent, ip = tracker._user_agent, tracker._ip
+            head = '"profile_id":' + quote(profile_id)
+            if email is not None:
+                head += ',"email":' + quote(email)
+            if ip and client.send_ip:
+                head += ',"ip":' + quote(ip)
+            body = f'{{{head},"events":[{",".join(events)}],"identifies":[{",".join(identifies)}]}}'.encode()
+            user_agent = user_agent or client.user_agent
+            batch = Batch("/batch", body, user_agent, None, len(events))
+            size = len(body) + len(user_agent) + BATCH_OVERHEAD + ASCII_STR_HEADER
+            with queue.lock:
+                admitted = not (
+                    queue.closed
+                    or queue.pending >= queue._max_batches
+                    or queue.pending_bytes + size > queue._max_bytes
+                    or sender._thread is None
+                    or sender._loop_idle
+                )
+                if admitted:
+                    queue.waiting.append(batch)
+                    queue.pending += 1
+                    queue.pending_bytes += size
+                    sender.counters._stats.enqueued += 1
+            if not admitted:
+                sender.submit(batch)  # the general path: start or wake the sender, refuse
+
+        client._send_tracker = send_tracker
+
+    return patch
+
+
 VARIANTS: dict[str, Patch | None] = {
     "koala": None,
     "koala (identical copy)": None,
@@ -125,6 +183,8 @@ VARIANTS: dict[str, Patch | None] = {
     "koala, batches built, not submitted": _no_submit,
     "koala, the batch built as the floor builds it, not submitted": _body_as_the_floor_builds_it,
     "koala, no hand-over": _no_hand_over,
+    "koala, one fused hand-over (not kept)": _fused_hand_over(read_inline=False),
+    "koala, one fused hand-over, visitor read as the floor reads it (not kept)": _fused_hand_over(read_inline=True),
 }
 
 

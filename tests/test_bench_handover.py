@@ -20,4 +20,4 @@ def test_one_round_prints_every_variant() -> None:
     )
     assert result.returncode == 0, result.stderr
     rows = [line for line in result.stdout.splitlines() if line.startswith("| koala") or line.startswith("| floor")]
-    assert len(rows) == 11, result.stdout
+    assert len(rows) == 13, result.stdout
