@@ -122,7 +122,8 @@ def _fused_hand_over(read_inline: bool) -> Patch:
     """Koala's usual hand-over in one function (not kept: see bench/README.md, "a fused
     hand-over, re-measured"): the lists taken under the lock, the User-Agent and IP read
     (through the ASGI reader, or ``read_inline`` as the floor reads them, unchecked), the
-    body's f-string, the batch and the queue's admission inline; no rare case handled."""
+    body's f-string, the batch and the queue's admission inline (``cost()`` written out as
+    for a short ASCII User-Agent, the bench's); no rare case handled."""
 
     def patch(client: Any, middleware: KoalaASGIMiddleware) -> None:
         sender = client._sender
